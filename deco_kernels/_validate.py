@@ -1,0 +1,86 @@
+"""Argument checks shared by every backend: one place, clear ValueErrors that name the argument."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_NAMES = ("w_router", "router_scale", "w_up", "gamma", "w_down", "ws_gate", "ws_up", "ws_down")
+# Weights that enter a matmul with x must share its dtype; the router, its scale and gamma are read in fp32.
+SAME_DTYPE_AS_X = ("w_up", "w_down", "ws_gate", "ws_up", "ws_down")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    d: int
+    num_experts: int
+    expert_dim: int
+    shared_dim: int
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
+
+
+def _check_shape(name, t, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_layer(x, weights: dict) -> LayerShape:
+    """Validate x [..., d] and the canonical weights of one DECO layer (SPEC §1); return the sizes."""
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected shape [..., d], got a 0-d tensor")
+    for name in WEIGHT_NAMES:
+        _check_tensor(name, weights[name])
+    d = x.shape[-1]
+    w_router, w_up, ws_gate = weights["w_router"], weights["w_up"], weights["ws_gate"]
+    if w_router.dim() != 2:
+        raise ValueError(f"w_router: expected shape [N, d], got {tuple(w_router.shape)}")
+    n = w_router.shape[0]
+    _check_shape("w_router", w_router, (n, d))
+    _check_shape("router_scale", weights["router_scale"], (n,))
+    if w_up.dim() != 2 or n == 0 or w_up.shape[0] % n != 0 or w_up.shape[0] == 0:
+        raise ValueError(f"w_up: expected shape [N*de, d] with N={n}, got {tuple(w_up.shape)}")
+    de = w_up.shape[0] // n
+    _check_shape("w_up", w_up, (n * de, d))
+    _check_shape("gamma", weights["gamma"], (de,))
+    _check_shape("w_down", weights["w_down"], (d, n * de))
+    if ws_gate.dim() != 2:
+        raise ValueError(f"ws_gate: expected shape [ds, d], got {tuple(ws_gate.shape)}")
+    ds = ws_gate.shape[0]
+    _check_shape("ws_gate", ws_gate, (ds, d))
+    _check_shape("ws_up", weights["ws_up"], (ds, d))
+    _check_shape("ws_down", weights["ws_down"], (d, ds))
+    for name in WEIGHT_NAMES:
+        if weights[name].device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {weights[name].device}")
+    for name in SAME_DTYPE_AS_X:
+        if weights[name].dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {weights[name].dtype}")
+    return LayerShape(d=d, num_experts=n, expert_dim=de, shared_dim=ds)
+
+
+def check_knobs(bias, threshold, max_active, num_experts: int, device) -> None:
+    """Elastic knobs of SPEC §4: bias a number or a tensor of shape [] or [N]; threshold >= 0; max_active
+    None or an int >= 1."""
+    if isinstance(bias, torch.Tensor):
+        if bias.shape not in ((), (num_experts,)):
+            raise ValueError(f"bias: expected a number or a tensor of shape [] or [{num_experts}], "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias: expected device {device}, got {bias.device}")
+    elif not isinstance(bias, (int, float)):
+        raise ValueError(f"bias: expected a number or a tensor, got {type(bias).__name__}")
+    if isinstance(threshold, torch.Tensor):
+        raise ValueError("threshold: expected a Python number >= 0, got a tensor")
+    if not isinstance(threshold, (int, float)) or threshold < 0:
+        raise ValueError(f"threshold: expected a number >= 0, got {threshold!r}")
+    if max_active is not None and (isinstance(max_active, bool) or not isinstance(max_active, int)
+                                   or max_active < 1):
+        raise ValueError(f"max_active: expected None or an integer >= 1, got {max_active!r}")

@@ -1,0 +1,70 @@
+"""Which backends exist here, and the choice behind backend="auto".
+
+Backends: "torch" (the reference path, always there, differentiable), "triton", "cupy". The optional
+packages are imported lazily so `import deco_kernels` works with neither installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("deco_kernels")
+
+BACKENDS = ("torch", "triton", "cupy")
+INSTALL_HINT = {
+    "triton": 'pip install "deco-kernels[triton]" (needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU)',
+    "cupy": 'pip install "deco-kernels[cupy]" (cupy-cuda12x; needs a CUDA GPU)',
+}
+# Backends whose DECO-layer kernels exist in this version of the library.
+IMPLEMENTED = {"torch"}
+
+
+def _module_present(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run a layer whose tensors live on ``device``."""
+    if backend == "torch":
+        return True
+    if backend not in IMPLEMENTED:
+        return False
+    if backend == "triton":
+        return _module_present("triton") and (device.type == "cuda" or interpreting())
+    if backend == "cupy":
+        return _module_present("cupy") and device.type == "cuda"
+    return False
+
+
+_announced: set[tuple[str, str]] = set()
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Map a requested backend to the one that runs; raise a clear error when it cannot."""
+    env = os.environ.get("DECO_BACKEND")
+    if backend == "auto" and env:
+        backend = env
+    if backend == "auto":
+        for name in ("triton", "cupy", "torch"):
+            if available(name, device):
+                if (name, device.type) not in _announced:
+                    _announced.add((name, device.type))
+                    log.info("deco_kernels: backend 'auto' runs %r on %s", name, device.type)
+                return name
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend not in IMPLEMENTED:
+        raise NotImplementedError(f"backend {backend!r} is not implemented yet in this version of deco_kernels; "
+                                  f"use backend='torch' or 'auto'")
+    if not available(backend, device):
+        raise RuntimeError(f"backend {backend!r} is not available for tensors on {device}: "
+                           f"{INSTALL_HINT.get(backend, '')}")
+    return backend

@@ -1,0 +1,80 @@
+"""The functional API and its one dispatch point.
+
+Every op has one name across backends: ``deco_kernels.reference.<op>`` (torch), ``deco_kernels.triton.<op>``
+and ``deco_kernels.cupy.<op>``. The functions here validate arguments once, pick the backend and call it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import backends
+from ._validate import check_knobs, check_layer
+from .reference import ops as ref
+
+_BACKEND_MODULES = {"torch": "deco_kernels.reference", "triton": "deco_kernels.triton",
+                    "cupy": "deco_kernels.cupy"}
+
+
+def _impl(backend: str, op: str):
+    return getattr(importlib.import_module(_BACKEND_MODULES[backend]), op)
+
+
+def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,
+             bias=0.0, threshold=0.0, max_active=None, backend="auto", return_gates=False,
+             activation="norm_silu"):
+    """One DECO FFN layer (SPEC §1) on ``x`` [..., d].
+
+    Weights in the canonical nn.Linear layout: w_router [N, d], router_scale [N], w_up [N*de, d], gamma [de],
+    w_down [d, N*de], ws_gate and ws_up [ds, d], ws_down [d, ds]. Elastic knobs (SPEC §4): ``bias`` (number or
+    tensor [] / [N]) added to the router logits, ``threshold`` >= 0 below which gates are cut, ``max_active``
+    the most experts per token. ``backend``: "auto", "torch", "triton" or "cupy".
+
+    Returns y [..., d] with x's dtype, or (y, g) with ``return_gates=True``, g [..., N] the fp32 gates after the
+    knobs and before router_scale (float64 for float64 inputs on the torch backend).
+    """
+    weights = dict(w_router=w_router, router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down,
+                   ws_gate=ws_gate, ws_up=ws_up, ws_down=ws_down)
+    shape = check_layer(x, weights)
+    check_knobs(bias, threshold, max_active, shape.num_experts, x.device)
+    if activation not in ref.NORM_SILU_VARIANTS:
+        raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
+    name = backends.resolve(backend, x.device)
+    if name != "torch" and activation != "norm_silu":
+        raise ValueError(f"activation: backend {name!r} implements only 'norm_silu' (the ablations "
+                         f"run on backend='torch'), got {activation!r}")
+    return _impl(name, "deco_ffn")(x, **weights, bias=bias, threshold=threshold, max_active=max_active,
+                                   return_gates=return_gates, activation=activation)
+
+
+def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None):
+    """Router with the elastic knobs: returns (g, gs), the fp32 gates before and after router_scale, [T, N]."""
+    if x.dim() != 2 or w_router.dim() != 2 or x.shape[1] != w_router.shape[1]:
+        raise ValueError(f"x, w_router: expected [T, d] and [N, d], got {tuple(x.shape)} and "
+                         f"{tuple(w_router.shape)}")
+    check_knobs(bias, threshold, max_active, w_router.shape[0], x.device)
+    return ref.route(x, w_router, router_scale, bias=bias, threshold=threshold, max_active=max_active)
+
+
+def norm_silu(u, gamma, mu=None, activation="norm_silu"):
+    """NormSiLU of per-expert pre-activations u [..., N, de] given the global mean mu [..., 1, 1]."""
+    if u.shape[-1] != gamma.shape[-1]:
+        raise ValueError(f"gamma: expected shape [{u.shape[-1]}] (the expert width of u), got {tuple(gamma.shape)}")
+    return ref.norm_silu(u, gamma, mu, activation)
+
+
+def scaled_combine(act, gs, w_down, shared=None):
+    """y = (act * gs[..., None]).view(T, N*de) @ w_down^T (+ shared): the routed output plus the shared one."""
+    if act.dim() != 3 or gs.shape != act.shape[:2] or w_down.shape[1] != act.shape[1] * act.shape[2]:
+        raise ValueError(f"act, gs, w_down: expected [T, N, de], [T, N] and [d, N*de], got {tuple(act.shape)}, "
+                         f"{tuple(gs.shape)} and {tuple(w_down.shape)}")
+    return ref.scaled_combine(act, gs, w_down, shared)
+
+
+def dense_swiglu(x, w_gate, w_up, w_down):
+    """The dense SwiGLU layer (layer 0, the shared expert, the dense twin) through torch's matmuls in x's
+    dtype: cuBLAS on the GPU."""
+    return torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up),
+        w_down)
