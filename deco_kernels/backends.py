@@ -19,7 +19,9 @@ INSTALL_HINT = {
     "cupy": 'pip install "deco-kernels[cupy]" (cupy-cuda12x; needs a CUDA GPU)',
 }
 # Backends whose DECO-layer kernels exist in this version of the library.
-IMPLEMENTED = {"torch"}
+IMPLEMENTED = {"torch", "triton"}
+# Backends whose kernels have a backward pass; "auto" picks only these when autograd needs one.
+DIFFERENTIABLE = {"torch"}
 
 
 def _module_present(name: str) -> bool:
@@ -47,13 +49,21 @@ def available(backend: str, device: torch.device) -> bool:
 _announced: set[tuple[str, str]] = set()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Map a requested backend to the one that runs; raise a clear error when it cannot."""
+def resolve(backend: str, device: torch.device, needs_grad: bool = False) -> str:
+    """Map a requested backend to the one that runs; raise a clear error when it cannot.
+
+    "auto" takes the first of triton, cupy, torch that is available for CUDA tensors (the interpreter is for
+    tests that ask for triton by name, never an automatic choice) and, when autograd needs a backward, has one.
+    """
     env = os.environ.get("DECO_BACKEND")
     if backend == "auto" and env:
         backend = env
     if backend == "auto":
         for name in ("triton", "cupy", "torch"):
+            if name != "torch" and device.type != "cuda":
+                continue
+            if needs_grad and name not in DIFFERENTIABLE:
+                continue
             if available(name, device):
                 if (name, device.type) not in _announced:
                     _announced.add((name, device.type))

@@ -40,7 +40,8 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     check_knobs(bias, threshold, max_active, shape.num_experts, x.device)
     if activation not in ref.NORM_SILU_VARIANTS:
         raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
-    name = backends.resolve(backend, x.device)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights.values()))
+    name = backends.resolve(backend, x.device, needs_grad)
     if name != "torch" and activation != "norm_silu":
         raise ValueError(f"activation: backend {name!r} implements only 'norm_silu' (the ablations "
                          f"run on backend='torch'), got {activation!r}")

@@ -1,0 +1,24 @@
+"""Device helpers shared by the Triton kernels: the gate knobs and the NormSiLU + gate epilogue.
+
+Each is a @triton.jit function inlined into its callers, so the math exists once for every path.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_knobs(r, bias, threshold):
+    """g = relu(r + bias), cut to 0 where g <= threshold (threshold 0 keeps relu)."""
+    g = tl.maximum(r + bias, 0.0)
+    return tl.where(g > threshold, g, 0.0)
+
+
+@triton.jit
+def norm_silu_gate(h, mu, gamma, gs, eps, DE: tl.constexpr):
+    """silu(gamma * (h - mu) / rms(h - mu)) * gs for a tile h [M, DE] (fp32) of ONE expert per row.
+
+    mu [M] the global mean x.wbar, gamma [DE], gs [M] the scaled gates of the rows."""
+    u = h - mu[:, None]
+    inv_rms = 1.0 / tl.sqrt(tl.sum(u * u, axis=1) / DE + eps)
+    n = u * inv_rms[:, None] * gamma[None, :]
+    return n * tl.sigmoid(n) * gs[:, None]

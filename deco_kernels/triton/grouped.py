@@ -1,0 +1,84 @@
+"""Prefill (many tokens): (token, expert) pairs grouped by expert, never a dense [T, N*de] intermediate.
+
+1. `_group_kernel`, one program per expert: compacts the tokens whose gate for that expert is > 0 from the
+   transposed gates gT [N, T] (written by the router) into tokens[e, :count[e]] in token order.
+2. `_grouped_up_kernel`, one program per (expert, block of BLOCK_M of its tokens): gathers the tokens' rows of x,
+   multiplies by the expert's [DE, d] slab of w_up on tensor cores, and applies NormSiLU (mu = x.wbar from the
+   router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype.
+3. `_grouped_down_kernel`, same grid: multiplies the activation tile by the expert's block of w_down, block of
+   BLOCK_D output features at a time, and adds the result into the fp32 output at the tokens' rows with
+   atomics (each output element receives one add per active expert of its token: the order of those adds is
+   not fixed, so results can differ between runs in the last bits of fp32; tests bound that).
+Programs of an expert whose tokens end before their block exit at once.
+"""
+import triton
+import triton.language as tl
+
+from ._jit import norm_silu_gate
+
+
+@triton.jit
+def _group_kernel(gt_ptr, tok_ptr, count_ptr, T, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    base = 0
+    for t0 in range(0, T, BLOCK):
+        ts = t0 + tl.arange(0, BLOCK)
+        active = (tl.load(gt_ptr + e * T + ts, mask=ts < T, other=0.0) > 0).to(tl.int32)
+        pos = base + tl.cumsum(active, axis=0) - 1
+        tl.store(tok_ptr + e * T + pos, ts, mask=active > 0)
+        base += tl.sum(active, axis=0)
+    tl.store(count_ptr + e, base)
+
+
+@triton.jit
+def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, a_ptr,
+                       T, N, D, stride_xt, eps,
+                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    count = tl.load(count_ptr + e)
+    if m0 < count:
+        e64 = e.to(tl.int64)
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < count
+        toks = tl.load(tok_ptr + e64 * T + ms, mask=mmask, other=0).to(tl.int64)
+        rows = e64 * DE + tl.arange(0, DE)
+        acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            x = tl.load(x_ptr + toks[:, None] * stride_xt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0)
+            w = tl.load(wup_ptr + rows[:, None] * D + ks[None, :], mask=kmask[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
+        mu = tl.load(mu_ptr + toks, mask=mmask, other=0.0)
+        gs = tl.load(g_ptr + toks * N + e, mask=mmask, other=0.0) * tl.load(scale_ptr + e).to(tl.float32)
+        gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+        a = norm_silu_gate(acc, mu, gamma, gs, eps, DE)
+        tl.store(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
+                 a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+@triton.jit
+def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
+                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    count = tl.load(count_ptr + e)
+    if m0 < count:
+        e64 = e.to(tl.int64)
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < count
+        toks = tl.load(tok_ptr + e64 * T + ms, mask=mmask, other=0).to(tl.int64)
+        ks = tl.arange(0, DE)
+        a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + ks[None, :], mask=mmask[:, None],
+                    other=0.0)
+        NDE = N * DE
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            w = tl.load(wd_ptr + cols.to(tl.int64)[:, None] * NDE + (e64 * DE + ks)[None, :], mask=cmask[:, None],
+                        other=0.0)
+            out = tl.dot(a, tl.trans(w), input_precision=PREC)
+            tl.atomic_add(y_ptr + toks[:, None] * D + cols[None, :], out, mask=mmask[:, None] & cmask[None, :],
+                          sem="relaxed")

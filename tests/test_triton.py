@@ -1,0 +1,205 @@
+"""Triton backend vs the float64 reference.
+
+On the CPU these run in the Triton interpreter (TRITON_INTERPRET=1, fp32, tiny shapes); on a GPU the same
+cases run compiled, and the tests marked gpu add preset sizes in bf16/fp32, CUDA-graph capture and int64
+offsets. Every buffer the kernels write is poisoned with NaN first, so an unwritten element fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_rel_close, make_layer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deco_kernels import ops, reference
+
+triton_ffn = pytest.importorskip("deco_kernels.triton.ffn")
+
+CPU_TOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fill every kernel-written buffer with NaN (floats) or -1 (indices) before the kernels run."""
+    def poisoned(*shape, device, dtype):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, device=device, dtype=dtype)
+    monkeypatch.setattr(triton_ffn, "_empty", poisoned)
+
+
+def run_both(x, w, **knobs):
+    """(y, g) from the Triton backend and from the float64 reference of the same inputs."""
+    with torch.no_grad():
+        y, g = ops.deco_ffn(x, **w, backend="triton", return_gates=True, **knobs)
+    w64 = {k: v.detach().double().cpu() for k, v in w.items()}
+    bias = knobs.get("bias", 0.0)
+    if isinstance(bias, torch.Tensor):
+        knobs = {**knobs, "bias": bias.double().cpu()}
+    y_ref, g_ref = reference.deco_ffn(x.detach().double().cpu(), **w64, return_gates=True, **knobs)
+    return y, g, y_ref, g_ref
+
+
+def check(x, w, tol=CPU_TOL, **knobs):
+    y, g, y_ref, g_ref = run_both(x, w, **knobs)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert g.dtype == torch.float32 and g.shape == (*x.shape[:-1], w["w_router"].shape[0])
+    assert torch.equal(g.cpu() > 0, g_ref > 0), "active sets differ from the reference router"
+    assert_rel_close(g.cpu(), g_ref, 1e-5, "gates")
+    assert_rel_close(y, y_ref.to(y.dtype), tol, "y")
+    return g_ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU interpreter (or GPU) on tiny adversarial shapes, fp32
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [0, 1, 3, 17, 65])
+@pytest.mark.parametrize("de", [16, 32, 64])
+def test_token_counts_and_expert_widths(triton_device, T, de):
+    # N = 13 is a multiple of no block size; d = 40 and ds = 24 leave tails in every K loop.
+    x, w = make_layer(T, 40, 13, de, 24, device=triton_device, seed=T * 100 + de, active=0.3)
+    check(x, w)
+
+
+@pytest.mark.parametrize("T", [1, 17, 65])
+@pytest.mark.parametrize("active", ["none", "all", "one"])
+def test_active_patterns(triton_device, T, active):
+    x, w = make_layer(T, 48, 11, 16, 32, device=triton_device, seed=7, active=active)
+    g_ref = check(x, w)
+    per_token = (g_ref > 0).sum(-1)
+    expected = {"none": 0, "all": 11, "one": 1}[active]
+    assert bool((per_token == expected).all())
+
+
+@pytest.mark.parametrize("T", [1, 5, 65])
+@pytest.mark.parametrize("knobs", [
+    dict(bias=0.3), dict(bias=-0.4), dict(threshold=0.5), dict(max_active=1), dict(max_active=3),
+    dict(bias=0.2, threshold=0.2, max_active=2), "bias-vector",
+], ids=["bias+", "bias-", "threshold", "max1", "max3", "all-knobs", "bias-vector"])
+def test_knobs(triton_device, T, knobs):
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=3, active=0.4)
+    if knobs == "bias-vector":
+        knobs = dict(bias=torch.linspace(-0.5, 0.5, 13, device=triton_device))
+    check(x, w, **knobs)
+
+
+def test_max_active_ties_go_to_lower_index(triton_device):
+    # Identical router rows give identical gates: max_active must keep the lowest indices.
+    x, w = make_layer(4, 32, 9, 16, 16, device=triton_device, seed=11, active="all")
+    w["w_router"][:] = w["w_router"][0]
+    g_ref = check(x, w, max_active=4)
+    assert bool(((g_ref > 0).sum(-1) == 4).all()) and bool((g_ref[:, :4] > 0).all())
+
+
+@pytest.mark.parametrize("T", [3, 65])
+def test_non_contiguous_and_batched_x(triton_device, T):
+    x, w = make_layer((2, T), 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)
+    x_strided = torch.cat([x, x], dim=-1)[..., ::2]          # last-dim stride 2
+    assert not x_strided.is_contiguous()
+    check(x_strided, w)
+    check(x.transpose(0, 1), w)                              # leading dims permuted
+
+
+def test_n1_and_wide_shared(triton_device):
+    x, w = make_layer(9, 64, 1, 64, 128, device=triton_device, seed=2, active=0.5)
+    check(x, w)
+
+
+def test_wbar_cache_refreshes_when_weights_change(triton_device):
+    from deco_kernels import layout
+    x, w = make_layer(3, 32, 7, 16, 16, device=triton_device, seed=4, active=0.5)
+    check(x, w)
+    with torch.no_grad():
+        w["w_up"].mul_(1.5).add_(0.1)           # in place: bumps the version counter
+    check(x, w)
+    wbar = layout.expert_mean(w["w_up"])
+    assert layout.expert_mean(w["w_up"]) is wbar        # same version: served from the cache
+    torch.testing.assert_close(wbar, w["w_up"].float().mean(0))
+
+
+def test_rejects_autograd_and_odd_expert_width(triton_device):
+    x, w = make_layer(2, 32, 5, 16, 16, device=triton_device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="inference only"):
+        ops.deco_ffn(x, **w, backend="triton")
+    x, w = make_layer(2, 32, 5, 12, 16, device=triton_device)
+    with pytest.raises(ValueError, match="gamma"):
+        ops.deco_ffn(x, **w, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: preset sizes, bf16, CUDA graphs, int64 offsets, run-to-run stability of the atomics
+# ---------------------------------------------------------------------------------------------------------
+PRESET_LAYERS = {"0.1b": (768, 42, 64, 128), "1.2b": (1792, 102, 64, 128)}
+
+
+@pytest.mark.gpu
+@settings(max_examples=12)
+@given(preset=st.sampled_from(sorted(PRESET_LAYERS)),
+       T=st.sampled_from([1, 2, 7, 8, 31, 64, 65, 300, 1024]),
+       active=st.sampled_from([0.05, 0.2, 0.5, "none", "all", "one"]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_gpu_presets(preset, T, active, dtype, seed):
+    d, n, de, ds = PRESET_LAYERS[preset]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=active)
+    y, g, y_ref, g_ref = run_both(x, w)
+    # The active set must equal the fp32 reference router's on the same GPU inputs.
+    _, g32 = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, return_gates=True)
+    assert torch.equal(g > 0, g32 > 0)
+    assert_rel_close(y, y_ref.to(dtype), 1e-2 if dtype == torch.bfloat16 else 1e-5, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8])
+def test_gpu_cuda_graph_capture_and_replay(T):
+    x, w = make_layer(T, 768, 42, 64, 128, dtype=torch.bfloat16, device="cuda", seed=1, active=0.2)
+    static_x = x.clone()
+    with torch.no_grad():
+        for _ in range(2):  # warm up: compile outside the capture
+            ops.deco_ffn(static_x, **w, backend="triton")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ops.deco_ffn(static_x, **w, backend="triton")
+        for seed in (10, 11, 12):
+            fresh, _ = make_layer(T, 768, 42, 64, 128, dtype=torch.bfloat16, device="cuda", seed=seed, active=0.2)
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = ops.deco_ffn(fresh, **w, backend="triton")
+            assert torch.equal(static_y, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4, 65])
+def test_gpu_int64_offsets(T):
+    # Rows of x sit 2^25 + 64 elements apart, so the last row's offset passes 2^31 elements.
+    d = 64
+    stride = 2**25 + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * T * stride * 2:
+        pytest.skip("not enough GPU memory")
+    storage = torch.zeros(T * stride, device="cuda", dtype=torch.bfloat16)
+    x_small, w = make_layer(T, d, 13, 16, 32, dtype=torch.bfloat16, device="cuda", seed=8, active=0.4)
+    x = storage.as_strided((T, d), (stride, 1))
+    x.copy_(x_small)
+    assert (T - 1) * stride > 2**31
+    y, _, y_ref, _ = run_both(x, w)
+    assert_rel_close(y, y_ref.to(y.dtype), 1e-2, "y")
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_atomics_are_stable():
+    x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.float32, device="cuda", seed=9, active=0.2)
+    with torch.no_grad():
+        ys = [ops.deco_ffn(x, **w, backend="triton") for _ in range(5)]
+    spread = max((y - ys[0]).abs().max().item() for y in ys)
+    assert spread <= 1e-5 * ys[0].abs().max().item()
+
+
+def test_auto_never_picks_the_interpreter_for_cpu_tensors():
+    x, w = make_layer(2, 16, 3, 16, 16)
+    from deco_kernels import backends
+    assert backends.resolve("auto", x.device) == "torch"
+    if HAS_CUDA:
+        assert backends.resolve("auto", torch.device("cuda")) == "triton"
