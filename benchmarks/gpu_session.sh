@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything one device session runs, in order: install, GPU tests, sanitizer, benchmark.
-#   bash benchmarks/gpu_session.sh   (OUT=<dir> collects the results; the device tool sets it)
+# Everything one device session runs, in order: install, GPU tests, sanitizer, kernel profile, benchmark.
+#   bash benchmarks/gpu_session.sh [bench_layer.py args]   (OUT=<dir> collects the results; the device tool sets it)
+# SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_PROFILE=1 leave those steps out.
 set -uo pipefail
 OUT=${OUT:-/tmp/deco_out}
 mkdir -p "$OUT"
@@ -8,6 +9,14 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -q tests/test_triton.py -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-(cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) 2>&1 | tail -8 | tee "$OUT/memcheck.log"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  python3 -m pytest -q tests/test_triton.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+fi
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) 2>&1 | tail -8 | tee "$OUT/memcheck.log"
+fi
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  (cd benchmarks && python3 profile_kernels.py --preset 1.2b --tokens 1 8 64 4096) > "$OUT/profile.log" 2>&1
+  grep -E "^==|Self CUDA|_kernel|gemm|elementwise|copy" "$OUT/profile.log" | cut -c1-60,100-140 | head -60
+fi
 python3 benchmarks/bench_layer.py "$@" --out "$OUT/bench_layer.json" 2>&1 | tee "$OUT/bench.log" | tail -16

@@ -174,9 +174,9 @@ def test_gpu_cuda_graph_capture_and_replay(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [4, 65])
 def test_gpu_int64_offsets(T):
-    # Rows of x sit 2^25 + 64 elements apart, so the last row's offset passes 2^31 elements.
+    # Rows of x sit far enough apart that the last row's offset passes 2^31 elements.
     d = 64
-    stride = 2**25 + 64
+    stride = 2**31 // (T - 1) + 64
     if torch.cuda.get_device_properties(0).total_memory < 3 * T * stride * 2:
         pytest.skip("not enough GPU memory")
     storage = torch.zeros(T * stride, device="cuda", dtype=torch.bfloat16)

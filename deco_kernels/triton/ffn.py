@@ -23,6 +23,20 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+_counter_cache: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the last-program reductions. Kernels leave them at zero again, so
+    one buffer per device serves every call (calls on one device run in stream order; a second stream that
+    runs the same kernels concurrently would need its own)."""
+    buf = _counter_cache.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        _counter_cache[device] = buf
+    return buf
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs use exact fp32 products (TF32 off); 16-bit inputs ignore the flag.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -67,12 +81,14 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y):
         mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec,
         BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=256 if block_t <= 16 else 64)
-    block_d = 16
-    _union_down_kernel[(triton.cdiv(d, block_d),)](
-        h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y,
-        T, n, d, ds, y.stride(0), NORM_EPS,
+    block_d, group = 64, (4 if T <= 8 else 8)
+    grid = (triton.cdiv(d, block_d), triton.cdiv(n, group))
+    part = _empty(grid[1], T, d, device=x.device, dtype=torch.float32)
+    _union_down_kernel[grid](
+        h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], part, _counters(x.device, grid[0]),
+        y, T, n, d, ds, y.stride(0), NORM_EPS,
         DE=de, BLOCK_DS=max(16, triton.next_power_of_2(ds)), PREC=prec, BLOCK_T=block_t,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, EXPERTS_PER_ITER=2)
+        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group)
 
 
 def _grouped(x, w, wbar, bias, threshold, max_active, g, y):

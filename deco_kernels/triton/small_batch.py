@@ -7,10 +7,13 @@ raw up-projection h [T, BLOCK_R] of its rows in fp32. The shared programs write 
 the first one the global mean mu = x.wbar. Splitting each expert into row blocks keeps ~N/5 * DE/BLOCK_R
 programs busy at T=1 instead of ~N/5 (see SPEC §5: parallelism).
 
-Launch 2, `_union_down_kernel`, one program per block of BLOCK_D output features: each compacts the active
-experts from the gates in registers (cumsum, no host sync), applies NormSiLU + the scaled gate to h, multiplies
-by the matching [BLOCK_D, DE] block of w_down (rows of 2*DE contiguous bytes in the canonical layout), adds the
-shared expert's down-projection and writes y. The sum over experts stays in one program: deterministic.
+Launch 2, `_union_down_kernel`, one program per (block of BLOCK_D output features, group of GROUP active
+experts): each compacts the active experts from the gates in registers (cumsum, no host sync), applies
+NormSiLU + the scaled gate to its group's h, multiplies by the matching [BLOCK_D, GROUP*DE] gather of w_down
+(rows of 2*DE contiguous bytes in the canonical layout) and stores an fp32 partial. The last program of a
+feature block to finish (an atomic counter that re-arms itself, so CUDA graphs replay it) sums the partials in
+group order, adds the shared expert's down-projection and writes y: deterministic, and one round of loads
+per program instead of a chain of per-expert round trips.
 
 With max_active set, the gates come from the router kernel (a third launch) because the top-k needs every
 logit of a token.
@@ -96,15 +99,16 @@ def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_pt
 
 
 @triton.jit
-def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, y_ptr,
-                       T, N, D, DS, stride_yt, eps,
+def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, part_ptr, counter_ptr,
+                       y_ptr, T, N, D, DS, stride_yt, eps,
                        DE: tl.constexpr, BLOCK_DS: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EXPERTS_PER_ITER: tl.constexpr):
-    pid = tl.program_id(0)
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
-    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     cols64 = cols.to(tl.int64)
     ns = tl.arange(0, BLOCK_N)
@@ -117,29 +121,44 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
     active = (tl.max(gates, axis=0) > 0) & nmask
     pos = tl.cumsum(active.to(tl.int32), axis=0) - 1
     count = tl.sum(active.to(tl.int32), axis=0)
-
-    mu = tl.load(mu_ptr + ts, mask=tmask, other=0.0)
-    gamma = tl.load(gamma_ptr + ks).to(tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, count, EXPERTS_PER_ITER):
-        for j in tl.static_range(EXPERTS_PER_ITER):
-            slot = s0 + j
-            e = tl.sum(tl.where(active & (pos == slot), ns, 0), axis=0)
-            # Past the last active expert (slot >= count) every load is masked off. (The comparison is made
-            # on a vector: the interpreter rejects a mask built from a scalar one.)
-            tvalid = tmask & ((ts * 0 + slot) < count)
-            gs = tl.load(g_ptr + ts64 * N + e, mask=tvalid, other=0.0) * tl.load(scale_ptr + e).to(tl.float32)
-            h = tl.load(h_ptr + ts64[:, None] * NDE + (e * DE + ks)[None, :], mask=tvalid[:, None], other=0.0)
-            a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
-            w = tl.load(wd_ptr + cols64[:, None] * NDE + (e * DE + ks)[None, :],
-                        mask=cmask[:, None] & (cols * 0 + slot < count)[:, None], other=0.0)
-            acc += tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PREC)
-
-    # Shared expert's down-projection, added in the same accumulator.
-    ss = tl.arange(0, BLOCK_DS)
-    smask = ss < DS
-    hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
-    ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
-    acc += tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
-    tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
+    groups = tl.maximum(tl.cdiv(count, GROUP), 1)  # group 0 runs even with no active expert: it writes y
+    if grp < groups:
+        # This program's GROUP slots, all loads issued together (no chain of per-expert round trips).
+        slots = grp * GROUP + tl.arange(0, GROUP)
+        svalid = slots < count
+        ids = tl.sum(tl.where(active[None, :] & (pos[None, :] == slots[:, None]), ns[None, :], 0), axis=1)
+        tg_mask = tmask[:, None] & svalid[None, :]
+        gs = tl.load(g_ptr + ts64[:, None] * N + ids[None, :], mask=tg_mask, other=0.0) \
+            * tl.load(scale_ptr + ids, mask=svalid, other=0.0).to(tl.float32)[None, :]
+        h = tl.load(h_ptr + ts64[:, None, None] * NDE + (ids * DE)[None, :, None] + ks[None, None, :],
+                    mask=tg_mask[:, :, None], other=0.0)
+        mu = tl.load(mu_ptr + ts, mask=tmask, other=0.0)
+        gamma = tl.load(gamma_ptr + ks).to(tl.float32)
+        a = norm_silu_gate(tl.reshape(h, [BLOCK_T * GROUP, DE]),
+                           tl.reshape(tl.broadcast_to(mu[:, None], [BLOCK_T, GROUP]), [BLOCK_T * GROUP]),
+                           gamma, tl.reshape(gs, [BLOCK_T * GROUP]), eps, DE)
+        wcols = tl.reshape((ids * DE)[:, None] + ks[None, :], [GROUP * DE])
+        wvalid = tl.reshape(svalid[:, None] & (ks[None, :] < DE), [GROUP * DE])
+        w = tl.load(wd_ptr + cols64[:, None] * NDE + wcols[None, :], mask=cmask[:, None] & wvalid[None, :],
+                    other=0.0)
+        part = tl.dot(tl.reshape(a, [BLOCK_T, GROUP * DE]).to(w.dtype), tl.trans(w), input_precision=PREC)
+        out_off = ts64[:, None] * D + cols[None, :]
+        out_mask = tmask[:, None] & cmask[None, :]
+        tl.store(part_ptr + grp.to(tl.int64) * T * D + out_off, part, mask=out_mask)
+        # The last group to finish this block of features sums the partials in group order (deterministic),
+        # adds the shared expert and writes y; then it re-arms the counter for the next call.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel")
+        if done == groups - 1:
+            ss = tl.arange(0, BLOCK_DS)
+            smask = ss < DS
+            hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :],
+                         other=0.0)
+            ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :],
+                         other=0.0)
+            acc = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
+            for gi in range(0, groups):
+                acc += tl.load(part_ptr + gi * T * D + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_d, 0)
