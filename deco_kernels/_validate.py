@@ -26,9 +26,11 @@ def _check_tensor(name, t):
         raise ValueError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
 
 
-def _check_shape(name, t, shape):
+def _check_shape(name, t, shape, sizes_from=""):
+    """``sizes_from`` says which argument fixed the expected sizes, so a mismatch names both sides."""
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        why = f" ({sizes_from})" if sizes_from else ""
+        raise ValueError(f"{name}: expected shape {tuple(shape)}{why}, got {tuple(t.shape)}")
 
 
 def check_layer(x, weights: dict) -> LayerShape:
@@ -43,20 +45,22 @@ def check_layer(x, weights: dict) -> LayerShape:
     if w_router.dim() != 2:
         raise ValueError(f"w_router: expected shape [N, d], got {tuple(w_router.shape)}")
     n = w_router.shape[0]
-    _check_shape("w_router", w_router, (n, d))
-    _check_shape("router_scale", weights["router_scale"], (n,))
+    _check_shape("w_router", w_router, (n, d), f"d={d} from x {tuple(x.shape)}")
+    _check_shape("router_scale", weights["router_scale"], (n,), f"N={n} from w_router {tuple(w_router.shape)}")
     if w_up.dim() != 2 or n == 0 or w_up.shape[0] % n != 0 or w_up.shape[0] == 0:
         raise ValueError(f"w_up: expected shape [N*de, d] with N={n}, got {tuple(w_up.shape)}")
     de = w_up.shape[0] // n
-    _check_shape("w_up", w_up, (n * de, d))
-    _check_shape("gamma", weights["gamma"], (de,))
-    _check_shape("w_down", weights["w_down"], (d, n * de))
+    sizes = f"N={n} from w_router, de={de} from w_up {tuple(w_up.shape)}, d={d} from x"
+    _check_shape("w_up", w_up, (n * de, d), f"d={d} from x {tuple(x.shape)}")
+    _check_shape("gamma", weights["gamma"], (de,), sizes)
+    _check_shape("w_down", weights["w_down"], (d, n * de), sizes)
     if ws_gate.dim() != 2:
         raise ValueError(f"ws_gate: expected shape [ds, d], got {tuple(ws_gate.shape)}")
     ds = ws_gate.shape[0]
-    _check_shape("ws_gate", ws_gate, (ds, d))
-    _check_shape("ws_up", weights["ws_up"], (ds, d))
-    _check_shape("ws_down", weights["ws_down"], (d, ds))
+    sizes = f"ds={ds} from ws_gate {tuple(ws_gate.shape)}, d={d} from x"
+    _check_shape("ws_gate", ws_gate, (ds, d), sizes)
+    _check_shape("ws_up", weights["ws_up"], (ds, d), sizes)
+    _check_shape("ws_down", weights["ws_down"], (d, ds), sizes)
     for name in WEIGHT_NAMES:
         if weights[name].device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {weights[name].device}")
@@ -79,8 +83,9 @@ def check_knobs(bias, threshold, max_active, num_experts: int, device) -> None:
         raise ValueError(f"bias: expected a number or a tensor, got {type(bias).__name__}")
     if isinstance(threshold, torch.Tensor):
         raise ValueError("threshold: expected a Python number >= 0, got a tensor")
-    if not isinstance(threshold, (int, float)) or threshold < 0:
-        raise ValueError(f"threshold: expected a number >= 0, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
+            or threshold == float("inf"):
+        raise ValueError(f"threshold: expected a finite number >= 0, got {threshold!r}")
     if max_active is not None and (isinstance(max_active, bool) or not isinstance(max_active, int)
                                    or max_active < 1):
         raise ValueError(f"max_active: expected None or an integer >= 1, got {max_active!r}")

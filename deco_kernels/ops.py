@@ -54,6 +54,9 @@ def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None
     if x.dim() != 2 or w_router.dim() != 2 or x.shape[1] != w_router.shape[1]:
         raise ValueError(f"x, w_router: expected [T, d] and [N, d], got {tuple(x.shape)} and "
                          f"{tuple(w_router.shape)}")
+    if tuple(router_scale.shape) != (w_router.shape[0],):
+        raise ValueError(f"router_scale: expected shape ({w_router.shape[0]},) (N from w_router), "
+                         f"got {tuple(router_scale.shape)}")
     check_knobs(bias, threshold, max_active, w_router.shape[0], x.device)
     return ref.route(x, w_router, router_scale, bias=bias, threshold=threshold, max_active=max_active)
 

@@ -5,3 +5,4 @@ from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _ops_all
 
 __all__ = list(_ops_all)
+from . import model  # noqa: E402,F401

@@ -33,6 +33,8 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
 def apply_knobs(r: torch.Tensor, bias=0.0, threshold=0.0, max_active: int | None = None) -> torch.Tensor:
     """Gates from logits: g = relu(r + bias); g = 0 where g <= threshold; keep the max_active largest per
     token (ties: lower expert index first). ``bias`` is a float or a tensor broadcastable to [N]."""
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(r.dtype)  # a float64 bias must not promote fp32 gates
     g = torch.relu(r + bias)
     if threshold > 0:
         g = torch.where(g > threshold, g, torch.zeros_like(g))
@@ -86,14 +88,15 @@ def expert_activations(x, w_up, gamma, num_experts: int, activation: str = "norm
     cd = compute_dtype(x)
     h = x.to(cd) @ w_up.to(cd).t()
     mu = h.mean(dim=-1, keepdim=True).unsqueeze(-1)
-    return norm_silu(h.view(x.shape[0], num_experts, -1), gamma, mu, activation)
+    # explicit sizes, not -1: a view with -1 is ambiguous when T = 0
+    return norm_silu(h.view(x.shape[0], num_experts, w_up.shape[0] // num_experts), gamma, mu, activation)
 
 
 def scaled_combine(act: torch.Tensor, gs: torch.Tensor, w_down: torch.Tensor,
                    shared: torch.Tensor | None = None) -> torch.Tensor:
     """y = (act * gs[..., None]).view(T, N*de) @ w_down^T (+ shared), in act's dtype."""
     a = act * gs.to(act.dtype).unsqueeze(-1)
-    y = a.reshape(a.shape[0], -1) @ w_down.to(act.dtype).t()
+    y = a.reshape(a.shape[0], a.shape[1] * a.shape[2]) @ w_down.to(act.dtype).t()
     return y if shared is None else y + shared.to(y.dtype)
 
 
@@ -144,8 +147,8 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     x2 = x.reshape(-1, x.shape[-1])
     g, gs = route(x2, w_router, router_scale, bias=bias, threshold=threshold, max_active=max_active)
     y = routed_experts(x2, gs, w_up, gamma, w_down, activation) + swiglu(x2, ws_gate, ws_up, ws_down)
-    y = y.to(x.dtype).reshape(*lead, -1)
-    return (y, g.reshape(*lead, -1)) if return_gates else y
+    y = y.to(x.dtype).reshape(*lead, y.shape[-1])
+    return (y, g.reshape(*lead, g.shape[-1])) if return_gates else y
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""SparsityController: λ moves the right way, counters reset, and ranks agree on λ from the global ratio."""
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deco_kernels import DecoConfig, DecoForCausalLM, DecoMoE, SparsityController
+
+TINY = DecoConfig.preset("tiny", backend="torch")
+M, LAM0 = 2.0, 1e-2
+
+
+def model_and_ids(seed=0):
+    torch.manual_seed(seed)
+    return DecoForCausalLM(TINY).train(), torch.randint(0, TINY.vocab_size, (2, 6))
+
+
+def test_defaults_come_from_the_config():
+    model, _ = model_and_ids()
+    c = SparsityController(model)
+    assert (c.target, c.multiplier, c.lam0, c.lam) == (TINY.target_active_ratio, TINY.lambda_multiplier,
+                                                       TINY.lambda0, TINY.lambda0)
+    assert c.last_active_ratio is None and len(c.layers) == TINY.num_layers - 1
+
+
+def test_lambda_grows_above_target_and_shrinks_to_lam0_below():
+    model, ids = model_and_ids()
+    c = SparsityController(model, target=0.2, multiplier=M, lam0=LAM0)
+    model.set_elastic(bias=100.0)  # every gate active: A = 1 > target
+    for k in range(1, 4):
+        model(ids)
+        assert c.step() == 1.0
+        assert c.lam == pytest.approx(LAM0 * M ** k)
+    model.set_elastic(bias=-100.0)  # none active: A = 0 <= target
+    lams = []
+    for _ in range(5):
+        model(ids)
+        assert c.step() == 0.0
+        lams.append(c.lam)
+    assert lams == pytest.approx([LAM0 * 4, LAM0 * 2, LAM0, LAM0, LAM0])  # never below lam0
+    assert c.last_active_ratio == 0.0
+    for layer in model.deco_layers():
+        assert layer.sparsity_lambda.item() == pytest.approx(c.lam)
+
+
+def test_counters_are_summed_over_layers_and_reset():
+    model, ids = model_and_ids()
+    c = SparsityController(model, target=0.2, multiplier=M, lam0=LAM0)
+    model(ids)
+    model(ids[:, :3])
+    gates = 2 * 9 * TINY.num_experts  # per layer: 2 forwards of 2 x 6 and 2 x 3 tokens
+    assert all(layer.gate_count.item() == gates for layer in model.deco_layers())
+    active = sum(layer.active_count.item() for layer in model.deco_layers())
+    assert c.step() == pytest.approx(active / (len(c.layers) * gates))
+    assert all(layer.active_count.item() == layer.gate_count.item() == 0 for layer in model.deco_layers())
+    lam = c.lam
+    assert c.step() is None and c.lam == lam  # nothing counted: λ unchanged
+    model.eval()
+    model(ids)  # eval forwards do not count
+    assert c.step() is None
+
+
+def test_state_dict_round_trip_writes_lambda():
+    model, _ = model_and_ids()
+    c = SparsityController(model, lam0=LAM0)
+    c.load_state_dict({"lam": 0.37, "last_active_ratio": 0.25})
+    assert c.lam == 0.37 and c.state_dict() == {"lam": 0.37, "last_active_ratio": 0.25}
+    assert all(layer.sparsity_lambda.item() == pytest.approx(0.37) for layer in model.deco_layers())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="model"):
+        SparsityController(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="multiplier"):
+        SparsityController(DecoMoE(TINY), multiplier=0.5)
+    with pytest.raises(ValueError, match="target"):
+        SparsityController(DecoMoE(TINY), target=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two gloo ranks on the CPU
+# ---------------------------------------------------------------------------------------------------------
+# Rank 0 sees 90 tokens with no active gate, rank 1 sees 10 tokens with all gates active. Global A = 0.1 is
+# below the target 0.2, so λ shrinks on both ranks, although rank 1 alone (A = 1) would have grown it and the
+# mean of the per-rank ratios (0.5) is above the target too.
+TOKENS, BIAS = (90, 10), (-100.0, 100.0)
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        layer = DecoMoE(TINY).train()
+        layer.set_elastic(bias=BIAS[rank])
+        controller = SparsityController(layer, target=0.2, multiplier=M, lam0=LAM0)
+        controller.load_state_dict({"lam": 1.0})
+        layer(torch.randn(TOKENS[rank], TINY.d_model))
+        ratio = controller.step()
+        result = {"ratio": ratio, "lam": controller.lam, "buffer": layer.sparsity_lambda.item(),
+                  "local": layer.active_ratio.item()}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("gloo workers did not finish in 120 s")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["local"] for r in results] == [0.0, 1.0]
+    for r in results:
+        assert r["ratio"] == pytest.approx(0.1)
+        assert r["lam"] == pytest.approx(1.0 / M) and r["buffer"] == pytest.approx(1.0 / M)
