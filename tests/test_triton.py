@@ -133,9 +133,9 @@ PRESET_LAYERS = {"0.1b": (768, 42, 64, 128), "1.2b": (1792, 102, 64, 128)}
 
 
 @pytest.mark.gpu
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(preset=st.sampled_from(sorted(PRESET_LAYERS)),
-       T=st.sampled_from([1, 2, 7, 8, 31, 64, 65, 300, 1024]),
+       T=st.sampled_from([1, 2, 7, 8, 31, 64, 65, 300]),
        active=st.sampled_from([0.05, 0.2, 0.5, "none", "all", "one"]),
        dtype=st.sampled_from([torch.bfloat16, torch.float32]),
        seed=st.integers(0, 2**16))

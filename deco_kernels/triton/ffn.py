@@ -76,19 +76,23 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y):
         _router(x, w["w_router"], wbar, bias, threshold, max_active, g, mu)
     bias_s, bias_v = _bias_args(bias, n, x.device)
     grid_up = n * (de // block_r) + triton.cdiv(ds, block_r)
+    block_tr = triton.next_power_of_2(T)
     _union_up_kernel[(grid_up,)](
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
         mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=256 if block_t <= 16 else 64)
-    block_d, group = 64, (4 if T <= 8 else 8)
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=128 if block_t <= 16 else 64,
+        BLOCK_TR=block_tr, BLOCK_KR=min(triton.next_power_of_2(d), max(64, 8192 // block_tr)),
+        num_warps=8, num_stages=4)
+    # Experts per down program: fewer as T grows, so the [T, GROUP, DE] tile stays in registers.
+    block_d, group = 64, (4 if T <= 16 else 2)
     grid = (triton.cdiv(d, block_d), triton.cdiv(n, group))
     part = _empty(grid[1], T, d, device=x.device, dtype=torch.float32)
     _union_down_kernel[grid](
         h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], part, _counters(x.device, grid[0]),
         y, T, n, d, ds, y.stride(0), NORM_EPS,
         DE=de, BLOCK_DS=max(16, triton.next_power_of_2(ds)), PREC=prec, BLOCK_T=block_t,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group)
+        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group, num_warps=4)
 
 
 def _grouped(x, w, wbar, bias, threshold, max_active, g, y):

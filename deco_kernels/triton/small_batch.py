@@ -46,7 +46,8 @@ def _rowblock_matmul(x_ptr, w_ptr, row0, row_end, ts64, tmask, D, stride_xt, str
 def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
                      T, N, D, DS, stride_xt, bias, threshold,
                      DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_TR: tl.constexpr, BLOCK_KR: tl.constexpr):
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -59,21 +60,25 @@ def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_pt
         if GATES_GIVEN:
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
         else:
-            r = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
+            # Router logits of expert e for every token, in as few round trips as possible: one, when
+            # BLOCK_TR * BLOCK_KR covers [T, d] (decode), since loops without a dot are not pipelined.
+            trs = tl.arange(0, BLOCK_TR)
+            trmask = trs < T
+            r = tl.zeros([BLOCK_TR, BLOCK_KR], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_KR):
+                ks = k0 + tl.arange(0, BLOCK_KR)
                 kmask = ks < D
-                x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
-                            mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + trs.to(tl.int64)[:, None] * stride_xt + ks[None, :],
+                            mask=trmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
                 w = tl.load(wr_ptr + e.to(tl.int64) * D + ks, mask=kmask, other=0.0).to(tl.float32)
                 r += x * w[None, :]
             if HAS_BIAS_VEC:
                 b = tl.load(bias_ptr + e)
             else:
                 b = bias
-            g = tl.where(tmask, gate_knobs(tl.sum(r, axis=1), b, threshold), 0.0)
+            g = tl.where(trmask, gate_knobs(tl.sum(r, axis=1), b, threshold), 0.0)
             if pid % RB == 0:
-                tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
+                tl.store(g_ptr + trs.to(tl.int64) * N + e, g, mask=trmask)
         if tl.max(g, axis=0) > 0:
             h = _rowblock_matmul(x_ptr, wup_ptr, row0, NDE, ts64, tmask, D, stride_xt, D,
                                  PREC, BLOCK_T, BLOCK_R, BLOCK_K)
