@@ -62,12 +62,19 @@ def _router(x, w_router, wbar, bias, threshold, max_active, g, mu, gt=None):
         BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=64)
 
 
-def _small_batch(x, w, wbar, bias, threshold, max_active, g, y):
+def small_batch_config(T: int) -> dict:
+    """Tile config of the small-batch path for T tokens (the autotune harness will replace this default)."""
+    return dict(up_block_r=16, up_block_k=128 if T <= 16 else 64, up_warps=8, up_stages=4,
+                down_block_d=64, down_group=4 if T <= 16 else 2, down_warps=4)
+
+
+def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
+    cfg = cfg or small_batch_config(T)
     prec = _precision(x.dtype)
     block_t = max(16, triton.next_power_of_2(T))
-    block_r = 16
+    block_r = cfg["up_block_r"]
     h = _empty(T, n * de, device=x.device, dtype=torch.float32)
     hs = _empty(T, ds, device=x.device, dtype=torch.float32)
     mu = _empty(T, device=x.device, dtype=torch.float32)
@@ -81,18 +88,18 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y):
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
         mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=128 if block_t <= 16 else 64,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=cfg["up_block_k"],
         BLOCK_TR=block_tr, BLOCK_KR=min(triton.next_power_of_2(d), max(64, 8192 // block_tr)),
-        num_warps=8, num_stages=4)
+        num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # Experts per down program: fewer as T grows, so the [T, GROUP, DE] tile stays in registers.
-    block_d, group = 64, (4 if T <= 16 else 2)
+    block_d, group = cfg["down_block_d"], cfg["down_group"]
     grid = (triton.cdiv(d, block_d), triton.cdiv(n, group))
     part = _empty(grid[1], T, d, device=x.device, dtype=torch.float32)
     _union_down_kernel[grid](
         h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], part, _counters(x.device, grid[0]),
         y, T, n, d, ds, y.stride(0), NORM_EPS,
         DE=de, BLOCK_DS=max(16, triton.next_power_of_2(ds)), PREC=prec, BLOCK_T=block_t,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group, num_warps=4)
+        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group, num_warps=cfg["down_warps"])
 
 
 def _grouped(x, w, wbar, bias, threshold, max_active, g, y):
