@@ -64,8 +64,15 @@ def _router(x, w_router, wbar, bias, threshold, max_active, g, mu, gt=None):
 
 def small_batch_config(T: int) -> dict:
     """Tile config of the small-batch path for T tokens (the autotune harness will replace this default)."""
-    return dict(up_block_r=16, up_block_k=128 if T <= 16 else 64, up_warps=8, up_stages=4,
-                down_block_d=64, down_group=4 if T <= 16 else 2, down_warps=4)
+    # Best of benchmarks/sweep_small_batch.py on the H100 at 1.2b (results/h100/sweep_small_batch_1.2b.json).
+    if T <= 1:
+        return dict(up_block_r=16, up_block_k=256, up_warps=4, up_stages=3, down_block_d=64, down_group=4,
+                    down_warps=4)
+    if T <= 16:
+        return dict(up_block_r=64, up_block_k=256, up_warps=4, up_stages=3, down_block_d=16, down_group=4,
+                    down_warps=4)
+    return dict(up_block_r=16, up_block_k=64, up_warps=8, up_stages=4, down_block_d=64, down_group=2,
+                down_warps=4)
 
 
 def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
