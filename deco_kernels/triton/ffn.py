@@ -81,7 +81,7 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
     cfg = cfg or small_batch_config(T)
     prec = _precision(x.dtype)
     block_t = max(16, triton.next_power_of_2(T))
-    block_r = cfg["up_block_r"]
+    block_r = min(cfg["up_block_r"], de)  # row blocks never straddle two experts
     h = _empty(T, n * de, device=x.device, dtype=torch.float32)
     hs = _empty(T, ds, device=x.device, dtype=torch.float32)
     mu = _empty(T, device=x.device, dtype=torch.float32)
