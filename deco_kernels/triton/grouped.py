@@ -31,6 +31,15 @@ def _group_kernel(gt_ptr, tok_ptr, count_ptr, T, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M: tl.constexpr):
+    """Slots m0..m0+BLOCK_M of expert e's token list: (slots, valid mask, token ids as int64)."""
+    ms = m0 + tl.arange(0, BLOCK_M)
+    mmask = ms < count
+    toks = tl.load(tok_ptr + e64 * T + ms, mask=mmask, other=0).to(tl.int64)
+    return ms, mmask, toks
+
+
+@triton.jit
 def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, a_ptr,
                        T, N, D, stride_xt, eps,
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -39,9 +48,7 @@ def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_
     count = tl.load(count_ptr + e)
     if m0 < count:
         e64 = e.to(tl.int64)
-        ms = m0 + tl.arange(0, BLOCK_M)
-        mmask = ms < count
-        toks = tl.load(tok_ptr + e64 * T + ms, mask=mmask, other=0).to(tl.int64)
+        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
         rows = e64 * DE + tl.arange(0, DE)
         acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -67,9 +74,7 @@ def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
     count = tl.load(count_ptr + e)
     if m0 < count:
         e64 = e.to(tl.int64)
-        ms = m0 + tl.arange(0, BLOCK_M)
-        mmask = ms < count
-        toks = tl.load(tok_ptr + e64 * T + ms, mask=mmask, other=0).to(tl.int64)
+        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
         ks = tl.arange(0, DE)
         a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + ks[None, :], mask=mmask[:, None],
                     other=0.0)
