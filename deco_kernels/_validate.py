@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference.ops import WEIGHT_NAMES  # noqa: F401  (re-exported: tests import it from here)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-WEIGHT_NAMES = ("w_router", "router_scale", "w_up", "gamma", "w_down", "ws_gate", "ws_up", "ws_down")
 # Weights that enter a matmul with x must share its dtype; the router, its scale and gamma are read in fp32.
 SAME_DTYPE_AS_X = ("w_up", "w_down", "ws_gate", "ws_up", "ws_down")
 

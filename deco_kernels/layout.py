@@ -41,10 +41,5 @@ def expert_mean(w_up: torch.Tensor) -> torch.Tensor:
     return wbar
 
 
-def cache_info() -> int:
-    """Number of cached derived tensors (for tests)."""
-    return len(_cache)
-
-
 def clear_cache() -> None:
     _cache.clear()

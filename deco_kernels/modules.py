@@ -99,7 +99,7 @@ class DecoMoE(nn.Module):
     ``sparsity_lambda`` buffer.
     """
 
-    PARAMETER_NAMES = ("w_router", "router_scale", "w_up", "gamma", "w_down", "ws_gate", "ws_up", "ws_down")
+    PARAMETER_NAMES = ref.WEIGHT_NAMES
     NO_WEIGHT_DECAY = ("router_scale", "gamma")  # SPEC §1: learnable gains without weight decay
 
     def __init__(self, config: DecoConfig, layer_idx: int | None = None):

@@ -44,8 +44,7 @@ def attention(x, p: dict, prefix: str, num_heads: int, head_dim: int, cos, sin) 
 def ffn(x, p: dict, prefix: str, config, bias=0.0, threshold=0.0, max_active=None) -> torch.Tensor:
     """The DECO layer (reference deco_ffn) if ``{prefix}w_router`` exists, else the dense SwiGLU."""
     if f"{prefix}w_router" in p:
-        names = ("w_router", "router_scale", "w_up", "gamma", "w_down", "ws_gate", "ws_up", "ws_down")
-        return ref.deco_ffn(x, **{n: p[prefix + n] for n in names}, bias=bias, threshold=threshold,
+        return ref.deco_ffn(x, **{n: p[prefix + n] for n in ref.WEIGHT_NAMES}, bias=bias, threshold=threshold,
                             max_active=max_active, activation=config.activation)
     return ref.swiglu(x, p[f"{prefix}gate_proj.weight"], p[f"{prefix}up_proj.weight"],
                       p[f"{prefix}down_proj.weight"])

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 NORM_EPS = 1e-5
 ENTROPY_EPS = 1e-5
 NORM_SILU_VARIANTS = ("norm_silu", "norm_silu_nomean", "norm_silu_norms", "silu")
+# The canonical weights of one DECO layer (SPEC §1), in the order deco_ffn takes them.
+WEIGHT_NAMES = ("w_router", "router_scale", "w_up", "gamma", "w_down", "ws_gate", "ws_up", "ws_down")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -190,7 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> to
 
 
 __all__ = [
-    "NORM_EPS", "ENTROPY_EPS", "NORM_SILU_VARIANTS", "compute_dtype", "router_logits", "apply_knobs", "route",
+    "NORM_EPS", "ENTROPY_EPS", "NORM_SILU_VARIANTS", "WEIGHT_NAMES", "compute_dtype", "router_logits", "apply_knobs", "route",
     "expert_mean_vector", "norm_silu", "expert_activations", "scaled_combine", "routed_experts",
     "routed_experts_sparse", "swiglu", "deco_ffn", "gate_entropy", "entropy_loss", "update_lambda",
     "active_ratio", "rms_norm",
