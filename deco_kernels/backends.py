@@ -77,4 +77,7 @@ def resolve(backend: str, device: torch.device, needs_grad: bool = False) -> str
     if not available(backend, device):
         raise RuntimeError(f"backend {backend!r} is not available for tensors on {device}: "
                            f"{INSTALL_HINT.get(backend, '')}")
+    if needs_grad and backend not in DIFFERENTIABLE:
+        raise NotImplementedError(f"backend {backend!r} runs inference only for now: call it under "
+                                  f"torch.no_grad() or use backend='torch' (or 'auto') for training")
     return backend

@@ -9,6 +9,7 @@ import torch
 import triton
 
 from .. import layout
+from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
@@ -49,10 +50,9 @@ def _bias_args(bias, n: int, device):
     return float(bias), None
 
 
-def _router(x, w_router, wbar, bias, threshold, max_active, g, mu, gt=None):
+def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None):
     T, d = x.shape
     n = w_router.shape[0]
-    bias_s, bias_v = _bias_args(bias, n, x.device)
     block_t = 32 if T <= 32 else 64
     low_precision = x.dtype in (torch.float16, torch.bfloat16) and w_router.dtype == x.dtype
     _router_kernel[(triton.cdiv(T, block_t),)](
@@ -75,7 +75,7 @@ def small_batch_config(T: int) -> dict:
                 down_warps=4)
 
 
-def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
+def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or small_batch_config(T)
@@ -85,10 +85,10 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
     h = _empty(T, n * de, device=x.device, dtype=torch.float32)
     hs = _empty(T, ds, device=x.device, dtype=torch.float32)
     mu = _empty(T, device=x.device, dtype=torch.float32)
+    # max_active needs every logit of a token at once: then the router kernel runs first (gates and mu).
     gates_given = max_active is not None
     if gates_given:
-        _router(x, w["w_router"], wbar, bias, threshold, max_active, g, mu)
-    bias_s, bias_v = _bias_args(bias, n, x.device)
+        _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
     grid_up = n * (de // block_r) + triton.cdiv(ds, block_r)
     block_tr = triton.next_power_of_2(T)
     _union_up_kernel[(grid_up,)](
@@ -109,14 +109,14 @@ def _small_batch(x, w, wbar, bias, threshold, max_active, g, y, cfg=None):
         BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group, num_warps=cfg["down_warps"])
 
 
-def _grouped(x, w, wbar, bias, threshold, max_active, g, y):
+def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y):
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
     gt = _empty(n, T, device=dev, dtype=torch.float32)
-    _router(x, w["w_router"], wbar, bias, threshold, max_active, g, mu, gt)
+    _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu, gt)
     tokens = _empty(n, T, device=dev, dtype=torch.int32)
     counts = _empty(n, device=dev, dtype=torch.int32)
     _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
@@ -125,10 +125,8 @@ def _grouped(x, w, wbar, bias, threshold, max_active, g, y):
     grid = (n, triton.cdiv(T, block_m))
     _grouped_up_kernel[grid](x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
                              T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_K=64)
-    # The shared expert is one dense SwiGLU on all tokens: cuBLAS, written into the fp32 accumulator.
-    acc = torch.nn.functional.linear(
-        torch.nn.functional.silu(torch.nn.functional.linear(x, w["ws_gate"]))
-        * torch.nn.functional.linear(x, w["ws_up"]), w["ws_down"]).float()
+    # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
+    acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float()
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=64)
     y.copy_(acc)
@@ -136,12 +134,10 @@ def _grouped(x, w, wbar, bias, threshold, max_active, g, y):
 
 def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,
              bias=0.0, threshold=0.0, max_active=None, return_gates=False, activation="norm_silu"):
-    """Forward of one DECO layer on Triton; same contract as deco_kernels.ops.deco_ffn (inference only)."""
+    """Forward of one DECO layer on Triton; same contract as deco_kernels.ops.deco_ffn (inference only: the
+    dispatch point refuses calls that need a backward)."""
     w = dict(w_router=w_router, router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down,
              ws_gate=ws_gate, ws_up=ws_up, ws_down=ws_down)
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w.values())):
-        raise NotImplementedError("backend 'triton' runs inference only for now: call it under torch.no_grad() "
-                                  "or use backend='torch' for training")
     de = gamma.shape[0]
     if de < 16 or de & (de - 1):
         raise ValueError(f"gamma: backend 'triton' needs an expert width de that is a power of two >= 16, got {de}")
@@ -159,6 +155,6 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     if T > 0:
         wbar = layout.expert_mean(w["w_up"])
         path = _small_batch if T <= SMALL_BATCH_MAX else _grouped
-        path(x2, w, wbar, bias, threshold, max_active, g, y)
+        path(x2, w, wbar, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
     y = y.reshape(*lead, d)
     return (y, g.reshape(*lead, n)) if return_gates else y

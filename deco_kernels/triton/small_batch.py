@@ -92,15 +92,16 @@ def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_pt
         cols = row0 + tl.arange(0, BLOCK_R)
         tl.store(hs_ptr + ts64[:, None] * DS + cols[None, :], gate * tl.sigmoid(gate) * up,
                  mask=tmask[:, None] & (cols < DS)[None, :])
-        if row0 == 0:
-            mu = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < D
-                x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
-                            mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                mu += tl.sum(x * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
-            tl.store(mu_ptr + ts, mu, mask=tmask)
+        if not GATES_GIVEN:  # otherwise the router kernel wrote mu already
+            if row0 == 0:
+                mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    kmask = ks < D
+                    x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
+                                mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                    mu += tl.sum(x * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
+                tl.store(mu_ptr + ts, mu, mask=tmask)
 
 
 @triton.jit
