@@ -17,25 +17,15 @@ from .small_batch import _union_down_kernel, _union_up_kernel
 
 # Up to this many tokens one pass over the union of the batch's active experts beats grouping by expert.
 SMALL_BATCH_MAX = 64
+# Up to this many tokens the small-batch kernels multiply in registers; above, on tensor cores.
+FMA_MAX_T = 8
+# Elements of the largest [rows, d] slab one FMA program loads at once.
+FMA_SLAB = 16384
 
 
 def _empty(*shape, device, dtype):
     """Every buffer the kernels write is allocated here, so tests can poison them all with NaN."""
     return torch.empty(*shape, device=device, dtype=dtype)
-
-
-_counter_cache: dict = {}
-
-
-def _counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the last-program reductions. Kernels leave them at zero again, so
-    one buffer per device serves every call (calls on one device run in stream order; a second stream that
-    runs the same kernels concurrently would need its own)."""
-    buf = _counter_cache.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-        _counter_cache[device] = buf
-    return buf
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -50,10 +40,10 @@ def _bias_args(bias, n: int, device):
     return float(bias), None
 
 
-def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None):
+def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None):
     T, d = x.shape
     n = w_router.shape[0]
-    block_t = 32 if T <= 32 else 64
+    block_t = block_t or (16 if T <= 16 else 32)
     low_precision = x.dtype in (torch.float16, torch.bfloat16) and w_router.dtype == x.dtype
     _router_kernel[(triton.cdiv(T, block_t),)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu,
@@ -63,15 +53,14 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
 
 
 def small_batch_config(T: int) -> dict:
-    """Tile config of the small-batch path for T tokens (the autotune harness will replace this default)."""
-    # Best of benchmarks/sweep_small_batch.py on the H100 at 1.2b (results/h100/sweep_small_batch_1.2b.json).
-    if T <= 1:
-        return dict(up_block_r=16, up_block_k=256, up_warps=4, up_stages=3, down_block_d=64, down_group=4,
-                    down_warps=4)
-    if T <= 16:
-        return dict(up_block_r=64, up_block_k=256, up_warps=4, up_stages=3, down_block_d=16, down_group=4,
-                    down_warps=4)
-    return dict(up_block_r=16, up_block_k=64, up_warps=8, up_stages=4, down_block_d=64, down_group=2,
+    """Tile config of the small-batch path for T tokens (the autotune harness will replace this default).
+
+    rows: up-projection rows per program; block_d: output features per down program; slots: active experts
+    per round of the down program's loop; use_dot: tensor cores (from 16 padded tokens) or register FMAs."""
+    if T <= FMA_MAX_T:
+        return dict(use_dot=False, rows=8, up_warps=8, up_stages=1, up_block_k=0, block_d=16, slots=16,
+                    down_warps=8)
+    return dict(use_dot=True, rows=16, up_warps=4, up_stages=3, up_block_k=128, block_d=16, slots=4,
                 down_warps=4)
 
 
@@ -80,8 +69,12 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or small_batch_config(T)
     prec = _precision(x.dtype)
-    block_t = max(16, triton.next_power_of_2(T))
-    block_r = min(cfg["up_block_r"], de)  # row blocks never straddle two experts
+    use_dot = cfg["use_dot"]
+    block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
+    rows = min(cfg["rows"], de)  # row blocks never straddle two experts
+    d_pow2 = triton.next_power_of_2(d)
+    # Without a dot the whole [rows, d] slab is one load (capped so it stays in registers).
+    block_k = cfg["up_block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
     h = _empty(T, n * de, device=x.device, dtype=torch.float32)
     hs = _empty(T, ds, device=x.device, dtype=torch.float32)
     mu = _empty(T, device=x.device, dtype=torch.float32)
@@ -89,46 +82,54 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     gates_given = max_active is not None
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
-    grid_up = n * (de // block_r) + triton.cdiv(ds, block_r)
-    block_tr = triton.next_power_of_2(T)
+    grid_up = n * (de // rows) + triton.cdiv(ds, rows)
     _union_up_kernel[(grid_up,)](
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
         mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
-        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=cfg["up_block_k"],
-        BLOCK_TR=block_tr, BLOCK_KR=min(triton.next_power_of_2(d), max(64, 8192 // block_tr)),
+        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, PREC=prec,
+        BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
+        BLOCK_KR=min(d_pow2, max(64, 8192 // block_t)),
         num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
-    # Experts per down program: fewer as T grows, so the [T, GROUP, DE] tile stays in registers.
-    block_d, group = cfg["down_block_d"], cfg["down_group"]
-    grid = (triton.cdiv(d, block_d), triton.cdiv(n, group))
-    part = _empty(grid[1], T, d, device=x.device, dtype=torch.float32)
-    _union_down_kernel[grid](
-        h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], part, _counters(x.device, grid[0]),
-        y, T, n, d, ds, y.stride(0), NORM_EPS,
-        DE=de, BLOCK_DS=max(16, triton.next_power_of_2(ds)), PREC=prec, BLOCK_T=block_t,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=block_d, GROUP=group, num_warps=cfg["down_warps"])
+    block_d = cfg["block_d"]
+    _union_down_kernel[(triton.cdiv(d, block_d),)](
+        h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
+        NORM_EPS, DE=de, USE_DOT=use_dot, PREC=prec, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        BLOCK_D=block_d, SLOTS=cfg["slots"], BLOCK_DS=max(16, triton.next_power_of_2(ds)),
+        num_warps=cfg["down_warps"])
 
 
-def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y):
+def grouped_config(T: int) -> dict:
+    """Tile config of the prefill path (the autotune harness will replace this default).
+
+    router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
+    block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
+    return dict(router_block_t=16 if T <= 4096 else 32, block_m=64, block_k=64, up_warps=4, up_stages=3,
+                block_d=64, down_warps=4, down_stages=3)
+
+
+def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
+    cfg = cfg or grouped_config(T)
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
     gt = _empty(n, T, device=dev, dtype=torch.float32)
-    _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu, gt)
+    _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, cfg["router_block_t"])
     tokens = _empty(n, T, device=dev, dtype=torch.int32)
     counts = _empty(n, device=dev, dtype=torch.int32)
     _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
-    block_m = 64
+    block_m = cfg["block_m"]
     grid = (n, triton.cdiv(T, block_m))
     _grouped_up_kernel[grid](x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
-                             T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_K=64)
+                             T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m,
+                             BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float()
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
-                               DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=64)
+                               DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
+                               num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     y.copy_(acc)
 
 

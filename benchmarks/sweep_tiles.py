@@ -1,0 +1,130 @@
+"""Time the Triton paths of one DECO layer over tile configs (bf16, one CUDA graph per config).
+
+    python benchmarks/sweep_tiles.py --preset 1.2b --tokens 1 8 64 4096 --out sweep.json
+
+For each token count, the path's default config (ffn.small_batch_config / ffn.grouped_config) is the start;
+each group of knobs below is swept with the others at their best so far (a coordinate sweep, a first form of
+what the autotune harness does). Prints default vs best per T and writes every timing to JSON. For the
+prefill path it also times a scatter-only kernel (the down-projection's fp32 atomics without the GEMM) as the
+floor of that design.
+"""
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from bench_layer import environment, make_layer
+from deco_kernels import DecoConfig, layout
+from deco_kernels.triton import ffn
+
+SMALL_FMA = [dict(rows=[4, 8, 16], up_warps=[4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
+             dict(down_warps=[4, 8])]
+SMALL_DOT = [dict(rows=[16, 32, 64], up_block_k=[64, 128, 256]), dict(up_warps=[4, 8], up_stages=[2, 3, 4]),
+             dict(block_d=[16, 32, 64], slots=[2, 4, 8]), dict(down_warps=[4, 8])]
+GROUPED = [dict(router_block_t=[16, 32, 64]), dict(block_m=[64, 128], block_k=[64, 128]),
+           dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]
+
+
+def graph_us(fn):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def layer_runner(x, w, bias, T, n):
+    g = torch.empty(T, n, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    wbar = layout.expert_mean(w["w_up"])
+    path = ffn._small_batch if T <= ffn.SMALL_BATCH_MAX else ffn._grouped
+    return lambda cfg: path(x, w, wbar, bias, None, 0.0, None, g, y, cfg)
+
+
+@triton.jit
+def _scatter_only_kernel(tok_ptr, count_ptr, y_ptr, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    m0 = tl.program_id(1) * BLOCK_M
+    count = tl.load(count_ptr + e)
+    if m0 < count:
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < count
+        toks = tl.load(tok_ptr + e * T + ms, mask=mmask, other=0).to(tl.int64)
+        val = tl.full([BLOCK_M, BLOCK_D], 1.0, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tl.atomic_add(y_ptr + toks[:, None] * D + cols[None, :], val, mask=mmask[:, None] & (cols < D)[None, :],
+                          sem="relaxed")
+
+
+def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
+    """µs of the prefill down-projection's atomics alone, on the layer's real (token, expert) lists."""
+    T, d = x.shape
+    n = w["w_router"].shape[0]
+    with torch.no_grad():
+        _, g = ffn.deco_ffn(x, **w, bias=bias, return_gates=True)
+    gt = g.t().contiguous()
+    tokens = torch.empty(n, T, device="cuda", dtype=torch.int32)
+    counts = torch.empty(n, device="cuda", dtype=torch.int32)
+    ffn._group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
+    grid = (n, triton.cdiv(T, block_m))
+    return graph_us(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d))
+
+
+def sweep(run, base, groups, T, results):
+    best_cfg, best_us = dict(base), None
+    try:
+        best_us = graph_us(lambda: run(best_cfg))
+    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+        print("default failed", type(e).__name__, str(e)[:200])
+    default_us = best_us
+    for group in groups:
+        keys = list(group)
+        for values in itertools.product(*group.values()):
+            cfg = {**best_cfg, **dict(zip(keys, values))}
+            try:
+                us = graph_us(lambda: run(cfg))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is skipped
+                print("fail", cfg, type(e).__name__, str(e)[:120])
+                us = None
+            results.append(dict(T=T, us=us, cfg=cfg))
+            if us is not None and (best_us is None or us < best_us):
+                best_cfg, best_us = cfg, us
+    return default_us, best_us, best_cfg
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1.2b")
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 4096])
+    p.add_argument("--out", default="sweep.json")
+    args = p.parse_args()
+    model = DecoConfig.preset(args.preset)
+    results, summary = [], []
+    for T in args.tokens:
+        x, w, bias, _ = make_layer(model, T, seed=T)
+        run = layer_runner(x, w, bias, T, model.num_experts)
+        if T <= ffn.SMALL_BATCH_MAX:
+            base = ffn.small_batch_config(T)
+            groups = SMALL_DOT if base["use_dot"] else SMALL_FMA
+        else:
+            base, groups = ffn.grouped_config(T), GROUPED
+        with torch.no_grad():
+            default_us, best_us, best_cfg = sweep(run, base, groups, T, results)
+            line = dict(T=T, default_us=default_us, best_us=best_us, best=best_cfg)
+            if T > ffn.SMALL_BATCH_MAX:
+                line["scatter_only_us"] = scatter_floor_us(x, w, bias, best_cfg["block_m"], best_cfg["block_d"])
+        summary.append(line)
+        print(json.dumps(line), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(preset=args.preset, environment=environment(), summary=summary, rows=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
