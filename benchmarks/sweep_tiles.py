@@ -21,10 +21,10 @@ from bench_layer import environment, make_layer
 from deco_kernels import DecoConfig, layout
 from deco_kernels.triton import ffn
 
-SMALL_FMA = [dict(rows=[4, 8, 16], up_warps=[4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
+SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
              dict(down_warps=[4, 8])]
-SMALL_DOT = [dict(rows=[16, 32, 64], up_block_k=[64, 128, 256]), dict(up_warps=[4, 8], up_stages=[2, 3, 4]),
-             dict(block_d=[16, 32, 64], slots=[2, 4, 8]), dict(down_warps=[4, 8])]
+SMALL_DOT = [dict(block_k=[64, 128, 256], up_warps=[4, 8]), dict(up_stages=[2, 3, 4]),
+             dict(block_d=[16, 32], slots=[2, 4, 8]), dict(down_warps=[4, 8], down_stages=[2, 3, 4])]
 GROUPED = [dict(router_block_t=[16, 32, 64]), dict(block_m=[64, 128], block_k=[64, 128]),
            dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]
 
@@ -111,7 +111,7 @@ def main():
         x, w, bias, _ = make_layer(model, T, seed=T)
         run = layer_runner(x, w, bias, T, model.num_experts)
         if T <= ffn.SMALL_BATCH_MAX:
-            base = ffn.small_batch_config(T)
+            base = ffn.small_batch_config(T, x.dtype)
             groups = SMALL_DOT if base["use_dot"] else SMALL_FMA
         else:
             base, groups = ffn.grouped_config(T), GROUPED

@@ -1,7 +1,8 @@
 """The DECO layer forward on Triton: picks the small-batch or the grouped path and launches its kernels.
 
 Arguments arrive validated by deco_kernels.ops (shapes, dtypes, devices, knobs); this file checks only what the
-Triton kernels add (power-of-two expert width, no autograd yet) and owns allocation and grids.
+Triton kernels add (power-of-two expert width) and owns allocation and grids; calls that need autograd go to
+training.py.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
-from .small_batch import _union_down_kernel, _union_up_kernel
+from .small_batch import _decode_down_kernel, _decode_up_kernel, _union_down_kernel, _union_up_kernel
 
 # Up to this many tokens one pass over the union of the batch's active experts beats grouping by expert.
 SMALL_BATCH_MAX = 64
 # Up to this many tokens the small-batch kernels multiply in registers; above, on tensor cores.
-FMA_MAX_T = 8
+FMA_MAX_T = 4
 # Elements of the largest [rows, d] slab one FMA program loads at once.
 FMA_SLAB = 16384
 
@@ -52,50 +53,61 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
         BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=64)
 
 
-def small_batch_config(T: int) -> dict:
+def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile config of the small-batch path for T tokens (the autotune harness will replace this default).
 
-    rows: up-projection rows per program; block_d: output features per down program; slots: active experts
-    per round of the down program's loop; use_dot: tensor cores (from 16 padded tokens) or register FMAs."""
+    use_dot: the tensor-core union kernels, else the register-FMA decode kernels. rows: up-projection rows
+    per decode program; block_k: K step of the union up kernel; block_d: output features per down program;
+    slots: active experts per round of the down program's loop."""
     if T <= FMA_MAX_T:
-        return dict(use_dot=False, rows=8, up_warps=8, up_stages=1, up_block_k=0, block_d=16, slots=16,
-                    down_warps=8)
-    return dict(use_dot=True, rows=16, up_warps=4, up_stages=3, up_block_k=128, block_d=16, slots=4,
-                down_warps=4)
+        return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
+    wide = dtype == torch.float32  # 4-byte tiles: half the K step, so the pipeline fits in shared memory
+    return dict(use_dot=True, block_k=64 if wide else 128, up_warps=4, up_stages=3, block_d=16,
+                slots=2 if wide else 4, down_warps=4, down_stages=3)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
-    cfg = cfg or small_batch_config(T)
+    cfg = cfg or small_batch_config(T, x.dtype)
     prec = _precision(x.dtype)
-    use_dot = cfg["use_dot"]
-    block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
-    rows = min(cfg["rows"], de)  # row blocks never straddle two experts
-    d_pow2 = triton.next_power_of_2(d)
-    # Without a dot the whole [rows, d] slab is one load (capped so it stays in registers).
-    block_k = cfg["up_block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
-    h = _empty(T, n * de, device=x.device, dtype=torch.float32)
-    hs = _empty(T, ds, device=x.device, dtype=torch.float32)
-    mu = _empty(T, device=x.device, dtype=torch.float32)
+    dev = x.device
+    hs = _empty(T, ds, device=dev, dtype=torch.float32)
+    mu = _empty(T, device=dev, dtype=torch.float32)
     # max_active needs every logit of a token at once: then the router kernel runs first (gates and mu).
     gates_given = max_active is not None
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
-    grid_up = n * (de // rows) + triton.cdiv(ds, rows)
-    _union_up_kernel[(grid_up,)](
-        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
-        mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
-        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, PREC=prec,
-        BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
-        BLOCK_KR=min(d_pow2, max(64, 8192 // block_t)),
-        num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
-    block_d = cfg["block_d"]
-    _union_down_kernel[(triton.cdiv(d, block_d),)](
-        h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
-        NORM_EPS, DE=de, USE_DOT=use_dot, PREC=prec, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)),
-        BLOCK_D=block_d, SLOTS=cfg["slots"], BLOCK_DS=max(16, triton.next_power_of_2(ds)),
-        num_warps=cfg["down_warps"])
+    bias_ptr = bias_v if bias_v is not None else g
+    block_n = max(16, triton.next_power_of_2(n))
+    block_ds = max(16, triton.next_power_of_2(ds))
+    down_grid = (triton.cdiv(d, cfg["block_d"]),)
+    if not cfg["use_dot"]:
+        block_t = triton.next_power_of_2(T)
+        rows = min(cfg["rows"], de)  # row blocks never straddle two experts
+        h = _empty(T, n * de, device=dev, dtype=torch.float32)
+        _decode_up_kernel[(n * (de // rows) + triton.cdiv(ds, rows),)](
+            x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, h, hs, mu,
+            T, n, d, ds, x.stride(0), bias_s, float(threshold),
+            DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, BLOCK_T=block_t, ROWS=rows,
+            # the whole [rows, d] slab is one load, capped so it stays in registers
+            BLOCK_K=min(triton.next_power_of_2(d), max(16, FMA_SLAB // rows)), num_warps=cfg["up_warps"])
+        _decode_down_kernel[down_grid](
+            h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
+            NORM_EPS, DE=de, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], SLOTS=cfg["slots"],
+            BLOCK_DS=block_ds, num_warps=cfg["down_warps"])
+        return
+    block_t = max(16, triton.next_power_of_2(T))
+    a = _empty(T, n * de, device=dev, dtype=x.dtype)
+    _union_up_kernel[(n + triton.cdiv(ds, de),)](
+        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, w["router_scale"], w["gamma"],
+        a, hs, T, n, d, ds, x.stride(0), bias_s, float(threshold), NORM_EPS,
+        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec, BLOCK_T=block_t,
+        BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
+    _union_down_kernel[down_grid](
+        a, hs, g, w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
+        DE=de, PREC=prec, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], SLOTS=cfg["slots"],
+        BLOCK_DS=block_ds, num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
 
 
 def grouped_config(T: int) -> dict:
@@ -103,8 +115,9 @@ def grouped_config(T: int) -> dict:
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
-    return dict(router_block_t=16 if T <= 4096 else 32, block_m=64, block_k=64, up_warps=4, up_stages=3,
-                block_d=64, down_warps=4, down_stages=3)
+    # Best of benchmarks/sweep_tiles.py on the H100 at 1.2b, T=4096 (results/h100/sweep_tiles_1.2b.json).
+    return dict(router_block_t=16 if T <= 1024 else 64, block_m=128, block_k=64, up_warps=8, up_stages=3,
+                block_d=64, down_warps=8, down_stages=3)
 
 
 def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -135,8 +148,8 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
 
 def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,
              bias=0.0, threshold=0.0, max_active=None, return_gates=False, activation="norm_silu"):
-    """Forward of one DECO layer on Triton; same contract as deco_kernels.ops.deco_ffn (inference only: the
-    dispatch point refuses calls that need a backward)."""
+    """Forward of one DECO layer on Triton; same contract as deco_kernels.ops.deco_ffn. Calls that need
+    autograd take the sparse training path of training.py (it saves what its backward kernels need)."""
     w = dict(w_router=w_router, router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down,
              ws_gate=ws_gate, ws_up=ws_up, ws_down=ws_down)
     de = gamma.shape[0]
@@ -145,6 +158,9 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     n = w_router.shape[0]
     if max_active is not None and max_active >= n:
         max_active = None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *w.values())):
+        from .training import deco_ffn_train  # imported here: training.py builds on this module
+        return deco_ffn_train(x, w, bias, threshold, max_active, return_gates)
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:

@@ -1,0 +1,443 @@
+"""Sparse training on Triton: the DECO layer forward that keeps what backward needs, and the backward kernels.
+
+Compute and memory follow the active (token, expert) pairs, never the dense T x N*de product.
+
+Pair layout. The router (`ffn._router`, knobs included) and `grouped._group_kernel` give each expert e its
+tokens in token order; the exclusive prefix sum of the counts, offsets [N+1], places expert e's pairs at
+p = offsets[e] .. offsets[e+1]-1 of flat, expert-major pair buffers. Sizing them takes ONE host
+synchronisation per training forward (P = offsets[N]); decode and inference never come here.
+
+Saved for backward: x (a view or the contiguous copy the shared expert saves too), the weights (by
+reference), the gates g [T, N] and mu [T] (fp32), offsets [N+1], pair_tok [P] (int32, the token of each pair)
+and h [P, de] (fp32 pre-activation x.W_e, the only per-pair state): O(T*N + P*de), nothing of size T*N*de.
+
+Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
+  forward   `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient)
+            `_pair_scatter_kernel` y[t] += a W_down_e^T                       (fp32 atomics)
+  backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dgs = <da, silu(n)>; dh through
+                                   NormSiLU; per-program partials of dgamma and drouter_scale
+            `_router_dx_kernel`    dx = dr W_router + dmu wbar (dr: the logit gradient, zero where g <= 0,
+                                   which covers relu, threshold and max_active cuts; dmu = -sum of dh)
+            `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
+            `_router_dw_kernel`    dW_router = dr^T x and dwbar = x^T dmu      (deterministic)
+            `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
+                                   dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
+                                   over the expert's pairs: deterministic, every expert written
+Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
+prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
+The shared expert runs through torch (cuBLAS) and its own autograd; its output seeds y's fp32 accumulator
+inside the op, so y is rounded once, exactly as in inference.
+
+torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake
+implementations (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's
+forward and backward as two opaque ops without a graph break. The gates g the op returns are differentiable:
+the entropy regulariser's gradient enters the router backward as dg.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import layout
+from ..ops import dense_swiglu
+from ..reference.ops import NORM_EPS
+from . import ffn
+from ._jit import norm_silu_gate
+from .grouped import _group_kernel, _tile_tokens
+
+BLOCK_M = 64            # pairs of one expert per program
+BLOCK_K = 64            # reduction step over d in the gather matmuls
+BLOCK_C = 64            # output columns per step (d) in scatter, weight-gradient and router kernels
+ROUTER_DX_BLOCK_T = 16  # tokens per program of the router's dx
+ROUTER_DW_BLOCK_T = 32  # tokens per step of the router's weight gradient
+# At 4 warps these tiles spill registers on sm_90 (ptxas, compile-only check); at 8 the bf16 kernels do not.
+NUM_WARPS = 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _expert_span(off_ptr, e):
+    """(first pair, number of pairs) of expert e in the flat pair buffers."""
+    off = tl.load(off_ptr + e)
+    return off, tl.load(off_ptr + e + 1) - off
+
+
+@triton.jit
+def _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M: tl.constexpr):
+    """Slots m0..m0+BLOCK_M of an expert's pairs: (valid mask, token ids int64, pair ids int64)."""
+    # _tile_tokens reads list e of a [N, T] table; here the list is the expert's slice of the flat pair_tok.
+    ms, mmask, toks = _tile_tokens(pair_tok_ptr + off, 0, m0, count, T, BLOCK_M)
+    return mmask, toks, off.to(tl.int64) + ms
+
+
+@triton.jit
+def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.constexpr):
+    """Per pair: the gate g[t, e], the scaled gate gs and the token's mu; and gamma [DE], all fp32."""
+    g = tl.load(g_ptr + toks * N + e, mask=mmask, other=0.0)
+    gs = g * tl.load(scale_ptr + e).to(tl.float32)
+    mu = tl.load(mu_ptr + toks, mask=mmask, other=0.0)
+    gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+    return g, gs, mu, gamma
+
+
+@triton.jit
+def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_wk, K,
+                   DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """b[toks, :K] @ W_e^T -> [BLOCK_M, DE] fp32, with W_e[i, k] at w_ptr + (e*DE + i)*stride_wi + k*stride_wk
+    (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE))."""
+    rows = e64 * DE + tl.arange(0, DE)
+    acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        b = tl.load(b_ptr + toks[:, None] * stride_bt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
+                    mask=kmask[None, :], other=0.0)
+        acc += tl.dot(b, tl.trans(w), input_precision=PREC)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
+                     pair_tok_ptr, h_ptr, a_ptr, T, N, D, stride_xt, eps,
+                     DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    off, count = _expert_span(off_ptr, e)
+    if m0 < count:
+        e64 = e.to(tl.int64)
+        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
+        pairs = off.to(tl.int64) + ms
+        tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
+        h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
+        cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
+        tl.store(h_ptr + cells, h, mask=mmask[:, None])
+        _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
+        a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
+        tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+@triton.jit
+def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_ptr, out_ptr, T, C,
+                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[t_p, :C] += A[p, :] @ W_e^T over expert e's pairs p, W_e[c, i] at w_ptr + c*stride_wc +
+    (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)). fp32 atomics into out."""
+    e = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    off, count = _expert_span(off_ptr, e)
+    if m0 < count:
+        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
+        ks = tl.arange(0, DE)
+        a = tl.load(a_ptr + pairs[:, None] * DE + ks[None, :], mask=mmask[:, None], other=0.0)
+        w_cols = (e.to(tl.int64) * DE + ks) * stride_wi
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + w_cols[None, :], mask=cmask[:, None],
+                        other=0.0)
+            out = tl.dot(a, tl.trans(w), input_precision=PREC)
+            tl.atomic_add(out_ptr + toks[:, None] * C + cols[None, :], out, mask=mmask[:, None] & cmask[None, :],
+                          sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
+                     a_ptr, dh_ptr, dgs_ptr, dsum_ptr, dgamma_part_ptr, dscale_part_ptr,
+                     T, N, D, stride_dyt, eps,
+                     DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per pair: a (recomputed from h, for dW_down), dh (through NormSiLU), dgs = <da, silu(n)> and sum(dh)
+    scattered into [T, N] at (t, e) (one writer per cell; inactive cells stay unwritten and are never read);
+    per program: partial sums of dgamma [DE] and drouter_scale[e] (zero for programs without pairs)."""
+    e = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    part = e.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    cols = tl.arange(0, DE)
+    off, count = _expert_span(off_ptr, e)
+    if m0 < count:
+        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
+        da = _expert_matmul(dy_ptr, stride_dyt, toks, mmask, wd_ptr, e.to(tl.int64), 1, N * DE, D,
+                            DE, PREC, BLOCK_M, BLOCK_K)
+        cells = pairs[:, None] * DE + cols[None, :]
+        h = tl.load(h_ptr + cells, mask=mmask[:, None], other=0.0)
+        g, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
+        # The forward of norm_silu_gate, keeping its intermediates.
+        u = h - mu[:, None]
+        inv_rms = 1.0 / tl.sqrt(tl.sum(u * u, axis=1) / DE + eps)
+        uhat = u * inv_rms[:, None]
+        n = uhat * gamma[None, :]
+        sig = tl.sigmoid(n)
+        s = n * sig
+        tl.store(a_ptr + cells, (s * gs[:, None]).to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+        dgs = tl.sum(da * s, axis=1)
+        tl.store(dgs_ptr + toks * N + e, dgs, mask=mmask)
+        dn = da * gs[:, None] * sig * (1.0 + n * (1.0 - sig))          # silu'(n) = sig * (1 + n (1 - sig))
+        duhat = dn * gamma[None, :]
+        # RMS norm backward: du = (duhat - uhat * mean(duhat * uhat)) / rms
+        du = inv_rms[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, axis=1) / DE)[:, None])
+        tl.store(dh_ptr + cells, du.to(dh_ptr.dtype.element_ty), mask=mmask[:, None])
+        tl.store(dsum_ptr + toks * N + e, tl.sum(du, axis=1), mask=mmask)
+        tl.store(dgamma_part_ptr + part * DE + cols, tl.sum(dn * uhat, axis=0))
+        tl.store(dscale_part_ptr + part, tl.sum(dgs * g, axis=0))
+    else:
+        tl.store(dgamma_part_ptr + part * DE + cols, tl.zeros([DE], dtype=tl.float32))
+        tl.store(dscale_part_ptr + part, 0.0)
+
+
+@triton.jit
+def _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG: tl.constexpr):
+    """For a [tokens, experts] tile: dr, the gradient of the fp32 logits (dgs * scale + dg where g > 0, else 0:
+    relu, threshold and max_active all pass the gradient exactly where the gate survived), and dmu [tokens],
+    the gradient of mu = x.wbar (-sum of dh over the token's pairs)."""
+    cells = ts.to(tl.int64)[:, None] * N + ns[None, :]
+    g = tl.load(g_ptr + cells, mask=tmask[:, None] & nmask[None, :], other=0.0)
+    active = g > 0
+    scale = tl.load(scale_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+    dr = tl.load(dgs_ptr + cells, mask=active, other=0.0) * scale[None, :]
+    if HAS_DG:
+        dr += tl.load(dg_ptr + cells, mask=active, other=0.0)
+    dmu = -tl.sum(tl.load(dsum_ptr + cells, mask=active, other=0.0), axis=1)
+    return dr, dmu
+
+
+@triton.jit
+def _router_dx_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, wr_ptr, wbar_ptr, dx_ptr, T, N, D,
+                      HAS_DG: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx = dr @ W_router + dmu wbar, written to every cell: it seeds dx's fp32 accumulator."""
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    ns = tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
+    w = tl.load(wr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    wbar = tl.load(wbar_ptr + cols, mask=cmask, other=0.0)
+    dx = tl.dot(dr, w, input_precision=PREC) + dmu[:, None] * wbar[None, :]
+    tl.store(dx_ptr + ts.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _router_dw_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, x_ptr, dwr_ptr, dwbar_ptr, T, N, D, stride_xt,
+                      HAS_DG: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dW_router = dr^T @ fp32(x) and dwbar = x^T dmu for one block of columns, summed over T in order."""
+    ns = tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_bar = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        tmask = ts < T
+        dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
+        x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + cols[None, :],
+                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(dr), x, input_precision=PREC)
+        acc_bar += tl.sum(dmu[:, None] * x, axis=0)
+    tl.store(dwr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dwr_ptr.dtype.element_ty),
+             mask=nmask[:, None] & cmask[None, :])
+    tl.store(dwbar_ptr + cols, acc_bar, mask=cmask)
+
+
+@triton.jit
+def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, vec_scale, out_ptr,
+                       stride_oi, stride_oc, T, C,
+                       HAS_VEC: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out_e[i, c] = sum over expert e's pairs p of A[p, i] * B[t_p, c] (+ vec[c] * vec_scale), stored at
+    out_ptr + (e*DE + i)*stride_oi + c*stride_oc for every expert (zero, or the vec term, without pairs)."""
+    e = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    ks = tl.arange(0, DE)
+    off, count = _expert_span(off_ptr, e)
+    acc = tl.zeros([DE, BLOCK_C], dtype=tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
+        a = tl.load(a_ptr + pairs[:, None] * DE + ks[None, :], mask=mmask[:, None], other=0.0)
+        b = tl.load(b_ptr + toks[:, None] * stride_bt + cols[None, :], mask=mmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += tl.dot(tl.trans(a), b, input_precision=PREC)
+    if HAS_VEC:
+        acc += tl.load(vec_ptr + cols, mask=cmask, other=0.0)[None, :] * vec_scale
+    rows = e.to(tl.int64) * DE + ks
+    tl.store(out_ptr + rows[:, None] * stride_oi + cols.to(tl.int64)[None, :] * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------
+def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active):
+    """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], pair_tok [P],
+    h [P, de]."""
+    T, d = x.shape
+    n, de = w_router.shape[0], gamma.shape[0]
+    dev, f32 = x.device, torch.float32
+    g = ffn._empty(T, n, device=dev, dtype=f32)
+    mu = ffn._empty(T, device=dev, dtype=f32)
+    offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
+    acc = ffn._empty(T, d, device=dev, dtype=f32)
+    acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
+    if T > 0:
+        wbar = layout.expert_mean(w_up)
+        gt = ffn._empty(n, T, device=dev, dtype=f32)
+        ffn._router(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu, gt)
+        tokens = ffn._empty(n, T, device=dev, dtype=torch.int32)
+        counts = ffn._empty(n, device=dev, dtype=torch.int32)
+        _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+        torch.cumsum(counts, 0, out=offsets[1:])
+    P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
+    pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
+    h = ffn._empty(P, de, device=dev, dtype=f32)
+    if P > 0:
+        prec = ffn._precision(x.dtype)
+        a = ffn._empty(P, de, device=dev, dtype=x.dtype)
+        grid = (n, triton.cdiv(T, BLOCK_M))
+        _train_up_kernel[grid](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
+                               T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                               num_warps=NUM_WARPS)
+        _pair_scatter_kernel[grid](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                   DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    return acc.to(x.dtype), g, mu, offsets, pair_tok, h
+
+
+def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
+    """Gradients (dx, dw_router, drouter_scale, dw_up, dgamma, dw_down) of the routed part and the router;
+    dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None."""
+    T, d = x.shape
+    n, de, P = w_router.shape[0], gamma.shape[0], h.shape[0]
+    if T == 0:
+        return (torch.zeros_like(x), *(torch.zeros_like(t) for t in (w_router, router_scale, w_up, gamma, w_down)))
+    dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
+    wbar = layout.expert_mean(w_up)
+    blocks = triton.cdiv(T, BLOCK_M)
+    grid = (n, blocks)
+    a = ffn._empty(P, de, device=dev, dtype=x.dtype)
+    dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
+    dgs = ffn._empty(T, n, device=dev, dtype=f32)
+    dsum = ffn._empty(T, n, device=dev, dtype=f32)
+    dgamma_part = ffn._empty(n * blocks, de, device=dev, dtype=f32)
+    dscale_part = ffn._empty(n * blocks, device=dev, dtype=f32)
+    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma,
+                           a, dh, dgs, dsum, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
+                           DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+
+    router = dict(HAS_DG=dg is not None, PREC=prec, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=BLOCK_C,
+                  num_warps=NUM_WARPS)
+    router_in = (g, dgs, dsum, dg if dg is not None else g, router_scale)
+    dx = ffn._empty(T, d, device=dev, dtype=f32)
+    _router_dx_kernel[(triton.cdiv(T, ROUTER_DX_BLOCK_T), triton.cdiv(d, BLOCK_C))](
+        *router_in, w_router, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
+    _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype)
+    dwbar = ffn._empty(d, device=dev, dtype=f32)
+    _router_dw_kernel[(triton.cdiv(d, BLOCK_C),)](*router_in, x, dw_router, dwbar, T, n, d, x.stride(0),
+                                                  BLOCK_T=ROUTER_DW_BLOCK_T, **router)
+
+    wgrad = dict(DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
+    _pair_wgrad_kernel[(n, triton.cdiv(d, BLOCK_C))](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
+                                                     dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
+    dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
+    _pair_wgrad_kernel[(n, triton.cdiv(d, BLOCK_C))](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
+                                                     dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
+    # Fixed-order sums of the per-program partials: deterministic.
+    dgamma = dgamma_part.sum(0).to(gamma.dtype)
+    dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
+    return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library custom ops and autograd
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("deco_kernels::deco_ffn_fwd", mutates_args=())
+def deco_ffn_fwd(x: Tensor, w_router: Tensor, router_scale: Tensor, w_up: Tensor, gamma: Tensor, w_down: Tensor,
+                 shared: Tensor, bias: Optional[Tensor], bias_value: float, threshold: float, max_active: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The routed experts plus ``shared`` (the shared expert's output [T, d]) on x [T, d] (unit column
+    stride); max_active 0 means none. Returns (y, g, mu, offsets, pair_tok, h), see _forward."""
+    return _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold,
+                    max_active)
+
+
+@deco_ffn_fwd.register_fake
+def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active):
+    T, d = x.shape
+    n, de = w_router.shape[0], gamma.shape[0]
+    pairs = torch.library.get_ctx().new_dynamic_size()    # the number of active pairs is data-dependent
+    f32 = torch.float32
+    return (x.new_empty(T, d), x.new_empty(T, n, dtype=f32), x.new_empty(T, dtype=f32),
+            x.new_empty(n + 1, dtype=torch.int32), x.new_empty(pairs, dtype=torch.int32),
+            x.new_empty(pairs, de, dtype=f32))
+
+
+@torch.library.custom_op("deco_kernels::deco_ffn_bwd", mutates_args=())
+def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Tensor, router_scale: Tensor, w_up: Tensor,
+                 gamma: Tensor, w_down: Tensor, g: Tensor, mu: Tensor, offsets: Tensor, pair_tok: Tensor, h: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_router, drouter_scale, dw_up, dgamma, dw_down) from what deco_ffn_fwd saved."""
+    return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
+
+
+@deco_ffn_bwd.register_fake
+def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
+    return tuple(torch.empty_like(t) for t in (x, w_router, router_scale, w_up, gamma, w_down))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_router, router_scale, w_up, gamma, w_down = inputs[:6]
+    _, g, mu, offsets, pair_tok, h = output
+    ctx.mark_non_differentiable(mu, offsets, pair_tok, h)
+    ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
+
+
+def _autograd_backward(ctx, dy, dg, *_):
+    x = ctx.saved_tensors[0]
+    dy = torch.zeros_like(x) if dy is None else dy.contiguous()      # y unused: only the gates in the loss
+    dg = None if dg is None else dg.contiguous()
+    grads = deco_ffn_bwd(dy, dg, *ctx.saved_tensors)
+    # The shared expert's output enters y unchanged: its gradient is dy (torch's autograd takes it from there).
+    return (*grads, dy, None, None, None, None)
+
+
+deco_ffn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point (ffn.deco_ffn routes calls that need autograd here)
+# ---------------------------------------------------------------------------------------------------------
+def deco_ffn_train(x, w: dict, bias, threshold, max_active, return_gates):
+    """Differentiable DECO layer on Triton: x [..., d], the canonical weights ``w`` by name (validated by
+    deco_kernels.ops), knobs as in ops.deco_ffn (max_active already None when >= N). Returns y [..., d] or
+    (y, g) with g [..., N] fp32 differentiable (for the entropy regulariser). The knobs themselves get no
+    gradient (a tensor bias is treated as a constant)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    n = w["w_router"].shape[0]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = {k: v.contiguous() for k, v in w.items()}
+    shared = dense_swiglu(x2, w["ws_gate"], w["ws_up"], w["ws_down"])
+    bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
+    y, g, *_ = deco_ffn_fwd(x2, w["w_router"], w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
+                            bias_vec, bias_value, float(threshold), int(max_active or 0))
+    y = y.reshape(*lead, d)
+    return (y, g.reshape(*lead, n)) if return_gates else y
