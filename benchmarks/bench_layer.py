@@ -153,7 +153,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     kernel_backends = [b for b in ("triton", "cupy") if backends.available(b, torch.device("cuda"))]
     bw, flops = device_ceilings()
-    floor2 = launch_floor_us(2)
+    floor1, floor2 = launch_floor_us(1), launch_floor_us(2)
     rows = []
     for preset in args.presets:
         cfg = DecoConfig.preset(preset)
@@ -161,12 +161,12 @@ def main(argv=None):
             rows.append(bench_case(cfg, preset, T, bw, flops, kernel_backends, not args.no_reference))
             print(json.dumps(rows[-1]), flush=True)
     result = dict(environment=environment(), copy_bandwidth_Bps=bw, bf16_matmul_flops=flops,
-                  two_empty_launches_us=floor2, dtype="bfloat16", rows=rows)
+                  one_empty_launch_us=floor1, two_empty_launches_us=floor2, dtype="bfloat16", rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     names = ["dense_twin", "torch", *kernel_backends]
     print(f"\n{result['environment']['gpu']}  copy {bw / 1e12:.2f} TB/s  bf16 mm {flops / 1e12:.0f} TFLOP/s  "
-          f"two empty launches {floor2:.1f} us (CUDA graph)")
+          f"empty launches (CUDA graph): one {floor1:.1f} us, two {floor2:.1f} us")
     print(f"{'preset':6} {'T':>5} {'act%':>5} " + " ".join(f"{n + ' us':>12}" for n in names)
           + "  " + " ".join(f"{k + ' x':>9}" for k in kernel_backends)
           + " " + " ".join(f"{k + ' floor':>11}" for k in kernel_backends))

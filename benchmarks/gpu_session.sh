@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh [bench_layer.py args]
 # Steps are skipped with SKIP_TESTS=1, SKIP_SWEEP=1, SKIP_SANITIZER=1, SKIP_PROFILE=1, SKIP_BENCH=1.
 # TESTS="tests/..." picks the test files (default: every test; the GPU-only ones are marked gpu).
-# SWEEP="1.2b:1,8,64,4096 0.1b:1,8" picks the presets and token counts of the sweep.
+# SWEEP="1.2b:1,8,64,4096 0.1b:1,8" and PROFILE="1.2b:1,8" pick the presets and token counts of the sweep
+# and of the kernel profile.
 set -uo pipefail
 OUT=${OUT:-/tmp/deco_out}
 mkdir -p "$OUT"
@@ -19,7 +20,7 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   for spec in ${SWEEP:-1.2b:1,8,64,4096 0.1b:1,8}; do
     preset=${spec%%:*}
     tokens=${spec#*:}
-    (cd benchmarks && python3 sweep_tiles.py --preset "$preset" --tokens ${tokens//,/ } \
+    (cd benchmarks && python3 sweep_tiles.py --preset "$preset" --tokens $(echo "$tokens" | tr , " ") \
       --out "$OUT/sweep_tiles_$preset.json") 2>&1 | grep -v "^fail" | tee -a "$OUT/sweep.log"
   done
 fi
@@ -27,7 +28,9 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) 2>&1 | tail -8 | tee "$OUT/memcheck.log"
 fi
 if [ -z "${SKIP_PROFILE:-}" ]; then
-  (cd benchmarks && python3 profile_kernels.py --preset 1.2b --tokens 1 8 64 4096) > "$OUT/profile.log" 2>&1
+  for spec in ${PROFILE:-1.2b:1,8,64,512,4096}; do
+    (cd benchmarks && python3 profile_kernels.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " "))
+  done > "$OUT/profile.log" 2>&1
   grep -E "^==|Self CUDA|_kernel|gemm|elementwise|copy" "$OUT/profile.log" | cut -c1-60,100-140 | head -60
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then

@@ -29,6 +29,20 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+_scratch: dict = {}
+
+
+def _zeroed(device, dtype, n: int) -> torch.Tensor:
+    """A zero-filled scratch buffer of at least n elements per (device, dtype): fp32 accumulators and int32
+    arrival counters. The kernels that use one leave it at zero again, so one buffer serves every call (calls
+    on one device run in stream order; kernels of two streams running at once would need their own)."""
+    buf = _scratch.get((device, dtype))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=dtype)
+        _scratch[(device, dtype)] = buf
+    return buf
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs use exact fp32 products (TF32 off); 16-bit inputs ignore the flag.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -58,12 +72,12 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 
     use_dot: the tensor-core union kernels, else the register-FMA decode kernels. rows: up-projection rows
     per decode program; block_k: K step of the union up kernel; block_d: output features per down program;
-    slots: active experts per round of the down program's loop."""
+    slots: active experts per round of the decode down program's loop."""
     if T <= FMA_MAX_T:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: half the K step, so the pipeline fits in shared memory
-    return dict(use_dot=True, block_k=64 if wide else 128, up_warps=4, up_stages=3, block_d=16,
-                slots=2 if wide else 4, down_warps=4, down_stages=3)
+    return dict(use_dot=True, block_k=64 if wide else 128, up_warps=4, up_stages=3, block_d=256 if T <= 16 else 128,
+                down_warps=4)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -81,7 +95,6 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     bias_ptr = bias_v if bias_v is not None else g
     block_n = max(16, triton.next_power_of_2(n))
     block_ds = max(16, triton.next_power_of_2(ds))
-    down_grid = (triton.cdiv(d, cfg["block_d"]),)
     if not cfg["use_dot"]:
         block_t = triton.next_power_of_2(T)
         rows = min(cfg["rows"], de)  # row blocks never straddle two experts
@@ -92,7 +105,7 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
             DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, BLOCK_T=block_t, ROWS=rows,
             # the whole [rows, d] slab is one load, capped so it stays in registers
             BLOCK_K=min(triton.next_power_of_2(d), max(16, FMA_SLAB // rows)), num_warps=cfg["up_warps"])
-        _decode_down_kernel[down_grid](
+        _decode_down_kernel[(triton.cdiv(d, cfg["block_d"]),)](
             h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
             NORM_EPS, DE=de, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], SLOTS=cfg["slots"],
             BLOCK_DS=block_ds, num_warps=cfg["down_warps"])
@@ -104,10 +117,12 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         a, hs, T, n, d, ds, x.stride(0), bias_s, float(threshold), NORM_EPS,
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec, BLOCK_T=block_t,
         BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
-    _union_down_kernel[down_grid](
-        a, hs, g, w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
-        DE=de, PREC=prec, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], SLOTS=cfg["slots"],
-        BLOCK_DS=block_ds, num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
+    block_d = cfg["block_d"]
+    grid = (triton.cdiv(d, block_d), n)
+    _union_down_kernel[grid](
+        a, hs, g, w["w_down"], w["ws_down"], _zeroed(dev, torch.float32, T * d), _zeroed(dev, torch.int32, grid[0]),
+        y, T, n, d, ds, y.stride(0), DE=de, PREC=prec, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_DS=block_ds, num_warps=cfg["down_warps"])
 
 
 def grouped_config(T: int) -> dict:

@@ -21,8 +21,12 @@ Small batches (tensor cores, T padded to 16 or more):
   and mu = x.wbar in one pipelined K loop, then the up-projection in a second one, and the NormSiLU + gate
   epilogue, writing the activations a [T, DE] in x's dtype. The union of experts over a batch of 8 or more
   tokens is most of them, so one program per expert already fills the GPU, and NormSiLU runs once.
-  `_union_down_kernel`, one program per block of BLOCK_D output features: compaction as above, then a
-  pipelined K loop over the active experts, SLOTS at a time: a [T, SLOTS*DE] @ w_down gather^T.
+  `_union_down_kernel`, one program per (block of BLOCK_D output features, slot of the compacted active list;
+  slots past the count exit): [T, DE] activations @ the expert's [BLOCK_D, DE] block of w_down^T, added
+  into an fp32 accumulator with atomics; the last program of a feature block to arrive (an arrival counter)
+  adds the shared expert, writes y and re-zeroes the accumulator. Many small independent programs instead of
+  a long loop per program: at these sizes the loop's round trips, not bytes, set the time. The order of
+  the atomic adds varies, so results can differ between runs in the last bits of fp32.
 """
 import triton
 import triton.language as tl
@@ -54,7 +58,7 @@ def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
         else:
             wf = w.to(tl.float32)
             for t in tl.static_range(BLOCK_T):
-                xt = tl.load(x_ptr + t * stride_xt.to(tl.int64) + ks, mask=kmask & (ks * 0 + t < T), other=0.0)
+                xt = tl.load(x_ptr + t * tl.cast(stride_xt, tl.int64) + ks, mask=kmask & (ks * 0 + t < T), other=0.0)
                 ht = tl.sum(wf * xt.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(ts[:, None] == t, acc + ht[None, :], acc)
     return acc
@@ -162,7 +166,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     cols64 = cols.to(tl.int64)
-    NDE = N.to(tl.int64) * DE
+    NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
     # The shared expert first: its loads do not depend on the gates, so they overlap the compaction's.
@@ -240,34 +244,40 @@ def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_pt
 
 
 @triton.jit
-def _union_down_kernel(a_ptr, hs_ptr, g_ptr, wd_ptr, wsd_ptr, y_ptr, T, N, D, DS, stride_yt,
+def _union_down_kernel(a_ptr, hs_ptr, g_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt,
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
-    pid = tl.program_id(0)
+                       BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
+    pid_d = tl.program_id(0)
+    slot = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
-    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     cols64 = cols.to(tl.int64)
-    NDE = N.to(tl.int64) * DE
-    ks = tl.arange(0, DE)
-
-    ss = tl.arange(0, BLOCK_DS)
-    smask = ss < DS
-    hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
-    ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
-    acc = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
-
+    out_mask = tmask[:, None] & cmask[None, :]
+    acc_off = ts64[:, None] * D + cols[None, :]
     active, pos, count = _active_experts(g_ptr, T, N, BLOCK_T, BLOCK_N)
-    for c0 in range(0, count, SLOTS):
-        slots = c0 + tl.arange(0, SLOTS)
-        ids = _slot_ids(active, pos, slots, BLOCK_N)
-        koff = tl.reshape((ids.to(tl.int64) * DE)[:, None] + ks[None, :], [SLOTS * DE])
-        kvalid = tl.reshape((slots < count)[:, None] & (ks < DE)[None, :], [SLOTS * DE])
-        a = tl.load(a_ptr + ts64[:, None] * NDE + koff[None, :], mask=tmask[:, None] & kvalid[None, :], other=0.0)
-        w = tl.load(wd_ptr + cols64[:, None] * NDE + koff[None, :], mask=cmask[:, None] & kvalid[None, :],
-                    other=0.0)
-        acc += tl.dot(a, tl.trans(w), input_precision=PREC)
-    tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
+    arrivals = tl.maximum(count, 1)  # with no active expert, slot 0 still arrives and writes the shared part
+    if slot < arrivals:
+        if slot < count:
+            e64 = tl.max(_slot_ids(active, pos, slot + tl.arange(0, 1), BLOCK_N), axis=0).to(tl.int64)
+            ks = e64 * DE + tl.arange(0, DE)
+            a = tl.load(a_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
+            w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
+            tl.atomic_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), mask=out_mask,
+                          sem="relaxed")
+        # The last expert of this block of features to arrive adds the shared expert, writes y and leaves the
+        # accumulator and its counter at zero for the next call (so CUDA graphs replay it).
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == arrivals - 1:
+            ss = tl.arange(0, BLOCK_DS)
+            smask = ss < DS
+            hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
+            ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :],
+                         other=0.0)
+            out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
+            out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(acc_ptr + acc_off, tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_d, 0)
