@@ -14,7 +14,7 @@ from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
-from .small_batch import _decode_down_kernel, _decode_up_kernel, _union_down_kernel, _union_up_kernel
+from .small_batch import _decode_down_kernel, _union_down_kernel, _up_kernel
 
 # Up to this many tokens one pass over the union of the batch's active experts beats grouping by expert.
 SMALL_BATCH_MAX = 64
@@ -70,13 +70,13 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
 def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile config of the small-batch path for T tokens (the autotune harness will replace this default).
 
-    use_dot: the tensor-core union kernels, else the register-FMA decode kernels. rows: up-projection rows
-    per decode program; block_k: K step of the union up kernel; block_d: output features per down program;
-    slots: active experts per round of the decode down program's loop."""
+    use_dot: tensor cores (and the atomic union down kernel), else register FMAs (and the decode down kernel).
+    rows: up-projection rows per program; block_k: K step of the tensor-core up-projection; block_d: output
+    features per down program; slots: active experts per round of the decode down kernel's loop."""
     if T <= FMA_MAX_T:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
-    wide = dtype == torch.float32  # 4-byte tiles: half the K step, so the pipeline fits in shared memory
-    return dict(use_dot=True, block_k=64 if wide else 128, up_warps=4, up_stages=3, block_d=256 if T <= 16 else 128,
+    wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
+    return dict(use_dot=True, rows=16, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
                 down_warps=4)
 
 
@@ -84,45 +84,38 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or small_batch_config(T, x.dtype)
-    prec = _precision(x.dtype)
     dev = x.device
+    use_dot = cfg["use_dot"]
+    h = _empty(T, n * de, device=dev, dtype=torch.float32)
     hs = _empty(T, ds, device=dev, dtype=torch.float32)
     mu = _empty(T, device=dev, dtype=torch.float32)
     # max_active needs every logit of a token at once: then the router kernel runs first (gates and mu).
     gates_given = max_active is not None
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
-    bias_ptr = bias_v if bias_v is not None else g
-    block_n = max(16, triton.next_power_of_2(n))
-    block_ds = max(16, triton.next_power_of_2(ds))
-    if not cfg["use_dot"]:
-        block_t = triton.next_power_of_2(T)
-        rows = min(cfg["rows"], de)  # row blocks never straddle two experts
-        h = _empty(T, n * de, device=dev, dtype=torch.float32)
-        _decode_up_kernel[(n * (de // rows) + triton.cdiv(ds, rows),)](
-            x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, h, hs, mu,
-            T, n, d, ds, x.stride(0), bias_s, float(threshold),
-            DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, BLOCK_T=block_t, ROWS=rows,
-            # the whole [rows, d] slab is one load, capped so it stays in registers
-            BLOCK_K=min(triton.next_power_of_2(d), max(16, FMA_SLAB // rows)), num_warps=cfg["up_warps"])
-        _decode_down_kernel[(triton.cdiv(d, cfg["block_d"]),)](
-            h, hs, mu, g, w["router_scale"], w["gamma"], w["w_down"], w["ws_down"], y, T, n, d, ds, y.stride(0),
-            NORM_EPS, DE=de, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], SLOTS=cfg["slots"],
-            BLOCK_DS=block_ds, num_warps=cfg["down_warps"])
+    block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
+    rows = min(cfg["rows"], de)  # row blocks never straddle two experts
+    d_pow2 = triton.next_power_of_2(d)
+    # Without a dot the whole [rows, d] slab (and the router row) is one load, capped to stay in registers.
+    block_k = cfg["block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
+    _up_kernel[(n * (de // rows) + triton.cdiv(ds, rows),)](
+        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
+        mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
+        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot,
+        PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
+        BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
+        num_stages=cfg.get("up_stages", 1))
+    common = (T, n, d, ds, y.stride(0), NORM_EPS)
+    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=cfg["block_d"],
+                BLOCK_DS=max(16, triton.next_power_of_2(ds)), num_warps=cfg["down_warps"])
+    weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
+    if not use_dot:
+        _decode_down_kernel[(triton.cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, *common,
+                                                               SLOTS=cfg["slots"], **meta)
         return
-    block_t = max(16, triton.next_power_of_2(T))
-    a = _empty(T, n * de, device=dev, dtype=x.dtype)
-    _union_up_kernel[(n + triton.cdiv(ds, de),)](
-        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, w["router_scale"], w["gamma"],
-        a, hs, T, n, d, ds, x.stride(0), bias_s, float(threshold), NORM_EPS,
-        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, PREC=prec, BLOCK_T=block_t,
-        BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
-    block_d = cfg["block_d"]
-    grid = (triton.cdiv(d, block_d), n)
-    _union_down_kernel[grid](
-        a, hs, g, w["w_down"], w["ws_down"], _zeroed(dev, torch.float32, T * d), _zeroed(dev, torch.int32, grid[0]),
-        y, T, n, d, ds, y.stride(0), DE=de, PREC=prec, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_DS=block_ds, num_warps=cfg["down_warps"])
+    grid = (triton.cdiv(d, cfg["block_d"]), n)
+    _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
+                             _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype), **meta)
 
 
 def grouped_config(T: int) -> dict:
@@ -130,9 +123,13 @@ def grouped_config(T: int) -> dict:
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
-    # Best of benchmarks/sweep_tiles.py on the H100 at 1.2b, T=4096 (results/h100/sweep_tiles_1.2b.json).
-    return dict(router_block_t=16 if T <= 1024 else 64, block_m=128, block_k=64, up_warps=8, up_stages=3,
-                block_d=64, down_warps=8, down_stages=3)
+    # Best of benchmarks/sweep_tiles.py on the H100 (results/h100/sweep_tiles_*.json): 0.1b at T=512, 1.2b at
+    # T=4096.
+    if T <= 1024:
+        return dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
+                    down_stages=3)
+    return dict(router_block_t=64, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
+                down_stages=3)
 
 
 def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):

@@ -1,32 +1,30 @@
 """Decode and small batches (T <= SMALL_BATCH_MAX): two launches over the union of the batch's active experts.
 
-Both paths are bound by latency, not bytes or FLOPs, so every program issues its weight loads in as few
-rounds as it can and the down kernels own whole output features (no cross-program reduction). With
-max_active set, the gates come from the router kernel (a third launch) because the top-k needs every logit
-of a token at once.
+Both launches are bound by latency, not bytes or FLOPs, so each program issues its weight loads in as few
+rounds as it can. With max_active set, the gates come from the router kernel (a third launch) because the
+top-k needs every logit of a token at once.
 
-Decode (a few tokens, register FMAs, no tensor cores):
-  `_decode_up_kernel`, one program per (expert, block of ROWS rows of its up-projection) plus the shared
-  expert's row blocks. An expert program computes its own router logits (a d-long dot: no router launch),
-  exits at once when no token activates the expert, and otherwise loads its [ROWS, d] slab in one round and
-  writes the raw up-projection h in fp32. Splitting experts into DE/ROWS row blocks keeps ~N/5 * DE/ROWS
-  programs busy at T=1 instead of ~N/5 (SPEC §5). The first shared program also writes mu = x.wbar.
-  `_decode_down_kernel`, one program per block of BLOCK_D output features: compacts the active experts from
-  the gates in registers (cumsum, no host sync), applies NormSiLU + the scaled gate to their h (it needs all
-  DE rows of an expert, which no up program has), multiplies by the [BLOCK_D, SLOTS, DE] gather of w_down
-  (rows of 2*DE contiguous bytes in the canonical layout), adds the shared expert and writes y.
+`_up_kernel`, one program per (expert, block of ROWS rows of its up-projection) plus the shared expert's row
+blocks. An expert program computes its own router logits and mu = x.wbar (a d-long dot: no router launch),
+exits at once when no token activates the expert, and otherwise writes the raw up-projection h [T, ROWS] in
+fp32. Splitting experts into DE/ROWS row blocks keeps ~N/5 * DE/ROWS programs busy at T=1 instead of ~N/5
+(SPEC §5). The NormSiLU needs all DE rows of an expert, so it runs in the down kernels. Decode (a few tokens)
+multiplies in registers, one round of loads over the whole [ROWS, d] slab; larger batches use tensor cores
+in a pipelined K loop (USE_DOT).
 
-Small batches (tensor cores, T padded to 16 or more):
-  `_union_up_kernel`, one program per expert (all DE rows) plus the shared expert's row blocks: router logit
-  and mu = x.wbar in one pipelined K loop, then the up-projection in a second one, and the NormSiLU + gate
-  epilogue, writing the activations a [T, DE] in x's dtype. The union of experts over a batch of 8 or more
-  tokens is most of them, so one program per expert already fills the GPU, and NormSiLU runs once.
-  `_union_down_kernel`, one program per (block of BLOCK_D output features, slot of the compacted active list;
-  slots past the count exit): [T, DE] activations @ the expert's [BLOCK_D, DE] block of w_down^T, added
-  into an fp32 accumulator with atomics; the last program of a feature block to arrive (an arrival counter)
-  adds the shared expert, writes y and re-zeroes the accumulator. Many small independent programs instead of
-  a long loop per program: at these sizes the loop's round trips, not bytes, set the time. The order of
-  the atomic adds varies, so results can differ between runs in the last bits of fp32.
+`_decode_down_kernel` (a few tokens, register FMAs), one program per block of BLOCK_D output features, which
+it owns for every active expert, so there is no cross-program reduction: it compacts the active experts
+from the gates in registers (cumsum, no host sync), applies NormSiLU + the scaled gate to their h,
+multiplies by the [BLOCK_D, SLOTS, DE] gather of w_down (rows of 2*DE contiguous bytes in the canonical
+layout), adds the shared expert and writes y.
+
+`_union_down_kernel` (tensor cores), one program per (block of BLOCK_D output features, slot of the compacted
+active list; slots past the count exit): NormSiLU of its expert's h, then [T, DE] @ the expert's
+[BLOCK_D, DE] block of w_down^T, added into an fp32 accumulator with atomics; the last program of a feature
+block to arrive (an arrival counter) adds the shared expert, writes y and re-zeroes the accumulator and
+the counter (so CUDA graphs replay it). Many small independent programs instead of a long loop each: at
+these sizes the loop's round trips set the time. The order of the atomic adds varies, so results can
+differ between runs in the last bits of fp32.
 """
 import triton
 import triton.language as tl
@@ -107,10 +105,38 @@ def _slot_ids(active, pos, slots, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _decode_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
-                      T, N, D, DS, stride_xt, bias, threshold,
-                      DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
-                      BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
+                         USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(r, mu) [BLOCK_T]: the fp32 router logits of expert e and the global mean mu = x.wbar, in one K loop.
+
+    With a dot, the logits come from tensor cores (a [16, BLOCK_K] tile whose row 0 is w_router[e]) so the
+    loop is pipelined; without, BLOCK_K covers d and the loop is one round of loads."""
+    ts = tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    r16 = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_T, 16 if USE_DOT else BLOCK_K], dtype=tl.float32)
+    mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
+                    other=0.0)
+        if USE_DOT:
+            wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :], mask=(r16 == 0)[:, None] & kmask[None, :],
+                         other=0.0)
+            acc += tl.dot(x, tl.trans(wr), input_precision=PREC)
+        else:
+            acc += x.to(tl.float32) * tl.load(wr_ptr + e64 * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
+    return tl.sum(acc, axis=1), mu
+
+
+@triton.jit
+def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
+               T, N, D, DS, stride_xt, bias, threshold,
+               DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
+               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_KR: tl.constexpr):
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -120,38 +146,23 @@ def _decode_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_p
     if pid < N * RB:
         e = pid // RB
         row0 = e * DE + (pid % RB) * ROWS
-        if GATES_GIVEN:
+        if GATES_GIVEN:  # the router kernel wrote the gates and mu
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
         else:
-            # Router logits of expert e for every token: one round of loads when BLOCK_K covers d.
-            r = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < D
-                x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                r += x * tl.load(wr_ptr + e.to(tl.int64) * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
-            g = _gate_of(tl.sum(r, axis=1), e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
+            r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, USE_DOT, PREC,
+                                         BLOCK_T, BLOCK_KR)
+            g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
             if pid % RB == 0:
                 tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
+            if pid == 0:
+                tl.store(mu_ptr + ts, mu, mask=tmask)
         if tl.max(g, axis=0) > 0:
-            h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, False, "ieee", BLOCK_T, ROWS, BLOCK_K)
+            h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
             cols = row0 + tl.arange(0, ROWS)
             tl.store(h_ptr + ts64[:, None] * NDE + cols[None, :], h, mask=tmask[:, None])
     else:
-        row0 = (pid - N * RB) * ROWS
-        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, stride_xt, False, "ieee", BLOCK_T, ROWS,
-                     BLOCK_K)
-        if not GATES_GIVEN:  # otherwise the router kernel wrote mu already
-            if row0 == 0:
-                mu = tl.zeros([BLOCK_T], dtype=tl.float32)
-                for k0 in range(0, D, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    kmask = ks < D
-                    x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
-                                mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                    mu += tl.sum(x * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
-                tl.store(mu_ptr + ts, mu, mask=tmask)
+        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, (pid - N * RB) * ROWS, T, D, DS, stride_xt, USE_DOT, PREC,
+                     BLOCK_T, ROWS, BLOCK_K)
 
 
 @triton.jit
@@ -203,49 +214,8 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 
 
 @triton.jit
-def _union_up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, scale_ptr, gamma_ptr,
-                     a_ptr, hs_ptr, T, N, D, DS, stride_xt, bias, threshold, eps,
-                     DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    ts = tl.arange(0, BLOCK_T)
-    tmask = ts < T
-    ts64 = ts.to(tl.int64)
-    if pid < N:
-        e = pid
-        e64 = e.to(tl.int64)
-        # Router logit (tensor cores: a [16, BLOCK_K] tile whose row 0 is w_router[e]) and mu = x.wbar.
-        r16 = tl.arange(0, 16)
-        r = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
-        mu = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
-                        other=0.0)
-            wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :], mask=(r16 == 0)[:, None] & kmask[None, :],
-                         other=0.0)
-            r += tl.dot(x, tl.trans(wr), input_precision=PREC)
-            mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
-        if GATES_GIVEN:
-            g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
-        else:
-            g = _gate_of(tl.sum(r, axis=1), e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
-        if tl.max(g, axis=0) > 0:
-            h = _rows_times_x(x_ptr, wup_ptr, e * DE, N * DE, T, D, stride_xt, True, PREC, BLOCK_T, DE, BLOCK_K)
-            gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
-            a = norm_silu_gate(h, mu, gamma, g * tl.load(scale_ptr + e).to(tl.float32), eps, DE)
-            tl.store(a_ptr + ts64[:, None] * (N * DE) + (e64 * DE + tl.arange(0, DE))[None, :],
-                     a.to(a_ptr.dtype.element_ty), mask=tmask[:, None])
-    else:
-        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, (pid - N) * DE, T, D, DS, stride_xt, True, PREC, BLOCK_T, DE,
-                     BLOCK_K)
-
-
-@triton.jit
-def _union_down_kernel(a_ptr, hs_ptr, g_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt,
-                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
+                       y_ptr, T, N, D, DS, stride_yt, eps, DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
     pid_d = tl.program_id(0)
     slot = tl.program_id(1)
@@ -263,8 +233,11 @@ def _union_down_kernel(a_ptr, hs_ptr, g_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_p
         if slot < count:
             e64 = tl.max(_slot_ids(active, pos, slot + tl.arange(0, 1), BLOCK_N), axis=0).to(tl.int64)
             ks = e64 * DE + tl.arange(0, DE)
-            a = tl.load(a_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
             w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
+            h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
+            gs = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0) * tl.load(scale_ptr + e64).to(tl.float32)
+            a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
+                               tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
             tl.atomic_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), mask=out_mask,
                           sem="relaxed")
         # The last expert of this block of features to arrive adds the shared expert, writes y and leaves the
