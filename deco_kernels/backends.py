@@ -1,7 +1,8 @@
 """Which backends exist here, and the choice behind backend="auto".
 
-Backends: "torch" (the reference path, always there, differentiable), "triton", "cupy". The optional
-packages are imported lazily so `import deco_kernels` works with neither installed.
+Backends: "torch" (the reference path, always there, differentiable), "triton" (inference kernels, and sparse
+training kernels with a backward whenever autograd needs one), "cupy". The optional packages are imported
+lazily so `import deco_kernels` works with neither installed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ INSTALL_HINT = {
 # Backends whose DECO-layer kernels exist in this version of the library.
 IMPLEMENTED = {"torch", "triton"}
 # Backends whose kernels have a backward pass; "auto" picks only these when autograd needs one.
-DIFFERENTIABLE = {"torch"}
+DIFFERENTIABLE = {"torch", "triton"}
 
 
 def _module_present(name: str) -> bool:

@@ -6,6 +6,7 @@ and ``deco_kernels.cupy.<op>``. The functions here validate arguments once, pick
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -18,7 +19,9 @@ _BACKEND_MODULES = {"torch": "deco_kernels.reference", "triton": "deco_kernels.t
 
 
 def _impl(backend: str, op: str):
-    return getattr(importlib.import_module(_BACKEND_MODULES[backend]), op)
+    # sys.modules first: torch.compile traces a dict lookup, but breaks the graph at importlib.import_module.
+    name = _BACKEND_MODULES[backend]
+    return getattr(sys.modules.get(name) or importlib.import_module(name), op)
 
 
 def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,

@@ -222,6 +222,20 @@ def test_unimplemented_backend_raises(name):
         ops.deco_ffn(x, **w, backend=name)
 
 
+def test_autograd_goes_only_to_differentiable_backends(monkeypatch):
+    # Every implemented backend has a backward today (triton: deco_kernels/triton/training.py); the refusal
+    # stays for the next one that does not, and "auto" must skip such a backend when autograd needs one.
+    assert backends.IMPLEMENTED <= backends.DIFFERENTIABLE
+    monkeypatch.setattr(backends, "DIFFERENTIABLE", {"torch"})
+    monkeypatch.setattr(backends, "available", lambda name, device: name in backends.IMPLEMENTED)
+    cuda = torch.device("cuda")
+    with pytest.raises(NotImplementedError, match="inference only"):
+        backends.resolve("triton", cuda, needs_grad=True)
+    assert backends.resolve("triton", cuda, needs_grad=False) == "triton"
+    assert backends.resolve("auto", cuda, needs_grad=True) == "torch"
+    assert backends.resolve("auto", cuda, needs_grad=False) == "triton"
+
+
 def test_auto_resolves_to_an_available_backend_and_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(backends, "_announced", set())
     caplog.set_level(logging.INFO, logger="deco_kernels")

@@ -117,13 +117,12 @@ def test_wbar_cache_refreshes_when_weights_change(triton_device):
     torch.testing.assert_close(wbar, w["w_up"].float().mean(0))
 
 
-def test_rejects_autograd_and_odd_expert_width(triton_device):
-    x, w = make_layer(2, 32, 5, 16, 16, device=triton_device, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="inference only"):
-        ops.deco_ffn(x, **w, backend="triton")
-    x, w = make_layer(2, 32, 5, 12, 16, device=triton_device)
-    with pytest.raises(ValueError, match="gamma"):
-        ops.deco_ffn(x, **w, backend="triton")
+def test_rejects_odd_expert_width(triton_device):
+    # Inference and training (autograd; its gradients are tested in test_triton_grad.py) alike.
+    for requires_grad in (False, True):
+        x, w = make_layer(2, 32, 5, 12, 16, device=triton_device, requires_grad=requires_grad)
+        with pytest.raises(ValueError, match="gamma"):
+            ops.deco_ffn(x, **w, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------

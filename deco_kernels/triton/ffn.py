@@ -76,7 +76,7 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     if T <= FMA_MAX_T:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
-    return dict(use_dot=True, rows=16, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
+    return dict(use_dot=True, rows=64, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
                 down_warps=4)
 
 
@@ -123,8 +123,8 @@ def grouped_config(T: int) -> dict:
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
-    # Best of benchmarks/sweep_tiles.py on the H100 (results/h100/sweep_tiles_*.json): 0.1b at T=512, 1.2b at
-    # T=4096.
+    # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
+    # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
     if T <= 1024:
         return dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
                     down_stages=3)

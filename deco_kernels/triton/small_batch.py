@@ -124,7 +124,10 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
         if USE_DOT:
             wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :], mask=(r16 == 0)[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(x, tl.trans(wr), input_precision=PREC)
+            if x.dtype == wr.dtype:
+                acc += tl.dot(x, tl.trans(wr), input_precision=PREC)
+            else:  # e.g. a bf16 layer with an fp32 router: exact fp32 products
+                acc += tl.dot(x.to(tl.float32), tl.trans(wr.to(tl.float32)), input_precision="ieee")
         else:
             acc += x.to(tl.float32) * tl.load(wr_ptr + e64 * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
         mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)

@@ -5,7 +5,8 @@ Compute and memory follow the active (token, expert) pairs, never the dense T x 
 Pair layout. The router (`ffn._router`, knobs included) and `grouped._group_kernel` give each expert e its
 tokens in token order; the exclusive prefix sum of the counts, offsets [N+1], places expert e's pairs at
 p = offsets[e] .. offsets[e+1]-1 of flat, expert-major pair buffers. Sizing them takes ONE host
-synchronisation per training forward (P = offsets[N]); decode and inference never come here.
+synchronisation per training forward (P = offsets[N]), so this path is not CUDA-graph capturable; decode and
+inference (no autograd) never come here and stay capturable.
 
 Saved for backward: x (a view or the contiguous copy the shared expert saves too), the weights (by
 reference), the gates g [T, N] and mu [T] (fp32), offsets [N+1], pair_tok [P] (int32, the token of each pair)

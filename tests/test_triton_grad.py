@@ -1,0 +1,305 @@
+"""Triton training path (deco_kernels/triton/training.py): forward and every gradient vs torch.autograd on the
+float64 reference.
+
+On the CPU these run in the Triton interpreter (TRITON_INTERPRET=1, fp32, tiny adversarial shapes); the
+tests marked gpu add preset sizes in bf16 and fp32 (TF32 off), run-to-run stability of the atomics and the
+peak memory of a training step. Every buffer the kernels write is poisoned with NaN first (the `poison`
+fixture of test_triton.py, which patches ffn._empty: the training launchers allocate through it too).
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+from conftest import assert_rel_close, make_layer
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from deco_kernels import DecoConfig, DecoMoE, backends, ops, reference
+from deco_kernels._validate import WEIGHT_NAMES
+
+triton_ffn = pytest.importorskip("deco_kernels.triton.ffn")
+training = pytest.importorskip("deco_kernels.triton.training")
+from test_triton import PRESET_LAYERS, poison  # noqa: E402,F401  (poison: autouse NaN fixture)
+
+CPU_TOL = 5e-5
+NAMES = ("x",) + WEIGHT_NAMES
+
+
+def losses(y, g, cy, kind):
+    """A scalar loss from the layer's outputs: y against fixed random weights cy (not y.sum(), whose gradient
+    is constant), the entropy regulariser of the gates (SPEC §2, lam = 1 so it is not negligible), or both."""
+    terms = []
+    if kind in ("both", "y"):
+        terms.append((y.to(cy.dtype) * cy).sum())
+    if kind in ("both", "gates"):
+        terms.append(reference.entropy_loss(g, 1.0, 1))
+    return sum(terms)
+
+
+def grads(x, w, cy, kind, backend, **knobs):
+    """(y, g, {name: gradient}) of one forward + backward; a gradient that autograd leaves as None (the
+    tensor did not reach the loss) is reported as zeros."""
+    leaves = {"x": x, **w}
+    for t in leaves.values():
+        t.grad = None
+    call = ops.deco_ffn if backend == "triton" else reference.deco_ffn
+    extra = dict(backend="triton") if backend == "triton" else {}
+    y, g = call(x, **w, **knobs, return_gates=True, **extra)
+    losses(y, g, cy, kind).backward()
+    return y, g, {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in leaves.items()}
+
+
+def leaf64(t):
+    """A float64 leaf on t's device (the GPU runs the float64 reference of preset sizes far faster)."""
+    return t.detach().double().requires_grad_()
+
+
+def check(x, w, kind="both", tol=CPU_TOL, seed=0, **knobs):
+    """Triton forward + backward against the float64 reference's, for y, g and all nine gradients."""
+    x = x.detach().requires_grad_()
+    w = {k: v.detach().requires_grad_() for k, v in w.items()}
+    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.device)
+    y, g, dt = grads(x, w, cy, kind, "triton", **knobs)
+    if isinstance(knobs.get("bias"), torch.Tensor):
+        knobs = {**knobs, "bias": knobs["bias"].double()}
+    y_ref, g_ref, dr = grads(leaf64(x), {k: leaf64(v) for k, v in w.items()}, cy, kind, "torch", **knobs)
+    assert y.dtype == x.dtype and g.dtype == torch.float32
+    assert torch.equal(g.detach() > 0, g_ref > 0), "active sets differ from the reference router"
+    assert_rel_close(y, y_ref.to(y.dtype), tol, "y")
+    assert_rel_close(g, g_ref, tol, "g")
+    for name in NAMES:
+        assert dt[name].dtype == (x if name == "x" else w[name]).dtype, name
+        assert_rel_close(dt[name], dr[name], tol, f"d{name}")
+    return g_ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU interpreter (or GPU) on tiny adversarial shapes, fp32
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [0, 1, 3, 17, 65])
+@pytest.mark.parametrize("de", [16, 32])
+def test_token_counts_and_expert_widths(triton_device, T, de):
+    # N = 13 is a multiple of no block; d = 40 and ds = 24 leave tails in every loop; T = 65 > BLOCK_M.
+    x, w = make_layer(T, 40, 13, de, 24, device=triton_device, seed=T * 100 + de, active=0.3)
+    check(x, w, seed=T)
+
+
+@pytest.mark.parametrize("T, active", [(17, "none"), (3, "all"), (17, "all"), (65, "one")])
+def test_active_patterns(triton_device, T, active):
+    # "one" at T = 65: one expert takes every token, over two blocks of pairs (partials of dgamma, dscale).
+    x, w = make_layer(T, 48, 13, 16, 32, device=triton_device, seed=7, active=active)
+    g_ref = check(x, w)
+    expected = {"none": 0, "all": 13, "one": 1}[active]
+    assert bool(((g_ref > 0).sum(-1) == expected).all())
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(bias=0.3), dict(bias=-0.4), dict(threshold=0.5), dict(max_active=1), dict(max_active=3),
+    dict(bias=0.2, threshold=0.2, max_active=2), "bias-vector",
+], ids=["bias+", "bias-", "threshold", "max1", "max3", "all-knobs", "bias-vector"])
+def test_knobs(triton_device, knobs):
+    # Knob-cut experts (threshold, max_active) must get exactly zero router gradient, as in the reference.
+    x, w = make_layer(17, 40, 13, 16, 24, device=triton_device, seed=3, active=0.4)
+    if knobs == "bias-vector":
+        knobs = dict(bias=torch.linspace(-0.5, 0.5, 13, device=triton_device))
+    check(x, w, **knobs)
+
+
+@pytest.mark.parametrize("kind", ["y", "gates"])
+def test_loss_from_y_or_gates_alone(triton_device, kind):
+    # "gates": y is unused, so its gradient reaches the op as None/zeros and only the regulariser's
+    # gradient, through the returned g, trains the router.
+    x, w = make_layer(17, 40, 13, 16, 24, device=triton_device, seed=12, active=0.3)
+    check(x, w, kind=kind)
+
+
+def test_return_gates_false_and_repeated_calls(triton_device):
+    # Two calls of the layer in one graph: the gradients of both accumulate.
+    x, w = make_layer(9, 40, 13, 16, 24, device=triton_device, seed=13, active=0.3, requires_grad=True)
+    (ops.deco_ffn(x, **w, backend="triton").sum() + ops.deco_ffn(2 * x, **w, backend="triton").sum()).backward()
+    got = {k: t.grad.clone() for k, t in {"x": x, **w}.items()}
+    x64, w64 = leaf64(x), {k: leaf64(v) for k, v in w.items()}
+    (reference.deco_ffn(x64, **w64).sum() + reference.deco_ffn(2 * x64, **w64).sum()).backward()
+    for name, t in {"x": x64, **w64}.items():
+        assert_rel_close(got[name], t.grad, CPU_TOL, f"d{name}")
+
+
+@pytest.mark.parametrize("router_dtype", [torch.float16, torch.float32], ids=["fp16-router", "fp32-router"])
+def test_float16_and_an_fp32_router(triton_device, router_dtype):
+    # 16-bit plumbing: pair buffers in x's dtype, gradients in each parameter's own dtype (the router,
+    # router_scale and gamma may be fp32 next to fp16 experts). bf16 needs the GPU: the interpreter's bf16
+    # tl.dot is not usable.
+    x, w = make_layer(65, 40, 13, 16, 24, dtype=torch.float16, device=triton_device, seed=8, active=0.3)
+    for name in ("w_router", "router_scale", "gamma"):
+        w[name] = w[name].to(router_dtype)
+    check(x, w, tol=1e-2)
+
+
+@pytest.mark.parametrize("view", ["strided-features", "transposed"])
+def test_non_contiguous_x(triton_device, view):
+    x, w = make_layer((2, 9), 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)
+    x = torch.cat([x, x], dim=-1)[..., ::2] if view == "strided-features" else x.transpose(0, 1)
+    assert not x.is_contiguous()
+    check(x, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: what the sparse path keeps for backward (issue 4, deliverable 5)
+# ---------------------------------------------------------------------------------------------------------
+def saved_activations(fn, inputs):
+    """Tensors autograd saves while ``fn`` runs, except those sharing storage with ``inputs`` (x and the
+    weights: saved by reference, they cost no memory)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    owned = {t.untyped_storage().data_ptr() for t in inputs}
+    return out, [t for t in saved if t.untyped_storage().data_ptr() not in owned]
+
+
+def test_nothing_dense_is_saved_for_backward(triton_device):
+    T, d, N, de, ds = 65, 40, 13, 16, 24
+    x, w = make_layer(T, d, N, de, ds, device=triton_device, seed=6, active=0.2, requires_grad=True)
+    inputs = (x, *w.values())
+    (y, g), acts = saved_activations(lambda: ops.deco_ffn(x, **w, backend="triton", return_gates=True), inputs)
+    pairs = int((g > 0).sum())
+    dense = T * N * de
+    assert 0 < pairs < T * N
+    assert max(t.numel() for t in acts) < dense
+    # The shared expert's autograd keeps [T, ds] tensors; the routed op: per pair h [de] and its token, per
+    # token g [N] and mu, and offsets [N+1].
+    routed = [t for t in acts if tuple(t.shape) != (T, ds)]
+    assert sum(t.numel() for t in routed) <= pairs * (de + 1) + T * (N + 1) + (N + 1)
+    # The check can see a dense activation: the reference (all experts, dense formula) saves [T, N*de] ones.
+    _, ref_acts = saved_activations(lambda: reference.deco_ffn(x, **w), inputs)
+    assert max(t.numel() for t in ref_acts) >= dense
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch and torch.compile
+# ---------------------------------------------------------------------------------------------------------
+def test_autograd_calls_take_the_training_path_and_inference_does_not(triton_device, monkeypatch):
+    calls = []
+    real = training.deco_ffn_train
+    monkeypatch.setattr(training, "deco_ffn_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w = make_layer(3, 32, 5, 16, 16, device=triton_device, seed=1, active=0.5)
+    with torch.no_grad():
+        ops.deco_ffn(x, **w, backend="triton")
+    ops.deco_ffn(x, **w, backend="triton")                  # nothing requires grad
+    assert calls == []
+    w["gamma"].requires_grad_()
+    ops.deco_ffn(x, **w, backend="triton").sum().backward()
+    assert calls == [1] and w["gamma"].grad is not None
+    assert backends.resolve("triton", torch.device(triton_device), needs_grad=True) == "triton"
+
+
+def _compiled_layer_step(triton_device):
+    """A DecoMoE of the tiny preset on backend triton with make_layer's weights, and a loss step with the
+    entropy regulariser (reg_loss, through the returned gates)."""
+    layer = DecoMoE(DecoConfig.preset("tiny", backend="triton", lambda0=1.0)).to(triton_device).train()
+    c = layer.config
+    _, w = make_layer(1, c.d_model, c.num_experts, c.expert_dim, c.shared_dim, device=triton_device, seed=21,
+                      active=0.3)
+    with torch.no_grad():
+        for name, value in w.items():
+            getattr(layer, name).copy_(value)
+    x, _ = make_layer((2, 9), c.d_model, c.num_experts, c.expert_dim, c.shared_dim, device=triton_device,
+                      seed=21, active=0.3)
+    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(triton_device)
+
+    def step(x):
+        return (layer(x) * cy).sum() + layer.reg_loss
+
+    return layer, x.requires_grad_(), step
+
+
+def test_torch_compile_fullgraph_forward_and_backward(triton_device):
+    torch._dynamo.reset()
+    layer, x, step = _compiled_layer_step(triton_device)
+    leaves = {"x": x, **dict(layer.named_parameters())}
+    step(x).backward()
+    eager = {k: t.grad.clone() for k, t in leaves.items()}
+    for t in leaves.values():
+        t.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    for name, t in leaves.items():
+        assert_rel_close(t.grad, eager[name], 1e-6, f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: preset sizes in bf16 and fp32, stability of the atomics, peak memory
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@settings(max_examples=8)
+@given(preset=st.sampled_from(sorted(PRESET_LAYERS)),
+       T=st.sampled_from([1, 7, 64, 65, 300, 1024]),
+       active=st.sampled_from([0.05, 0.2, 0.5, "none", "all", "one"]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_gpu_presets_grads(preset, T, active, dtype, seed):
+    d, n, de, ds = PRESET_LAYERS[preset]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=active)
+    # A gate within fp32 rounding of 0 may be on in one router and off in the other: not a kernel error.
+    _, g32 = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, return_gates=True)
+    _, g64 = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()}, return_gates=True)
+    assume(torch.equal(g32 > 0, g64 > 0))
+    check(x, w, tol=1e-2 if dtype == torch.bfloat16 else 1e-5, seed=seed)
+
+
+@pytest.mark.gpu
+def test_gpu_atomics_are_stable_and_the_rest_deterministic():
+    x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.float32, device="cuda", seed=9, active=0.2)
+    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    runs = []
+    for _ in range(4):
+        xr, wr = x.clone().requires_grad_(), {k: v.clone().requires_grad_() for k, v in w.items()}
+        y, g, dt = grads(xr, wr, cy, "both", "triton")
+        runs.append({"y": y.detach(), **dt})
+    for run in runs[1:]:
+        # y (forward) and dx (backward) are summed with fp32 atomics: equal up to the order of the adds.
+        for name in ("y", "x"):
+            spread = (run[name] - runs[0][name]).abs().max().item()
+            assert spread <= 1e-5 * runs[0][name].abs().max().item(), name
+        # Every routed and router weight gradient is reduced in a fixed order: bitwise equal.
+        for name in ("w_router", "router_scale", "w_up", "gamma", "w_down"):
+            assert torch.equal(run[name], runs[0][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["1.2b"])
+def test_gpu_peak_memory_of_a_training_step(preset, capsys):
+    """Peak memory of forward + backward of one layer at T=4096, bf16: sparse Triton vs the dense twin (SwiGLU
+    of width d_ff) and the torch reference; printed for the notes, and the sparse path must beat the
+    reference, which keeps dense [T, N*de] activations."""
+    d, n, de, ds = PRESET_LAYERS[preset]
+    d_ff = DecoConfig.preset(preset).d_ff
+    x, w = make_layer(4096, d, n, de, ds, dtype=torch.bfloat16, device="cuda", seed=3, active=0.2,
+                      requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    dense = [(torch.randn(*s, generator=gen) * 0.02).to("cuda", torch.bfloat16).requires_grad_()
+             for s in ((d_ff, d), (d_ff, d), (d, d_ff))]
+
+    def peak(fn):
+        for t in (x, *w.values(), *dense):
+            t.grad = None                     # every step pays for allocating its gradients
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().float().sum().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    sparse = peak(lambda: ops.deco_ffn(x, **w, backend="triton"))
+    twin = peak(lambda: ops.dense_swiglu(x, *dense))
+    ref = peak(lambda: ops.deco_ffn(x, **w, backend="torch"))
+    with capsys.disabled():
+        print(f"\npeak MiB of one training step, {preset}, T=4096, bf16: triton {sparse:.1f}, "
+              f"dense twin {twin:.1f}, torch reference {ref:.1f}")
+    assert sparse < ref
