@@ -25,8 +25,14 @@ IMPLEMENTED = {"torch", "triton"}
 DIFFERENTIABLE = {"torch", "triton"}
 
 
+_present: dict[str, bool] = {}
+
+
 def _module_present(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    # Looked up once: torch.compile can read a dict but not trace importlib.util.find_spec.
+    if name not in _present:
+        _present[name] = importlib.util.find_spec(name) is not None
+    return _present[name]
 
 
 def interpreting() -> bool:

@@ -7,6 +7,29 @@ from dataclasses import dataclass
 
 @dataclass
 class DecoConfig:
+    """Shape, presets and training settings of a DECO transformer.
+
+    Elastic inference knobs (SPEC §4), the model-wide starting values of every DecoMoE (change them per call,
+    per layer or for the whole model with ``set_elastic``): ``router_bias``, ``router_threshold``,
+    ``max_active``.
+
+    EMoE-style elastic training for ReLU routing (SPEC §4, last paragraph; a proposal, not from the paper's
+    code). It acts in training mode on backend "torch" only, and is off by default:
+
+    - ``elastic_prob`` q in [0, 1]: the probability that a training forward of a DECO layer is an elastic
+      one (one draw per layer and forward); 0 turns elastic training off.
+    - ``elastic_pool_multiplier`` m >= 1: co-activation sampling. On an elastic forward each token keeps
+      |A| experts (its number of active ones) drawn at random from the candidate pool of its top
+      ceil(m * |A|) experts by router logit; 1 turns the sampling off.
+    - ``elastic_budget_range`` (lo, hi) with 0 < lo <= hi, or None (off): random budgets. On an elastic
+      forward the router bias gets an extra δ chosen so that a fraction rho * target_active_ratio of the
+      layer's gates is active, rho ~ Uniform(lo, hi).
+
+    q > 0 needs at least one of the two (m > 1, or a budget range). The entropy loss and the adaptive λ
+    (SparsityController) are unchanged; the layers count their natural gates for λ, so elastic steps do
+    not bias the ratio the controller regulates. See reference.elastic_training_gates.
+    """
+
     vocab_size: int = 73448
     num_layers: int = 16
     d_model: int = 768
@@ -28,6 +51,10 @@ class DecoConfig:
     router_bias: float = 0.0
     router_threshold: float = 0.0
     max_active: int | None = None
+    # EMoE-style elastic training (class docstring), off by default
+    elastic_prob: float = 0.0
+    elastic_pool_multiplier: float = 2.0
+    elastic_budget_range: tuple[float, float] | None = None
     lr: float = 1e-3
     backend: str = "auto"
 
@@ -41,6 +68,23 @@ class DecoConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.max_active is not None and self.max_active < 1:
             raise ValueError(f"max_active: expected None or an integer >= 1, got {self.max_active}")
+        self._check_elastic_training()
+
+    def _check_elastic_training(self) -> None:
+        q, m, budget = self.elastic_prob, self.elastic_pool_multiplier, self.elastic_budget_range
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
+            raise ValueError(f"elastic_prob: expected a probability in [0, 1], got {q!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m < float("inf"):
+            raise ValueError(f"elastic_pool_multiplier: expected a finite number >= 1, got {m!r}")
+        if budget is not None:
+            if (not isinstance(budget, (tuple, list)) or len(budget) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in budget)
+                    or not 0 < budget[0] <= budget[1] < float("inf")):
+                raise ValueError(f"elastic_budget_range: expected None or (lo, hi) with 0 < lo <= hi, got {budget!r}")
+            self.elastic_budget_range = (float(budget[0]), float(budget[1]))  # a JSON round trip gives a list
+        if q > 0 and m == 1 and budget is None:
+            raise ValueError("elastic_prob: elastic training needs elastic_pool_multiplier > 1 or an "
+                             f"elastic_budget_range; with m = 1 and no range, elastic_prob={q} would do nothing")
 
     @property
     def num_deco_layers(self) -> int:

@@ -16,14 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from ._validate import check_knobs
+from . import backends, ops
+from ._validate import check_knobs, check_layer
 from .config import DecoConfig
 from .reference import ops as ref
 
 # Normal(0, INIT_STD) is the SPEC §1 init; output projections get INIT_STD / sqrt(2L) (Megatron's scaled init).
 INIT_STD = 0.01
 _UNSET = object()
+ELASTIC_KNOBS = ("bias", "threshold", "max_active")  # SPEC §4, the attributes set_elastic sets
 
 # KV cache: one (k, v) pair per layer, each [B, H, P, hd].
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -150,15 +151,21 @@ class DecoMoE(nn.Module):
         return set(self.NO_WEIGHT_DECAY)
 
     def set_elastic(self, *, bias=_UNSET, threshold=_UNSET, max_active=_UNSET) -> "DecoMoE":
-        """Set the elastic knobs that are given (validated); the others keep their values."""
+        """Set the elastic knobs that are given (validated); the others keep their values. ``bias``: a number,
+        or a tensor of shape [] or [N] (per expert; moved to the layer's device here, not on every call)."""
         _check_elastic(self.config, bias, threshold, max_active)
         if bias is not _UNSET:
-            self.bias = bias
+            self.bias = bias.to(self.w_router.device) if isinstance(bias, torch.Tensor) else bias
         if threshold is not _UNSET:
             self.threshold = threshold
         if max_active is not _UNSET:
             self.max_active = max_active
         return self
+
+    def elastic_state(self) -> dict:
+        """{"bias", "threshold", "max_active"}: the knobs as set (a tensor bias is copied)."""
+        state = {k: getattr(self, k) for k in ELASTIC_KNOBS}
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     def reset_counters(self) -> None:
         self.active_count.zero_()
@@ -167,18 +174,44 @@ class DecoMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> y [..., d] in x's dtype; updates active_ratio, reg_loss and the counters."""
         bias = self.bias.to(x.device) if isinstance(self.bias, torch.Tensor) else self.bias
-        y, g = ops.deco_ffn(x, **self.weights(), bias=bias, threshold=self.threshold,
-                            max_active=self.max_active, backend=self.backend, return_gates=True,
-                            activation=self.activation)
+        knobs = dict(bias=bias, threshold=self.threshold, max_active=self.max_active)
+        if self.training and self.config.elastic_prob > 0:
+            y, g, natural = self._elastic_training_forward(x, knobs)
+        else:
+            y, g = ops.deco_ffn(x, **self.weights(), **knobs, backend=self.backend, return_gates=True,
+                                activation=self.activation)
+            natural = g
         gates = g.detach()
         self.active_ratio = ref.active_ratio(gates)
         if self.training:
-            self.reg_loss = ref.entropy_loss(g, self.sparsity_lambda, self.config.num_layers)
-            self.active_count += (gates > 0).sum()  # stays on the device: the controller syncs once per step
+            # The regulariser and the counters see the natural gates (what inference with these knobs
+            # would use), so elastic sampling changes neither the sharpening term nor the ratio λ regulates.
+            self.reg_loss = ref.entropy_loss(natural, self.sparsity_lambda, self.config.num_layers)
+            self.active_count += (natural.detach() > 0).sum()  # stays on the device: one sync per step
             self.gate_count += gates.numel()
         else:
             self.reg_loss = None
         return y
+
+    def _elastic_training_forward(self, x, knobs):
+        """A training forward with EMoE-style elastic gates (DecoConfig's elastic_* flags, SPEC §4) on the
+        torch reference. Returns (y, g the gates used, the natural gates of the knobs), both differentiable."""
+        weights = self.weights()
+        check_layer(x, weights)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights.values()))
+        backend = backends.resolve(self.backend, x.device, needs_grad)
+        if backend != "torch":
+            raise NotImplementedError(f"elastic training (config.elastic_prob > 0) runs on backend 'torch' only; "
+                                      f"backend {self.backend!r} resolved to {backend!r}: use backend='torch' "
+                                      f"or set elastic_prob=0")
+        c = self.config
+        r = ref.router_logits(x.reshape(-1, x.shape[-1]), self.w_router)
+        g = ref.elastic_training_gates(r, **knobs, prob=c.elastic_prob, pool_multiplier=c.elastic_pool_multiplier,
+                                       budget_range=c.elastic_budget_range, target_ratio=c.target_active_ratio)
+        natural = ref.apply_knobs(r, **knobs)
+        weights.pop("w_router")
+        y = ref.deco_ffn_from_gates(x, g, **weights, activation=self.activation)
+        return y, g, natural
 
     def extra_repr(self) -> str:
         c = self.config
@@ -340,12 +373,51 @@ class DecoForCausalLM(nn.Module):
         """The DecoMoE layers in order (none for the dense twin)."""
         return (layer.mlp for layer in self.layers if isinstance(layer.mlp, DecoMoE))
 
-    def set_elastic(self, *, bias=_UNSET, threshold=_UNSET, max_active=_UNSET) -> "DecoForCausalLM":
-        """Set the given elastic knobs on every DECO layer (validated before any layer changes)."""
+    def set_elastic(self, *, bias=_UNSET, threshold=_UNSET, max_active=_UNSET,
+                    layers=None) -> "DecoForCausalLM":
+        """Set the given elastic knobs (SPEC §4) on the DECO layers ``layers`` (indices into self.layers, a
+        single index, or None for every DECO layer); the knobs not given keep their values. Validated before
+        any layer changes. ``bias`` is a number or a tensor [] / [N] (per expert). The values are plain
+        numbers and tensors handed to the ops on every call: changing them recompiles nothing."""
+        selected = self._deco_layers_by_index(layers)
         _check_elastic(self.config, bias, threshold, max_active)
-        for layer in self.deco_layers():
+        for layer in selected.values():
             layer.set_elastic(bias=bias, threshold=threshold, max_active=max_active)
         return self
+
+    def elastic_state(self, layers=None) -> dict[int, dict]:
+        """{layer index: {"bias", "threshold", "max_active"}} of the DECO layers ``layers`` (None: all), to
+        save and later restore with :meth:`load_elastic_state` (a tensor bias is copied)."""
+        return {i: layer.elastic_state() for i, layer in self._deco_layers_by_index(layers).items()}
+
+    def load_elastic_state(self, state: dict) -> "DecoForCausalLM":
+        """Restore knobs from :meth:`elastic_state` (per layer, any subset of the knobs); everything is
+        validated before any layer changes."""
+        selected = self._deco_layers_by_index(state)
+        for i, knobs in state.items():
+            if not isinstance(knobs, dict) or not set(knobs) <= set(ELASTIC_KNOBS):
+                raise ValueError(f"state: expected {{layer index: dict with keys among {ELASTIC_KNOBS}}}, got "
+                                 f"{knobs!r} for layer {i}")
+            _check_elastic(self.config, *(knobs.get(k, _UNSET) for k in ELASTIC_KNOBS))
+        for i, knobs in state.items():
+            selected[i].set_elastic(**knobs)
+        return self
+
+    def _deco_layers_by_index(self, layers) -> dict[int, DecoMoE]:
+        """{index into self.layers: DecoMoE} for ``layers``: None (every DECO layer), one index or an
+        iterable of them."""
+        deco = {layer.layer_idx: layer for layer in self.deco_layers()}
+        if layers is None:
+            return deco
+        try:
+            indices = [layers] if isinstance(layers, int) else list(layers)
+        except TypeError:
+            indices = []
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i not in deco]
+        if bad or not indices:
+            raise ValueError(f"layers: expected None or indices of DECO layers among {sorted(deco)} (layer 0 "
+                             f"is dense), got {layers!r}")
+        return {i: deco[i] for i in indices}
 
     def set_backend(self, backend: str) -> "DecoForCausalLM":
         for layer in self.deco_layers():

@@ -58,6 +58,102 @@ def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None
 
 
 # ---------------------------------------------------------------------------------------------------------
+# EMoE-style elastic training for ReLU routing (SPEC §4, last paragraph; a proposal, not the paper's code)
+# ---------------------------------------------------------------------------------------------------------
+def bias_for_ratio(r: torch.Tensor, ratio: float, bias=0.0, threshold=0.0) -> torch.Tensor:
+    """The extra bias δ (0-d tensor on r's device, no gradient) with which round(ratio * r.numel()) of the
+    gates relu(r + bias + δ) are > threshold, ties aside (max_active may cut more). ``ratio`` in (0, 1]."""
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(r.dtype)
+    v = (r.detach() + bias - threshold).reshape(-1)  # gate on iff v + δ > 0
+    if v.numel() == 0:
+        return torch.zeros((), dtype=r.dtype, device=r.device)
+    n_off = v.numel() - max(1, round(ratio * v.numel()))
+    if n_off <= 0:
+        return 1.0 - v.min()
+    return -torch.kthvalue(v, n_off).values
+
+
+def _descending_rank(v: torch.Tensor) -> torch.Tensor:
+    """rank[..., e] = position of e when the last dim is sorted in descending order (ties: lower index first)."""
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(v.shape[-1], device=v.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def coactivation_gates(r: torch.Tensor, g: torch.Tensor, pool_multiplier: float, scores: torch.Tensor,
+                       bias=0.0) -> torch.Tensor:
+    """EMoE co-activation sampling under ReLU routing, deterministic given ``scores`` [..., N] (uniform
+    random numbers in [0, 1) for sampling).
+
+    Per token, with A = {e: g[e] > 0} its active set (g: gates from r by any rule) and z = r + bias:
+      pool P  = the top p experts by z (ties: lower index first), p = max(|A|, min(ceil(m * |A|), N - 1)):
+                the lowest-ranked expert joins only when all N are active, so an expert outside P always
+                marks the pool's edge;
+      kept S  = the |A| members of P with the largest scores: the number of active experts is unchanged;
+      gates   = relu(z + δ) on S, 0 elsewhere, δ = max(0, -z_p) with z_p the largest logit outside P: the
+                gates inference would give with the smallest per-token bias under which all of P is active.
+                A token whose pool is no larger than A keeps δ = 0, so m = 1 returns g's active set with the
+                gates relu(z). δ carries no gradient; the kept gates do, through r. ``threshold`` and
+                ``max_active`` act through A only.
+    """
+    if pool_multiplier < 1:
+        raise ValueError(f"pool_multiplier: expected a number >= 1, got {pool_multiplier!r}")
+    if scores.shape != r.shape or g.shape != r.shape:
+        raise ValueError(f"g, scores: expected the shape of r {tuple(r.shape)}, got {tuple(g.shape)} and "
+                         f"{tuple(scores.shape)}")
+    n = r.shape[-1]
+    z = r + (bias.to(r.dtype) if isinstance(bias, torch.Tensor) else bias)
+    size = (g > 0).sum(dim=-1, keepdim=True)
+    # - 1e-9: m * |A| that is a whole number up to rounding (1.1 * 10) must not round up to the next one
+    enlarged = torch.clamp(torch.ceil(size * pool_multiplier - 1e-9).long(), max=n - 1)
+    pool = torch.maximum(size, enlarged)
+    in_pool = _descending_rank(z.detach()) < pool
+    z_edge = torch.sort(z.detach(), dim=-1, descending=True).values.gather(-1, torch.clamp(pool, max=n - 1))
+    delta = torch.where(pool > size, torch.clamp(-z_edge, min=0.0), torch.zeros_like(z_edge))
+    keep = in_pool & (_descending_rank(torch.where(in_pool, scores.to(r.dtype), -1.0)) < size)
+    return torch.where(keep, torch.relu(z + delta), torch.zeros_like(z))
+
+
+def elastic_training_gates(r: torch.Tensor, *, bias=0.0, threshold=0.0, max_active: int | None = None,
+                           prob: float = 0.0, pool_multiplier: float = 1.0,
+                           budget_range: tuple[float, float] | None = None, target_ratio: float = 0.2,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gates [..., N] for one training forward under EMoE-style elastic training (SPEC §4).
+
+    With probability ``prob`` (one draw per call) the call is elastic:
+      1. random budget, if ``budget_range`` = (lo, hi): rho ~ Uniform(lo, hi) and the bias gets the extra
+         δ = bias_for_ratio(r, min(1, rho * target_ratio), bias, threshold), so that about rho * target_ratio
+         of the gates are active;
+      2. co-activation sampling, if ``pool_multiplier`` m > 1: coactivation_gates with uniform scores.
+    Otherwise, and always when ``prob`` is 0 (nothing is drawn then), the gates are
+    apply_knobs(r, bias, threshold, max_active). Random numbers come from ``generator`` (on its device), else
+    from torch's global RNG: the draw and rho on the CPU (no device sync), the scores on r's device.
+    """
+    if not 0 <= prob <= 1:
+        raise ValueError(f"prob: expected a probability in [0, 1], got {prob!r}")
+    if prob == 0 or _uniform((), generator).item() >= prob:
+        return apply_knobs(r, bias, threshold, max_active)
+    if budget_range is not None:
+        lo, hi = budget_range
+        rho = lo + (hi - lo) * _uniform((), generator).item()
+        bias = bias + bias_for_ratio(r, min(1.0, rho * target_ratio), bias, threshold)
+    g = apply_knobs(r, bias, threshold, max_active)
+    if pool_multiplier > 1:
+        scores = _uniform(r.shape, generator, r.device).to(r.device)
+        g = coactivation_gates(r, g, pool_multiplier, scores, bias)
+    return g
+
+
+def _uniform(shape, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """Uniform [0, 1) numbers from ``generator`` on its device, else from the global RNG on ``device``
+    (default CPU)."""
+    if generator is not None:
+        device = generator.device
+    return torch.rand(shape, generator=generator, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # NormSiLU and the routed experts
 # ---------------------------------------------------------------------------------------------------------
 def expert_mean_vector(w_up: torch.Tensor) -> torch.Tensor:
@@ -145,12 +241,21 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     """One DECO FFN layer (SPEC §1) on x [..., d]. Returns y [..., d] in x's dtype, or (y, g) with
     ``return_gates`` where g [..., N] are the gates after the knobs and before the scale (fp32, or float64
     for float64 input). Differentiable in every input."""
+    g = apply_knobs(router_logits(x.reshape(-1, x.shape[-1]), w_router), bias, threshold, max_active)
+    g = g.reshape(*x.shape[:-1], g.shape[-1])
+    y = deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, activation)
+    return (y, g) if return_gates else y
+
+
+def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down,
+                        activation="norm_silu"):
+    """The layer of SPEC §1 after the router: x [..., d] and its gates g [..., N] (before router_scale, from
+    any gate rule: the knobs, or elastic_training_gates) -> y [..., d] in x's dtype."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    g, gs = route(x2, w_router, router_scale, bias=bias, threshold=threshold, max_active=max_active)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    gs = g2 * router_scale.to(g2.dtype)
     y = routed_experts(x2, gs, w_up, gamma, w_down, activation) + swiglu(x2, ws_gate, ws_up, ws_down)
-    y = y.to(x.dtype).reshape(*lead, y.shape[-1])
-    return (y, g.reshape(*lead, g.shape[-1])) if return_gates else y
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,6 +298,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> to
 
 __all__ = [
     "NORM_EPS", "ENTROPY_EPS", "NORM_SILU_VARIANTS", "WEIGHT_NAMES", "compute_dtype", "router_logits", "apply_knobs", "route",
+    "bias_for_ratio", "coactivation_gates", "elastic_training_gates", "deco_ffn_from_gates",
     "expert_mean_vector", "norm_silu", "expert_activations", "scaled_combine", "routed_experts",
     "routed_experts_sparse", "swiglu", "deco_ffn", "gate_entropy", "entropy_loss", "update_lambda",
     "active_ratio", "rms_norm",
