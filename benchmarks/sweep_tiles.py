@@ -66,12 +66,10 @@ def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
     """µs of the prefill down-projection's atomics alone, on the layer's real (token, expert) lists."""
     T, d = x.shape
     n = w["w_router"].shape[0]
-    with torch.no_grad():
-        _, g = ffn.deco_ffn(x, **w, bias=bias, return_gates=True)
-    gt = g.t().contiguous()
-    tokens = torch.empty(n, T, device="cuda", dtype=torch.int32)
-    counts = torch.empty(n, device="cuda", dtype=torch.int32)
-    ffn._group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    g = torch.empty(T, n, device="cuda", dtype=torch.float32)
+    mu = torch.empty(T, device="cuda", dtype=torch.float32)
+    tokens, counts = ffn._group_by_expert(x, w["w_router"], layout.expert_mean(w["w_up"]), bias, None, 0.0, None,
+                                          g, mu)
     acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
     grid = (n, triton.cdiv(T, block_m))
     return graph_us(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d))

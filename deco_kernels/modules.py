@@ -199,7 +199,8 @@ class DecoMoE(nn.Module):
         weights = self.weights()
         check_layer(x, weights)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights.values()))
-        backend = backends.resolve(self.backend, x.device, needs_grad)
+        # Only the torch reference takes sampled gates, so "auto" means torch here; a named backend must be it.
+        backend = backends.resolve("torch" if self.backend == "auto" else self.backend, x.device, needs_grad)
         if backend != "torch":
             raise NotImplementedError(f"elastic training (config.elastic_prob > 0) runs on backend 'torch' only; "
                                       f"backend {self.backend!r} resolved to {backend!r}: use backend='torch' "

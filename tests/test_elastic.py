@@ -357,6 +357,10 @@ def test_elastic_training_needs_the_torch_backend(triton_device):
     ids = ids_of((1, 3)).to(triton_device)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="elastic"):
         model(ids)
+    model.set_backend("auto")  # "auto" takes torch for elastic training, on a GPU too
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 3, TINY.vocab_size)
+    model.set_backend("triton")
     model.config.elastic_prob = 0.0  # flags off: the same forward runs on Triton
     with torch.no_grad():
         assert model(ids).logits.shape == (1, 3, TINY.vocab_size)

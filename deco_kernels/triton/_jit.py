@@ -22,3 +22,13 @@ def norm_silu_gate(h, mu, gamma, gs, eps, DE: tl.constexpr):
     inv_rms = 1.0 / tl.sqrt(tl.sum(u * u, axis=1) / DE + eps)
     n = u * inv_rms[:, None] * gamma[None, :]
     return n * tl.sigmoid(n) * gs[:, None]
+
+
+@triton.jit
+def router_dot(x, wr):
+    """x [M, K] @ wr[R, K]^T -> [M, R] fp32 router logits (SPEC §1: fp32(x) @ fp32(w_router)^T). Two 16-bit
+    operands of one dtype go to tensor cores: their products are exact in fp32 and the sum is fp32. Anything
+    else (fp32, or a 16-bit layer with an fp32 router) is multiplied in fp32 with TF32 off."""
+    if x.dtype == wr.dtype and x.dtype != tl.float32:
+        return tl.dot(x, tl.trans(wr))
+    return tl.dot(x.to(tl.float32), tl.trans(wr.to(tl.float32)), input_precision="ieee")

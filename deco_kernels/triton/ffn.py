@@ -59,12 +59,24 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
-    low_precision = x.dtype in (torch.float16, torch.bfloat16) and w_router.dtype == x.dtype
     _router_kernel[(triton.cdiv(T, block_t),)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu,
         T, n, d, x.stride(0), bias_s, float(threshold), int(max_active or 0),
-        HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None, LOW_PRECISION_DOT=low_precision,
+        HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
         BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=64)
+
+
+def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
+    """Router (gates g, mu) then the tokens of each expert: (tokens [N, T] int32, counts [N] int32), expert e's
+    tokens in token order in tokens[e, :counts[e]]. Shared by the prefill and the training forward."""
+    T = x.shape[0]
+    n = w_router.shape[0]
+    gt = _empty(n, T, device=x.device, dtype=torch.float32)
+    _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
+    tokens = _empty(n, T, device=x.device, dtype=torch.int32)
+    counts = _empty(n, device=x.device, dtype=torch.int32)
+    _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    return tokens, counts
 
 
 def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -139,11 +151,8 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
-    gt = _empty(n, T, device=dev, dtype=torch.float32)
-    _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, cfg["router_block_t"])
-    tokens = _empty(n, T, device=dev, dtype=torch.int32)
-    counts = _empty(n, device=dev, dtype=torch.int32)
-    _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    tokens, counts = _group_by_expert(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu,
+                                      cfg["router_block_t"])
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     block_m = cfg["block_m"]
     grid = (n, triton.cdiv(T, block_m))
@@ -170,20 +179,21 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     n = w_router.shape[0]
     if max_active is not None and max_active >= n:
         max_active = None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *w.values())):
-        from .training import deco_ffn_train  # imported here: training.py builds on this module
-        return deco_ffn_train(x, w, bias, threshold, max_active, return_gates)
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w = {k: v.contiguous() for k, v in w.items()}
     T = x2.shape[0]
-    y = _empty(T, d, device=x.device, dtype=x.dtype)
-    g = _empty(T, n, device=x.device, dtype=torch.float32)
-    if T > 0:
-        wbar = layout.expert_mean(w["w_up"])
-        path = _small_batch if T <= SMALL_BATCH_MAX else _grouped
-        path(x2, w, wbar, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *w.values())):
+        from .training import deco_ffn_train  # imported here: training.py builds on this module
+        y, g = deco_ffn_train(x2, w, bias, threshold, max_active)
+    else:
+        y = _empty(T, d, device=x.device, dtype=x.dtype)
+        g = _empty(T, n, device=x.device, dtype=torch.float32)
+        if T > 0:
+            wbar = layout.expert_mean(w["w_up"])
+            path = _small_batch if T <= SMALL_BATCH_MAX else _grouped
+            path(x2, w, wbar, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
     y = y.reshape(*lead, d)
     return (y, g.reshape(*lead, n)) if return_gates else y

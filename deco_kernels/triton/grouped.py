@@ -1,4 +1,7 @@
-"""Prefill (many tokens): (token, expert) pairs grouped by expert, never a dense [T, N*de] intermediate.
+"""Prefill (many tokens): (token, expert) pairs grouped by expert, no host synchronisation.
+
+The activation buffer is [N, T, de], the dense size, because the number of pairs is known only on the device;
+only the first count[e] rows of expert e are written and read, so time follows the active pairs.
 
 1. `_group_kernel`, one program per expert: compacts the tokens whose gate for that expert is > 0 from the
    transposed gates gT [N, T] (written by the router) into tokens[e, :count[e]] in token order.
@@ -40,6 +43,38 @@ def _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_wk, K,
+                   DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """b[toks, :K] @ W_e^T -> [BLOCK_M, DE] fp32, with W_e[i, k] at w_ptr + (e*DE + i)*stride_wi + k*stride_wk
+    (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE))."""
+    rows = e64 * DE + tl.arange(0, DE)
+    acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        b = tl.load(b_ptr + toks[:, None] * stride_bt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
+                    mask=kmask[None, :], other=0.0)
+        acc += tl.dot(b, tl.trans(w), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _expert_scatter_add(a, toks, mmask, w_ptr, e64, stride_wc, stride_wi, out_ptr, C,
+                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[toks, :C] += a [BLOCK_M, DE] @ W_e^T with fp32 atomics, W_e[c, i] at w_ptr + c*stride_wc +
+    (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)), BLOCK_C columns a step."""
+    w_cols = (e64 * DE + tl.arange(0, DE)) * stride_wi
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + w_cols[None, :], mask=cmask[:, None], other=0.0)
+        tl.atomic_add(out_ptr + toks[:, None] * C + cols[None, :], tl.dot(a, tl.trans(w), input_precision=PREC),
+                      mask=mmask[:, None] & cmask[None, :], sem="relaxed")
+
+
+@triton.jit
 def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, a_ptr,
                        T, N, D, stride_xt, eps,
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -49,19 +84,11 @@ def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_
     if m0 < count:
         e64 = e.to(tl.int64)
         ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        rows = e64 * DE + tl.arange(0, DE)
-        acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            x = tl.load(x_ptr + toks[:, None] * stride_xt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0)
-            w = tl.load(wup_ptr + rows[:, None] * D + ks[None, :], mask=kmask[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
+        h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
         mu = tl.load(mu_ptr + toks, mask=mmask, other=0.0)
         gs = tl.load(g_ptr + toks * N + e, mask=mmask, other=0.0) * tl.load(scale_ptr + e).to(tl.float32)
         gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
-        a = norm_silu_gate(acc, mu, gamma, gs, eps, DE)
+        a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
         tl.store(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
                  a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
@@ -75,15 +102,6 @@ def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
     if m0 < count:
         e64 = e.to(tl.int64)
         ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        ks = tl.arange(0, DE)
-        a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + ks[None, :], mask=mmask[:, None],
-                    other=0.0)
-        NDE = N * DE
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < D
-            w = tl.load(wd_ptr + cols.to(tl.int64)[:, None] * NDE + (e64 * DE + ks)[None, :], mask=cmask[:, None],
-                        other=0.0)
-            out = tl.dot(a, tl.trans(w), input_precision=PREC)
-            tl.atomic_add(y_ptr + toks[:, None] * D + cols[None, :], out, mask=mmask[:, None] & cmask[None, :],
-                          sem="relaxed")
+        a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
+                    mask=mmask[:, None], other=0.0)
+        _expert_scatter_add(a, toks, mmask, wd_ptr, e64, N * DE, 1, y_ptr, D, DE, PREC, BLOCK_D)

@@ -8,13 +8,13 @@ fp32(x) @ fp32(w_router)^T up to the order of the sum.
 import triton
 import triton.language as tl
 
-from ._jit import gate_knobs
+from ._jit import gate_knobs, router_dot
 
 
 @triton.jit
 def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr,
                    T, N, D, stride_xt, bias, threshold, max_active,
-                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     ts = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -32,10 +32,7 @@ def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr,
         x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
                     other=0.0)
         w = tl.load(wr_ptr + ns64[:, None] * D + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if LOW_PRECISION_DOT:
-            acc += tl.dot(x, tl.trans(w))
-        else:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        acc += router_dot(x, w)
         wbar = tl.load(wbar_ptr + ks, mask=kmask, other=0.0)
         mu += tl.sum(x.to(tl.float32) * wbar[None, :], axis=1)
 

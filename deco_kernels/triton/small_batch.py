@@ -29,7 +29,7 @@ differ between runs in the last bits of fp32.
 import triton
 import triton.language as tl
 
-from ._jit import gate_knobs, norm_silu_gate
+from ._jit import gate_knobs, norm_silu_gate, router_dot
 
 
 @triton.jit
@@ -86,6 +86,18 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
+def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations hs [BLOCK_T, BLOCK_DS] (fp32) and the [BLOCK_D, BLOCK_DS] block of
+    ws_down for the program's output features. They do not depend on the gates, so the down kernels issue
+    these loads first, overlapping the compaction's."""
+    ss = tl.arange(0, BLOCK_DS)
+    smask = ss < DS
+    hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
+    ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
+    return hs, ws
+
+
+@triton.jit
 def _active_experts(g_ptr, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """(active [BLOCK_N], position among the active [BLOCK_N], count): the union over the T tokens."""
     ts = tl.arange(0, BLOCK_T)
@@ -106,7 +118,7 @@ def _slot_ids(active, pos, slots, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
-                         USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                         USE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """(r, mu) [BLOCK_T]: the fp32 router logits of expert e and the global mean mu = x.wbar, in one K loop.
 
     With a dot, the logits come from tensor cores (a [16, BLOCK_K] tile whose row 0 is w_router[e]) so the
@@ -124,10 +136,7 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
         if USE_DOT:
             wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :], mask=(r16 == 0)[:, None] & kmask[None, :],
                          other=0.0)
-            if x.dtype == wr.dtype:
-                acc += tl.dot(x, tl.trans(wr), input_precision=PREC)
-            else:  # e.g. a bf16 layer with an fp32 router: exact fp32 products
-                acc += tl.dot(x.to(tl.float32), tl.trans(wr.to(tl.float32)), input_precision="ieee")
+            acc += router_dot(x, wr)
         else:
             acc += x.to(tl.float32) * tl.load(wr_ptr + e64 * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
         mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
@@ -152,7 +161,7 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
         if GATES_GIVEN:  # the router kernel wrote the gates and mu
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
         else:
-            r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, USE_DOT, PREC,
+            r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, USE_DOT,
                                          BLOCK_T, BLOCK_KR)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
             if pid % RB == 0:
@@ -183,16 +192,11 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    # The shared expert first: its loads do not depend on the gates, so they overlap the compaction's.
-    ss = tl.arange(0, BLOCK_DS)
-    smask = ss < DS
-    hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
-    ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :],
-                 other=0.0).to(tl.float32)
+    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
-        acc = tl.where(ts[:, None] == t, acc + tl.sum(ws * hs_t[None, :], axis=1)[None, :], acc)
+        acc = tl.where(ts[:, None] == t, acc + tl.sum(ws.to(tl.float32) * hs_t[None, :], axis=1)[None, :], acc)
 
     active, pos, count = _active_experts(g_ptr, T, N, BLOCK_T, BLOCK_N)
     gamma = tl.load(gamma_ptr + ks).to(tl.float32)
@@ -218,7 +222,8 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 
 @triton.jit
 def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
-                       y_ptr, T, N, D, DS, stride_yt, eps, DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       y_ptr, T, N, D, DS, stride_yt, eps,
+                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
     pid_d = tl.program_id(0)
     slot = tl.program_id(1)
@@ -247,11 +252,7 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
         # accumulator and its counter at zero for the next call (so CUDA graphs replay it).
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == arrivals - 1:
-            ss = tl.arange(0, BLOCK_DS)
-            smask = ss < DS
-            hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
-            ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :],
-                         other=0.0)
+            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
             out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
             out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)

@@ -48,7 +48,7 @@ from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
 from . import ffn
 from ._jit import norm_silu_gate
-from .grouped import _group_kernel, _tile_tokens
+from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
 BLOCK_M = 64            # pairs of one expert per program
 BLOCK_K = 64            # reduction step over d in the gather matmuls
@@ -87,24 +87,6 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
     return g, gs, mu, gamma
 
 
-@triton.jit
-def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_wk, K,
-                   DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """b[toks, :K] @ W_e^T -> [BLOCK_M, DE] fp32, with W_e[i, k] at w_ptr + (e*DE + i)*stride_wi + k*stride_wk
-    (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE))."""
-    rows = e64 * DE + tl.arange(0, DE)
-    acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        b = tl.load(b_ptr + toks[:, None] * stride_bt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
-                    mask=kmask[None, :], other=0.0)
-        acc += tl.dot(b, tl.trans(w), input_precision=PREC)
-    return acc
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------
@@ -138,17 +120,9 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
     off, count = _expert_span(off_ptr, e)
     if m0 < count:
         mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
-        ks = tl.arange(0, DE)
-        a = tl.load(a_ptr + pairs[:, None] * DE + ks[None, :], mask=mmask[:, None], other=0.0)
-        w_cols = (e.to(tl.int64) * DE + ks) * stride_wi
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            cmask = cols < C
-            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + w_cols[None, :], mask=cmask[:, None],
-                        other=0.0)
-            out = tl.dot(a, tl.trans(w), input_precision=PREC)
-            tl.atomic_add(out_ptr + toks[:, None] * C + cols[None, :], out, mask=mmask[:, None] & cmask[None, :],
-                          sem="relaxed")
+        a = tl.load(a_ptr + pairs[:, None] * DE + tl.arange(0, DE)[None, :], mask=mmask[:, None], other=0.0)
+        _expert_scatter_add(a, toks, mmask, w_ptr, e.to(tl.int64), stride_wc, stride_wi, out_ptr, C, DE, PREC,
+                            BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,12 +271,8 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     acc = ffn._empty(T, d, device=dev, dtype=f32)
     acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
     if T > 0:
-        wbar = layout.expert_mean(w_up)
-        gt = ffn._empty(n, T, device=dev, dtype=f32)
-        ffn._router(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu, gt)
-        tokens = ffn._empty(n, T, device=dev, dtype=torch.int32)
-        counts = ffn._empty(n, device=dev, dtype=torch.int32)
-        _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+        tokens, counts = ffn._group_by_expert(x, w_router, layout.expert_mean(w_up), bias_value, bias, threshold,
+                                              max_active, g, mu)
         torch.cumsum(counts, 0, out=offsets[1:])
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
@@ -425,20 +395,13 @@ deco_ffn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 # Entry point (ffn.deco_ffn routes calls that need autograd here)
 # ---------------------------------------------------------------------------------------------------------
-def deco_ffn_train(x, w: dict, bias, threshold, max_active, return_gates):
-    """Differentiable DECO layer on Triton: x [..., d], the canonical weights ``w`` by name (validated by
-    deco_kernels.ops), knobs as in ops.deco_ffn (max_active already None when >= N). Returns y [..., d] or
-    (y, g) with g [..., N] fp32 differentiable (for the entropy regulariser). The knobs themselves get no
+def deco_ffn_train(x, w: dict, bias, threshold, max_active):
+    """Differentiable DECO layer on Triton, called by ffn.deco_ffn with x [T, d] (unit column stride), the
+    contiguous canonical weights ``w`` by name and the knobs (max_active already None when >= N). Returns
+    (y [T, d], g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no
     gradient (a tensor bias is treated as a constant)."""
-    lead, d = x.shape[:-1], x.shape[-1]
-    n = w["w_router"].shape[0]
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = {k: v.contiguous() for k, v in w.items()}
-    shared = dense_swiglu(x2, w["ws_gate"], w["ws_up"], w["ws_down"])
-    bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
-    y, g, *_ = deco_ffn_fwd(x2, w["w_router"], w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
+    shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    bias_value, bias_vec = ffn._bias_args(bias, w["w_router"].shape[0], x.device)
+    y, g, *_ = deco_ffn_fwd(x, w["w_router"], w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
                             bias_vec, bias_value, float(threshold), int(max_active or 0))
-    y = y.reshape(*lead, d)
-    return (y, g.reshape(*lead, n)) if return_gates else y
+    return y, g
