@@ -167,7 +167,11 @@ def test_gpu_cuda_graph_capture_and_replay(T):
             graph.replay()
             torch.cuda.synchronize()
             eager = ops.deco_ffn(fresh, **w, backend="triton")
-            assert torch.equal(static_y, eager)
+            if T == 1:  # the decode kernels sum in a fixed order: bit-identical
+                assert torch.equal(static_y, eager)
+            else:  # the small-batch down kernel adds experts with fp32 atomics: one bf16 rounding step apart
+                # (measured on the H100: eager calls differ among themselves by one ulp in a few elements)
+                torch.testing.assert_close(static_y, eager, rtol=2**-7, atol=0.0)
 
 
 @pytest.mark.gpu
