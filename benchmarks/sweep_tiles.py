@@ -20,12 +20,14 @@ from triton.testing import do_bench
 from bench_layer import environment, make_layer
 from deco_kernels import DecoConfig, layout
 from deco_kernels.triton import ffn
+from deco_kernels.triton._jit import scatter_add
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
              dict(down_warps=[4, 8])]
-SMALL_DOT = [dict(rows=[16, 32, 64], block_k=[128, 256]), dict(up_warps=[4, 8], up_stages=[2, 3, 4]),
-             dict(block_d=[64, 128, 256], down_warps=[4, 8])]
-GROUPED = [dict(router_block_t=[16, 32, 64]), dict(block_m=[64, 128], block_k=[64, 128]),
+SMALL_DOT = [dict(split=[1, 2, 3, 4], rows=[32, 64]), dict(block_k=[128, 256]),
+             dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128, 256], down_warps=[4, 8])]
+GROUPED = [dict(vector_atomics=[False, True]), dict(router_block_t=[16, 32, 64]),
+           dict(block_m=[64, 128], block_k=[64, 128]),
            dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]
 
 
@@ -47,7 +49,8 @@ def layer_runner(x, w, bias, T, n):
 
 
 @triton.jit
-def _scatter_only_kernel(tok_ptr, count_ptr, y_ptr, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scatter_only_kernel(tok_ptr, count_ptr, y_ptr, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         VECTOR: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
     m0 = tl.program_id(1) * BLOCK_M
     count = tl.load(count_ptr + e)
@@ -58,11 +61,10 @@ def _scatter_only_kernel(tok_ptr, count_ptr, y_ptr, T, D, BLOCK_M: tl.constexpr,
         val = tl.full([BLOCK_M, BLOCK_D], 1.0, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            tl.atomic_add(y_ptr + toks[:, None] * D + cols[None, :], val, mask=mmask[:, None] & (cols < D)[None, :],
-                          sem="relaxed")
+            scatter_add(y_ptr + toks[:, None] * D + cols[None, :], val, mmask[:, None] & (cols < D)[None, :], VECTOR)
 
 
-def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
+def scatter_floor_us(x, w, bias, block_m=64, block_d=64, vector=False):
     """µs of the prefill down-projection's atomics alone, on the layer's real (token, expert) lists."""
     T, d = x.shape
     n = w["w_router"].shape[0]
@@ -72,7 +74,8 @@ def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
                                           g, mu)
     acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
     grid = (n, triton.cdiv(T, block_m))
-    return graph_us(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d))
+    return graph_us(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d,
+                                                       VECTOR=vector))
 
 
 def sweep(run, base, groups, T, results):
@@ -117,7 +120,9 @@ def main():
             default_us, best_us, best_cfg = sweep(run, base, groups, T, results)
             line = dict(T=T, default_us=default_us, best_us=best_us, best=best_cfg)
             if T > ffn.SMALL_BATCH_MAX:
-                line["scatter_only_us"] = scatter_floor_us(x, w, bias, best_cfg["block_m"], best_cfg["block_d"])
+                for vector in (False, True):
+                    line[f"scatter_only_us_vector_{vector}"] = scatter_floor_us(x, w, bias, best_cfg["block_m"],
+                                                                               best_cfg["block_d"], vector)
         summary.append(line)
         print(json.dumps(line), flush=True)
     with open(args.out, "w") as f:

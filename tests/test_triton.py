@@ -105,6 +105,20 @@ def test_n1_and_wide_shared(triton_device):
     check(x, w)
 
 
+@pytest.mark.parametrize("T, cfg", [
+    (2, dict(use_dot=False, rows=8, split=2, up_warps=4, block_d=16, slots=4, down_warps=4)),
+    (9, dict(use_dot=True, rows=16, split=3, block_k=16, up_warps=4, up_stages=2, block_d=32, down_warps=4)),
+    # 40 columns are 3 K steps of 16: the 4th split has an empty K range and must still write its zeros.
+    (9, dict(use_dot=True, rows=32, split=4, block_k=16, up_warps=4, up_stages=2, block_d=16, down_warps=4)),
+], ids=["fma-split2", "dot-split3", "dot-split-past-k"])
+def test_small_batch_tile_configs(triton_device, monkeypatch, T, cfg):
+    """Any config the autotuner may pick gives the same layer: K splits, row blocks, feature blocks."""
+    monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: cfg)
+    x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=13, active=0.4)
+    check(x, w)
+    check(x, w, max_active=2)
+
+
 def test_wbar_cache_refreshes_when_weights_change(triton_device):
     from deco_kernels import layout
     x, w = make_layer(3, 32, 7, 16, 16, device=triton_device, seed=4, active=0.5)

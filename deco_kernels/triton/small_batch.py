@@ -29,14 +29,15 @@ differ between runs in the last bits of fp32.
 import triton
 import triton.language as tl
 
-from ._jit import gate_knobs, norm_silu_gate, router_dot
+from ._jit import gate_knobs, norm_silu_gate, router_dot, scatter_add
 
 
 @triton.jit
-def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
+def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, k_lo, k_hi, stride_xt,
                   USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    """x[:T] @ w[row0:row0+ROWS, :]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens >= T read as 0).
+    """x[:T, k_lo:k_hi] @ w[row0:row0+ROWS, k_lo:k_hi]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens >= T
+    read as 0); w has D columns.
 
     Without a dot, BLOCK_K covers d (one iteration): the slab is loaded once and reused for every token."""
     ts = tl.arange(0, BLOCK_T)
@@ -45,9 +46,9 @@ def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
     rmask = rs < row_end
     rs64 = rs.to(tl.int64)
     acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
+        kmask = ks < k_hi
         w = tl.load(w_ptr + rs64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:
             x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
@@ -63,16 +64,21 @@ def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
 
 
 @triton.jit
-def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, stride_xt,
+def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, k_lo, k_hi, stride_xt,
                  USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """hs[:, row0:row0+ROWS] = silu(x Wg^T) * (x Wu^T) of the shared expert, fp32."""
+    """The shared expert's gate and up pre-activations over K range [k_lo, k_hi): hs[:, row0:row0+ROWS] and
+    hs[:, DS+row0:DS+row0+ROWS] (fp32 partial sums; the down kernels add the K splits and apply silu)."""
     ts = tl.arange(0, BLOCK_T)
-    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
-    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
+                         BLOCK_K)
+    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
+                       BLOCK_K)
     cols = row0 + tl.arange(0, ROWS)
-    tl.store(hs_ptr + ts.to(tl.int64)[:, None] * DS + cols[None, :], gate * tl.sigmoid(gate) * up,
-             mask=(ts < T)[:, None] & (cols < DS)[None, :])
+    out = hs_ptr + ts.to(tl.int64)[:, None] * (2 * DS) + cols[None, :]
+    mask = (ts < T)[:, None] & (cols < DS)[None, :]
+    tl.store(out, gate, mask=mask)
+    tl.store(out + DS, up, mask=mask)
 
 
 @triton.jit
@@ -86,15 +92,31 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
-def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
-    """The shared expert's hidden activations hs [BLOCK_T, BLOCK_DS] (fp32) and the [BLOCK_D, BLOCK_DS] block of
-    ws_down for the program's output features. They do not depend on the gates, so the down kernels issue
-    these loads first, overlapping the compaction's."""
+def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32, summed over the up
+    kernel's K splits) and the [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do
+    not depend on the gates, so the down kernels issue these loads first, overlapping the compaction's."""
     ss = tl.arange(0, BLOCK_DS)
     smask = ss < DS
-    hs = tl.load(hs_ptr + ts64[:, None] * DS + ss[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
+    mask = tmask[:, None] & smask[None, :]
+    ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
+    gate = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
+    up = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        gate += tl.load(ptrs + s * T * (2 * DS), mask=mask, other=0.0)
+        up += tl.load(ptrs + s * T * (2 * DS) + DS, mask=mask, other=0.0)
     ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
-    return hs, ws
+    return gate * tl.sigmoid(gate) * up, ws
+
+
+@triton.jit
+def _expert_h(h_ptr, row_offs, hmask, T, NDE, SPLIT: tl.constexpr):
+    """The raw up-projection h at int64 offsets row_offs (token * N*DE + column), summed over the K splits."""
+    h = tl.load(h_ptr + row_offs, mask=hmask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        h += tl.load(h_ptr + s * T * NDE + row_offs, mask=hmask, other=0.0)
+    return h
 
 
 @triton.jit
@@ -145,43 +167,50 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
 
 @triton.jit
 def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
-               T, N, D, DS, stride_xt, bias, threshold,
+               T, N, D, DS, K_SPLIT, stride_xt, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_KR: tl.constexpr):
+               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr):
+    # Program pid: row block pid // SPLIT (experts' blocks first, then the shared expert's), K split pid % SPLIT.
     pid = tl.program_id(0)
+    block = pid // SPLIT
+    split = pid % SPLIT
+    k_lo = split * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, D)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
     RB: tl.constexpr = DE // ROWS
     NDE = N * DE
-    if pid < N * RB:
-        e = pid // RB
-        row0 = e * DE + (pid % RB) * ROWS
+    if block < N * RB:
+        e = block // RB
+        row0 = e * DE + (block % RB) * ROWS
         if GATES_GIVEN:  # the router kernel wrote the gates and mu
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
-        else:
+        else:  # every split of the expert computes the whole logit (x and the router row sit in L2)
             r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, USE_DOT,
                                          BLOCK_T, BLOCK_KR)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            if pid % RB == 0:
+            if pid % (RB * SPLIT) == 0:
                 tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
             if pid == 0:
                 tl.store(mu_ptr + ts, mu, mask=tmask)
         if tl.max(g, axis=0) > 0:
-            h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+            h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
+                              BLOCK_K)
             cols = row0 + tl.arange(0, ROWS)
-            tl.store(h_ptr + ts64[:, None] * NDE + cols[None, :], h, mask=tmask[:, None])
+            out = h_ptr + split.to(tl.int64) * T * NDE + ts64[:, None] * NDE + cols[None, :]
+            tl.store(out, h, mask=tmask[:, None])
     else:
-        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, (pid - N * RB) * ROWS, T, D, DS, stride_xt, USE_DOT, PREC,
-                     BLOCK_T, ROWS, BLOCK_K)
+        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr + split * T * (2 * DS), (block - N * RB) * ROWS, T, D, DS,
+                     k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
 
 
 @triton.jit
 def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, y_ptr,
                         T, N, D, DS, stride_yt, eps,
-                        DE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
+                        DE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -192,7 +221,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT, BLOCK_T, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
@@ -211,7 +240,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
         for t in tl.static_range(BLOCK_T):
             live = svalid & (slots * 0 + t < T)
             gs_t = tl.load(g_ptr + t * N + ids, mask=live, other=0.0) * scale
-            h_t = tl.load(h_ptr + t * NDE + (ids64 * DE)[:, None] + ks[None, :], mask=live[:, None], other=0.0)
+            h_t = _expert_h(h_ptr, t * NDE + (ids64 * DE)[:, None] + ks[None, :], live[:, None], T, NDE, SPLIT)
             mu_t = tl.load(mu_ptr + t + slots * 0, mask=live, other=0.0)
             a_t = norm_silu_gate(h_t, mu_t, gamma, gs_t, eps, DE)
             y_t = tl.sum(tl.sum(w * a_t[None, :, :], axis=2), axis=1)
@@ -223,8 +252,8 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 @triton.jit
 def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
                        y_ptr, T, N, D, DS, stride_yt, eps,
-                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
+                       DE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
     pid_d = tl.program_id(0)
     slot = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
@@ -242,17 +271,18 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
             e64 = tl.max(_slot_ids(active, pos, slot + tl.arange(0, 1), BLOCK_N), axis=0).to(tl.int64)
             ks = e64 * DE + tl.arange(0, DE)
             w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
-            h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
+            nde = tl.cast(N, tl.int64) * DE
+            h = _expert_h(h_ptr, ts64[:, None] * nde + ks[None, :], tmask[:, None], T, nde, SPLIT)
             gs = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0) * tl.load(scale_ptr + e64).to(tl.float32)
             a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
                                tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
-            tl.atomic_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), mask=out_mask,
-                          sem="relaxed")
+            scatter_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), out_mask, VECTOR)
         # The last expert of this block of features to arrive adds the shared expert, writes y and leaves the
         # accumulator and its counter at zero for the next call (so CUDA graphs replay it).
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == arrivals - 1:
-            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT, BLOCK_T,
+                                         BLOCK_DS)
             out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
             out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
