@@ -37,9 +37,9 @@ def router_dot(x, wr):
 @triton.jit
 def scatter_add(ptrs, vals, mask, VECTOR: tl.constexpr):
     """*ptrs += vals (fp32, relaxed atomics) where mask. VECTOR (sm_90+, compiled only): a thread's elements
-    go out four at a time as one 16-byte vector reduction when their addresses are consecutive and all four
-    are unmasked, else as two 8-byte ones for each such pair, else one by one: which elements share an asm
-    instance is the compiler's choice, so the asm checks the addresses itself. Fewer, wider atomic operations
+    go out four at a time as one 16-byte vector reduction when their addresses are consecutive, 16-byte
+    aligned and all four unmasked, else as two 8-byte ones for each such aligned pair, else one by one: which
+    elements share an asm instance is the compiler's choice, so the asm checks the addresses itself. Fewer, wider atomic operations
     are what the prefill down-projection is bound by."""
     if VECTOR:
         tl.inline_asm_elementwise(
@@ -55,10 +55,16 @@ def scatter_add(ptrs, vals, mask, VECTOR: tl.constexpr):
             add.u64 a3, $6, 4;
             setp.eq.and.u64 q01, a1, $5, m0;
             and.pred q01, q01, m1;
+            and.b64 a1, $4, 7;
+            setp.eq.and.u64 q01, a1, 0, q01;
             setp.eq.and.u64 q23, a3, $7, m2;
             and.pred q23, q23, m3;
+            and.b64 a3, $6, 7;
+            setp.eq.and.u64 q23, a3, 0, q23;
             setp.eq.and.u64 q4, a2, $6, q01;
             and.pred q4, q4, q23;
+            and.b64 a2, $4, 15;
+            setp.eq.and.u64 q4, a2, 0, q4;
             @q4 red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};
             not.pred t, q4;
             and.pred q01, q01, t;

@@ -97,7 +97,9 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     rows: up-projection rows per program; split: programs that share one row block's K (d) range, each writing
     a partial sum that the down kernel adds (more bytes in flight at once: 85 whole-expert programs leave a
     third of an H100's SMs idle); block_k: K step of the tensor-core up-projection; block_d: output features
-    per down program; slots: active experts per round of the decode down kernel's loop."""
+    per down program; slots: active experts per round of the decode down kernel's loop; vector_atomics
+    (optional, default: whatever the device supports, see vector_atomics()): the union down kernel's adds as
+    vector reductions."""
     if T <= FMA_MAX_T:
         return dict(use_dot=False, rows=4, split=1, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
@@ -143,7 +145,7 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     grid = (triton.cdiv(d, cfg["block_d"]), n)
     _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
                              _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype),
-                             VECTOR=vector_atomics(dev), **meta)
+                             VECTOR=cfg.get("vector_atomics", True) and vector_atomics(dev), **meta)
 
 
 def grouped_config(T: int) -> dict:
