@@ -60,7 +60,7 @@ def main():
             proc = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True,
                                   timeout=120)
             out = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-            err = proc.stderr.strip().splitlines()[-1:] if proc.returncode else ""
+            err = " | ".join(proc.stderr.strip().splitlines()[-3:]) if proc.returncode else ""
         except subprocess.TimeoutExpired:
             out, err = None, "timed out after 120 s"
         ok = out is not None and out["rel_err"] <= tol and out["same_active"]

@@ -105,6 +105,7 @@ def main():
     p.add_argument("--preset", default="1.2b")
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 4096])
     p.add_argument("--out", default="sweep.json")
+    p.add_argument("--quick", action="store_true", help="sweep only the first group of knobs of each path")
     args = p.parse_args()
     model = DecoConfig.preset(args.preset)
     results, summary = [], []
@@ -116,6 +117,7 @@ def main():
             groups = SMALL_DOT if base["use_dot"] else SMALL_FMA
         else:
             base, groups = ffn.grouped_config(T), GROUPED
+        groups = groups[:1] if args.quick else groups
         with torch.no_grad():
             default_us, best_us, best_cfg = sweep(run, base, groups, T, results)
             line = dict(T=T, default_us=default_us, best_us=best_us, best=best_cfg)

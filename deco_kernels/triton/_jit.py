@@ -89,6 +89,6 @@ def scatter_add(ptrs, vals, mask, VECTOR: tl.constexpr):
             mov.u32 $3, 0;
             }""",
             constraints="=r,=r,=r,=r,l,l,l,l,f,f,f,f,r,r,r,r",
-            args=[ptrs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=4)
+            args=[ptrs.to(tl.int64), vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=4)
     else:
         tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
