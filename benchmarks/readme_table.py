@@ -1,50 +1,143 @@
-"""Render a bench_layer.py JSON as the README's results table (between the RESULTS markers).
+"""Render a benchmark JSON (``deco-kernels bench``'s bench.json, or bench_layer.py's JSON) as the README's
+results block, between the RESULTS markers. Nothing in the block is typed by hand.
 
-    python benchmarks/readme_table.py benchmarks/results/h100/bench_layer.json --write README.md
+    python benchmarks/readme_table.py benchmarks/results/h100/bench.json --write README.md
 """
+from __future__ import annotations
+
 import argparse
 import json
+import os
 import re
 
 BEGIN, END = "<!-- RESULTS:BEGIN (benchmarks/readme_table.py) -->", "<!-- RESULTS:END -->"
+KERNELS = ("triton", "cupy")
+PLOTS = (("speedup_vs_T.png", "speed-up vs T"), ("fraction_of_floor.png", "fraction of floor"),
+         ("decode_latency_vs_active_ratio.png", "decode latency vs active ratio"), ("model.png", "whole model"))
 
 
-def table(result: dict) -> str:
+def _f(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def header(result: dict) -> str:
     env = result["environment"]
-    kernels = [k for k in ("triton", "cupy") if any(k in r["us"] for r in result["rows"])]
-    names = ["dense_twin"] + (["torch"] if any("torch" in r["us"] for r in result["rows"]) else []) + kernels
-    lines = [f"Measured on {env['gpu']} (sm_{env['capability'].replace('.', '')}), torch {env['torch']}, "
-             f"triton {env['triton']}, {env['date'][:10]}; {result['dtype']}, one layer, ~20% of experts active; "
-             f"copy {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul "
-             f"{result['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s. µs are medians; T <= 8 under CUDA graphs.", "",
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cupy") if k in env)
+    text = (f"Measured on {env['gpu']} (sm_{env['capability'].replace('.', '')}), {versions}, {env['date'][:10]}; "
+            f"{result['dtype']}; copy {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul "
+            f"{result['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    if "two_empty_launches_us" in result:
+        text += (f"; a CUDA graph of two empty Triton launches replays in {result['two_empty_launches_us']:.1f} µs "
+                 f"(the least a two-launch layer can take)")
+    return text + "."
+
+
+def layer_table(result: dict) -> str:
+    rows = result["rows"]
+    kernels = [k for k in KERNELS if any(k in r.get("us", {}) for r in rows)]
+    names = ["dense_twin"] + (["torch"] if any("torch" in r.get("us", {}) for r in rows) else []) + kernels
+    lines = [f"One layer, ~20% of experts active; µs are medians; T <= {result.get('graph_max_tokens', 8)} under "
+             f"CUDA graphs.", "",
              "| preset | T | " + " | ".join(f"{n} µs" for n in names) + " | "
              + " | ".join(f"{k} vs dense | {k} fraction of floor" for k in kernels) + " |",
              "|" + "---|" * (2 + len(names) + 2 * len(kernels))]
-    for r in result["rows"]:
-        cells = [r["preset"], str(r["T"])] + [f"{r['us'][n]:.1f}" if n in r["us"] else "-" for n in names]
+    for r in rows:
+        us, speedup, floor = r.get("us", {}), r.get("speedup_vs_dense", {}), r.get("fraction_of_floor", {})
+        cells = [r["preset"], str(r["T"])] + [_f(us.get(n), ".1f") for n in names]
         for k in kernels:
-            cells += [f"{r['speedup_vs_dense'][k]:.2f}x", f"{r['fraction_of_floor'][k]:.2f}"]
+            cells += [_f(speedup.get(k), ".2f") + ("x" if k in speedup else ""), _f(floor.get(k), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json")
-    p.add_argument("--write", help="README to update in place between the markers")
-    args = p.parse_args()
-    with open(args.json) as f:
-        text = table(json.load(f))
-    if not args.write:
-        print(text)
-        return
-    with open(args.write) as f:
+def model_table(result: dict) -> str:
+    part = result["model"]
+    rows = part["rows"]
+    first = next((r["deco"] for r in rows if "decode_context" in r.get("deco", {})), {})
+    lines = [f"Whole model, DECO vs the dense-twin model, routers calibrated to ~{100 * part['target_ratio']:.0f}% "
+             f"active: batch-1 decode after {first.get('decode_context', '?')} cached tokens "
+             f"({first.get('decode_method', '?').replace('_', ' ')}), prefill of {first.get('prefill_tokens', '?')} "
+             f"tokens, training step (forward, backward, AdamW) on {first.get('train_tokens', '?')} tokens. The "
+             f"floor ratio is the weights read per decoded token, dense over DECO (attention, the embedding row "
+             f"and the LM head do not shrink); the fraction is the measured decode speed-up over it.", "",
+             "| preset | decode active | decode tok/s DECO / dense | decode x | floor ratio | fraction of floor "
+             "ratio | prefill tok/s DECO / dense | train tok/s DECO / dense | train peak GiB DECO / dense |",
+             "|" + "---|" * 9]
+    for r in rows:
+        deco, dense = r.get("deco", {}), r.get("dense_twin", {})
+
+        def pair(key, fmt, scale=1.0):
+            a, b = deco.get(key), dense.get(key)
+            return f"{_f(a and a * scale, fmt)} / {_f(b and b * scale, fmt)}"
+        cells = [r["preset"], _f(deco.get("decode_active_ratio") and 100 * deco["decode_active_ratio"], ".1f") + "%",
+                 pair("decode_tokens_per_s", ".0f"), _f(r.get("decode_speedup"), ".2f"),
+                 _f(r.get("floor", {}).get("floor_ratio"), ".2f"), _f(r.get("fraction_of_floor_ratio"), ".2f"),
+                 pair("prefill_tokens_per_s", ".0f"), pair("train_tokens_per_s", ".0f"),
+                 pair("train_peak_bytes", ".1f", 2.0**-30)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_line(result: dict) -> str:
+    """Decode latency at the lowest and highest active ratio of the sweep, per T and backend."""
+    part = result["ratio"]
+    rows = [r for r in part["rows"] if r.get("us")]
+    out = []
+    for T in sorted({r["T"] for r in rows}):
+        sel = sorted((r for r in rows if r["T"] == T), key=lambda r: r["active_ratio"])
+        lo, hi = sel[0], sel[-1]
+        for k in (k for k in KERNELS if k in lo["us"] and k in hi["us"]):
+            out.append(f"T={T} {k}: {lo['us'][k]:.1f} µs at {100 * lo['active_ratio']:.0f}% active, "
+                       f"{hi['us'][k]:.1f} µs at {100 * hi['active_ratio']:.0f}% (dense twin "
+                       f"{_f(lo.get('dense_twin_us'), '.1f')} µs)")
+    return (f"Decode latency vs active ratio ({part.get('preset', '1.2b')} layer, CUDA graphs, router bias swept): "
+            + "; ".join(out) + ".") if out else ""
+
+
+def plot_links(json_dir: str, link_prefix: str) -> str:
+    """"Plots: [label](prefix/name), ..." for the plots that exist next to the JSON ("" when none)."""
+    links = [f"[{label}]({link_prefix}/{name})" for name, label in PLOTS
+             if os.path.exists(os.path.join(json_dir, name))]
+    return "Plots: " + ", ".join(links) + "." if links else ""
+
+
+def table(result: dict, plots: str = "") -> str:
+    """The whole results block: header, layer table, model table, active-ratio line and ``plots``."""
+    parts = [header(result)]
+    if result.get("rows"):
+        parts.append(layer_table(result))
+    if result.get("model", {}).get("rows"):
+        parts.append(model_table(result))
+    if result.get("ratio", {}).get("rows") and ratio_line(result):
+        parts.append(ratio_line(result))
+    if plots:
+        parts.append(plots)
+    return "\n\n".join(parts)
+
+
+def write(readme_path: str, text: str) -> None:
+    with open(readme_path) as f:
         readme = f.read()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"{args.write}: no {BEGIN} ... {END} block to fill")
-    with open(args.write, "w") as f:
+        raise SystemExit(f"{readme_path}: no {BEGIN} ... {END} block to fill")
+    with open(readme_path, "w") as f:
         f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json")
+    p.add_argument("--write", help="README to update in place between the markers")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    json_dir = os.path.dirname(os.path.abspath(args.json))
+    if not args.write:
+        print(table(result, plot_links(json_dir, os.path.relpath(json_dir))))
+        return
+    prefix = os.path.relpath(json_dir, os.path.dirname(os.path.abspath(args.write)))
+    write(args.write, table(result, plot_links(json_dir, prefix)))
 
 
 if __name__ == "__main__":

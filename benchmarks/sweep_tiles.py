@@ -24,7 +24,7 @@ from deco_kernels.triton._jit import scatter_add
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
              dict(down_warps=[4, 8])]
-SMALL_DOT = [dict(split=[1, 2, 3, 4], rows=[32, 64]), dict(block_k=[128, 256]),
+SMALL_DOT = [dict(rows=[32, 64], block_k=[128, 256]),
              dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128, 256], down_warps=[4, 8])]
 GROUPED = [dict(vector_atomics=[False, True]), dict(router_block_t=[16, 32, 64]),
            dict(block_m=[64, 128], block_k=[64, 128]),

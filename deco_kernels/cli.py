@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", help="auto, torch, triton or cupy (default auto)")
     demo.add_argument("--repeats", type=int, default=20, help="timed calls per layer; the median is printed")
     demo.add_argument("--seed", type=int, default=0)
+    from . import benchmark  # `deco-kernels bench`
+    benchmark.add_parser(sub)
+    from .autotune import tune  # `deco-kernels tune`
+    tune.add_parser(sub)
     return parser
 
 
@@ -92,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "bench":
+        from . import benchmark
+        return benchmark.main(args)
+    if args.command == "tune":
+        return args.func(args)
     return 2  # unreachable: argparse requires a known command
 
 

@@ -28,3 +28,18 @@ def test_demo_rejects_an_unknown_preset(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--preset", "7b"])
     assert exc.value.code == 2 and "--preset" in capsys.readouterr().err
+
+
+def test_bench_without_a_gpu_exits_nonzero_with_a_clear_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = cli.main(["bench", "--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "needs a CUDA GPU" in err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bench_rejects_unknown_parts_and_a_missing_json(tmp_path, capsys):
+    assert cli.main(["bench", "--parts", "layer,speed"]) == 2
+    assert "parts" in capsys.readouterr().err
+    assert cli.main(["bench", "--plot-only", "--out", str(tmp_path)]) == 1
+    assert "bench.json" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from .. import backends, layout
+from ..autotune import config_for
 from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
@@ -47,7 +48,7 @@ _vector: dict = {}
 
 
 def vector_atomics(device: torch.device) -> bool:
-    """Whether fp32 scatter-adds may go out as 8-byte vector reductions (sm_90+; never in the interpreter)."""
+    """Whether fp32 scatter-adds can go out as vector reductions here (sm_90+; never in the interpreter)."""
     if device not in _vector:
         _vector[device] = (device.type == "cuda" and not backends.interpreting()
                            and torch.cuda.get_device_capability(device)[0] >= 9)
@@ -91,31 +92,28 @@ def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g
 
 
 def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tile config of the small-batch path for T tokens (the autotune harness will replace this default).
+    """Default tile config of the small-batch path for T tokens (a tuned cache, deco_kernels.autotune, wins).
 
     use_dot: tensor cores (and the atomic union down kernel), else register FMAs (and the decode down kernel).
-    rows: up-projection rows per program; split: programs that share one row block's K (d) range, each writing
-    a partial sum that the down kernel adds (more bytes in flight at once: 85 whole-expert programs leave a
-    third of an H100's SMs idle); block_k: K step of the tensor-core up-projection; block_d: output features
-    per down program; slots: active experts per round of the decode down kernel's loop; vector_atomics
-    (optional, default: whatever the device supports, see vector_atomics()): the union down kernel's adds as
-    vector reductions."""
+    rows: up-projection rows per program; block_k: K step of the tensor-core up-projection; block_d: output
+    features per down program; slots: active experts per round of the decode down kernel's loop;
+    vector_atomics (optional, default off: measured slower on the H100, benchmarks/NOTES.md): the union
+    down kernel's adds as vector reductions where the device has them (see vector_atomics())."""
     if T <= FMA_MAX_T:
-        return dict(use_dot=False, rows=4, split=1, up_warps=4, block_d=16, slots=16, down_warps=8)
+        return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
-    return dict(use_dot=True, rows=64, split=2, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
+    return dict(use_dot=True, rows=64, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
                 down_warps=4)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
-    cfg = cfg or small_batch_config(T, x.dtype)
+    cfg = cfg or config_for("small_batch", x.device, T, x.dtype, d, n, de, ds) or small_batch_config(T, x.dtype)
     dev = x.device
     use_dot = cfg["use_dot"]
-    split = cfg.get("split", 1)
-    h = _empty(split, T, n * de, device=dev, dtype=torch.float32)
-    hs = _empty(split, T, 2 * ds, device=dev, dtype=torch.float32)
+    h = _empty(T, n * de, device=dev, dtype=torch.float32)
+    hs = _empty(T, 2 * ds, device=dev, dtype=torch.float32)  # the shared expert's gate and up columns
     mu = _empty(T, device=dev, dtype=torch.float32)
     # max_active needs every logit of a token at once: then the router kernel runs first (gates and mu).
     gates_given = max_active is not None
@@ -126,16 +124,15 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     d_pow2 = triton.next_power_of_2(d)
     # Without a dot the whole [rows, d] slab (and the router row) is one load, capped to stay in registers.
     block_k = cfg["block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
-    k_split = triton.cdiv(triton.cdiv(d, block_k), split) * block_k  # each split's K range, whole K steps
-    _up_kernel[((n * (de // rows) + triton.cdiv(ds, rows)) * split,)](
+    _up_kernel[(n * (de // rows) + triton.cdiv(ds, rows),)](
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
-        mu, T, n, d, ds, k_split, x.stride(0), bias_s, float(threshold),
+        mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot,
-        PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, SPLIT=split, BLOCK_K=block_k,
+        PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     common = (T, n, d, ds, y.stride(0), NORM_EPS)
-    meta = dict(DE=de, SPLIT=split, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=cfg["block_d"],
+    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=cfg["block_d"],
                 BLOCK_DS=max(16, triton.next_power_of_2(ds)), num_warps=cfg["down_warps"])
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     if not use_dot:
@@ -145,16 +142,16 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     grid = (triton.cdiv(d, cfg["block_d"]), n)
     _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
                              _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype),
-                             VECTOR=cfg.get("vector_atomics", True) and vector_atomics(dev), **meta)
+                             VECTOR=cfg.get("vector_atomics", False) and vector_atomics(dev), **meta)
 
 
 def grouped_config(T: int) -> dict:
-    """Tile config of the prefill path (the autotune harness will replace this default).
+    """Default tile config of the prefill path (a tuned cache, deco_kernels.autotune, wins).
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection;
-    vector_atomics (optional, default: whatever the device supports, see vector_atomics()): the
-    down-projection's scatter-add as vector reductions."""
+    vector_atomics (optional, default off: measured slower on the H100, benchmarks/NOTES.md): the
+    down-projection's scatter-add as vector reductions where the device has them (see vector_atomics())."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
     # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
     if T <= 1024:
@@ -167,7 +164,7 @@ def grouped_config(T: int) -> dict:
 def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
-    cfg = cfg or grouped_config(T)
+    cfg = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, w["ws_gate"].shape[0]) or grouped_config(T)
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
@@ -181,7 +178,7 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
                              BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float()
-    vector = cfg.get("vector_atomics", True) and vector_atomics(dev)
+    vector = cfg.get("vector_atomics", False) and vector_atomics(dev)
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"], VECTOR=vector,
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])

@@ -33,47 +33,64 @@ from ._jit import gate_knobs, norm_silu_gate, router_dot, scatter_add
 
 
 @triton.jit
-def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, k_lo, k_hi, stride_xt,
+def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
                   USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    """x[:T, k_lo:k_hi] @ w[row0:row0+ROWS, k_lo:k_hi]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens >= T
-    read as 0); w has D columns.
+    """x[:T] @ w[row0:row0+ROWS, :]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens >= T read as 0).
 
     Without a dot, BLOCK_K covers d (one iteration): the slab is loaded once and reused for every token."""
+    h, _, _ = _rows_and_router(x_ptr, w_ptr, x_ptr, x_ptr, 0, row0, row_end, T, D, stride_xt, False, USE_DOT, PREC,
+                               BLOCK_T, ROWS, BLOCK_K)
+    return h
+
+
+@triton.jit
+def _rows_and_router(x_ptr, w_ptr, wr_ptr, wbar_ptr, e64, row0, row_end, T, D, stride_xt, ROUTER: tl.constexpr,
+                     USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """(h, r, mu): h = x[:T] @ w[row0:row0+ROWS, :]^T [BLOCK_T, ROWS] fp32 and, with ROUTER (tensor cores only),
+    expert e's router logits r [BLOCK_T] and mu = x.wbar [BLOCK_T] from the same tiles of x in the same K loop
+    (r and mu are zeros without ROUTER)."""
     ts = tl.arange(0, BLOCK_T)
     ts64 = ts.to(tl.int64)
     rs = row0 + tl.arange(0, ROWS)
     rmask = rs < row_end
     rs64 = rs.to(tl.int64)
+    r16 = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    racc = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
+    mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < k_hi
+        kmask = ks < D
         w = tl.load(w_ptr + rs64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:
             x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
                         mask=(ts < T)[:, None] & kmask[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=PREC)
+            if ROUTER:  # a [16, BLOCK_K] router tile whose row 0 is w_router[e]
+                wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :],
+                             mask=(r16 == 0)[:, None] & kmask[None, :], other=0.0)
+                racc += router_dot(x, wr)
+                mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
         else:
             wf = w.to(tl.float32)
             for t in tl.static_range(BLOCK_T):
                 xt = tl.load(x_ptr + t * tl.cast(stride_xt, tl.int64) + ks, mask=kmask & (ks * 0 + t < T), other=0.0)
                 ht = tl.sum(wf * xt.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(ts[:, None] == t, acc + ht[None, :], acc)
-    return acc
+    return acc, tl.sum(racc, axis=1), mu
 
 
 @triton.jit
-def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, k_lo, k_hi, stride_xt,
+def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, stride_xt,
                  USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """The shared expert's gate and up pre-activations over K range [k_lo, k_hi): hs[:, row0:row0+ROWS] and
-    hs[:, DS+row0:DS+row0+ROWS] (fp32 partial sums; the down kernels add the K splits and apply silu)."""
+    """The shared expert's gate and up pre-activations, hs[:, row0:row0+ROWS] and hs[:, DS+row0:DS+row0+ROWS]
+    (fp32; the down kernels apply silu)."""
     ts = tl.arange(0, BLOCK_T)
-    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
-                         BLOCK_K)
-    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
-                       BLOCK_K)
+    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
     cols = row0 + tl.arange(0, ROWS)
     out = hs_ptr + ts.to(tl.int64)[:, None] * (2 * DS) + cols[None, :]
     mask = (ts < T)[:, None] & (cols < DS)[None, :]
@@ -92,31 +109,18 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
-def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_DS: tl.constexpr):
-    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32, summed over the up
-    kernel's K splits) and the [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do
-    not depend on the gates, so the down kernels issue these loads first, overlapping the compaction's."""
+def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32) and the
+    [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do not depend on the gates,
+    so the down kernels issue these loads first, overlapping the compaction's."""
     ss = tl.arange(0, BLOCK_DS)
     smask = ss < DS
     mask = tmask[:, None] & smask[None, :]
     ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
-    gate = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
-    up = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        gate += tl.load(ptrs + s * T * (2 * DS), mask=mask, other=0.0)
-        up += tl.load(ptrs + s * T * (2 * DS) + DS, mask=mask, other=0.0)
+    gate = tl.load(ptrs, mask=mask, other=0.0)
+    up = tl.load(ptrs + DS, mask=mask, other=0.0)
     ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
     return gate * tl.sigmoid(gate) * up, ws
-
-
-@triton.jit
-def _expert_h(h_ptr, row_offs, hmask, T, NDE, SPLIT: tl.constexpr):
-    """The raw up-projection h at int64 offsets row_offs (token * N*DE + column), summed over the K splits."""
-    h = tl.load(h_ptr + row_offs, mask=hmask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        h += tl.load(h_ptr + s * T * NDE + row_offs, mask=hmask, other=0.0)
-    return h
 
 
 @triton.jit
@@ -139,78 +143,80 @@ def _slot_ids(active, pos, slots, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt,
-                         USE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(r, mu) [BLOCK_T]: the fp32 router logits of expert e and the global mean mu = x.wbar, in one K loop.
-
-    With a dot, the logits come from tensor cores (a [16, BLOCK_K] tile whose row 0 is w_router[e]) so the
-    loop is pipelined; without, BLOCK_K covers d and the loop is one round of loads."""
+def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt, BLOCK_T: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """(r, mu) [BLOCK_T]: the fp32 router logits of expert e and the global mean mu = x.wbar, multiplied in
+    registers; BLOCK_K covers d, so the loop is one round of loads."""
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
-    r16 = tl.arange(0, 16)
-    acc = tl.zeros([BLOCK_T, 16 if USE_DOT else BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     mu = tl.zeros([BLOCK_T], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
         x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
-                    other=0.0)
-        if USE_DOT:
-            wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :], mask=(r16 == 0)[:, None] & kmask[None, :],
-                         other=0.0)
-            acc += router_dot(x, wr)
-        else:
-            acc += x.to(tl.float32) * tl.load(wr_ptr + e64 * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
+                    other=0.0).to(tl.float32)
+        acc += x * tl.load(wr_ptr + e64 * D + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        mu += tl.sum(x * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
     return tl.sum(acc, axis=1), mu
 
 
 @triton.jit
 def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
-               T, N, D, DS, K_SPLIT, stride_xt, bias, threshold,
+               T, N, D, DS, stride_xt, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr):
-    # Program pid: row block pid // SPLIT (experts' blocks first, then the shared expert's), K split pid % SPLIT.
+               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_KR: tl.constexpr):
     pid = tl.program_id(0)
-    block = pid // SPLIT
-    split = pid % SPLIT
-    k_lo = split * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, D)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
     RB: tl.constexpr = DE // ROWS
     NDE = N * DE
-    if block < N * RB:
-        e = block // RB
-        row0 = e * DE + (block % RB) * ROWS
+    if pid < N * RB:
+        e = pid // RB
+        row0 = e * DE + (pid % RB) * ROWS
+        cols = row0 + tl.arange(0, ROWS)
+        h_out = h_ptr + ts64[:, None] * NDE + cols[None, :]
         if GATES_GIVEN:  # the router kernel wrote the gates and mu
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
-        else:  # every split of the expert computes the whole logit (x and the router row sit in L2)
-            r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, USE_DOT,
-                                         BLOCK_T, BLOCK_KR)
+            if tl.max(g, axis=0) > 0:
+                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+                tl.store(h_out, h, mask=tmask[:, None])
+        elif USE_DOT:
+            # Several tokens: most experts are active for some token, so the logits and mu ride along in the
+            # up-projection's pipelined K loop instead of a dependent loop of their own before it.
+            h, r, mu = _rows_and_router(x_ptr, wup_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), row0, NDE, T, D,
+                                        stride_xt, True, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            if pid % (RB * SPLIT) == 0:
+            if pid % RB == 0:
                 tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
             if pid == 0:
                 tl.store(mu_ptr + ts, mu, mask=tmask)
-        if tl.max(g, axis=0) > 0:
-            h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
-                              BLOCK_K)
-            cols = row0 + tl.arange(0, ROWS)
-            out = h_ptr + split.to(tl.int64) * T * NDE + ts64[:, None] * NDE + cols[None, :]
-            tl.store(out, h, mask=tmask[:, None])
+            if tl.max(g, axis=0) > 0:
+                tl.store(h_out, h, mask=tmask[:, None])
+        else:
+            # Decode: the logit first (one round of loads), so inactive experts read none of their slab.
+            r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, BLOCK_T,
+                                         BLOCK_KR)
+            g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
+            if pid % RB == 0:
+                tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
+            if pid == 0:
+                tl.store(mu_ptr + ts, mu, mask=tmask)
+            if tl.max(g, axis=0) > 0:
+                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+                tl.store(h_out, h, mask=tmask[:, None])
     else:
-        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr + split * T * (2 * DS), (block - N * RB) * ROWS, T, D, DS,
-                     k_lo, k_hi, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, (pid - N * RB) * ROWS, T, D, DS, stride_xt, USE_DOT, PREC,
+                     BLOCK_T, ROWS, BLOCK_K)
 
 
 @triton.jit
 def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, y_ptr,
                         T, N, D, DS, stride_yt, eps,
-                        DE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
+                        DE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -221,7 +227,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT, BLOCK_T, BLOCK_DS)
+    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
@@ -240,7 +246,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
         for t in tl.static_range(BLOCK_T):
             live = svalid & (slots * 0 + t < T)
             gs_t = tl.load(g_ptr + t * N + ids, mask=live, other=0.0) * scale
-            h_t = _expert_h(h_ptr, t * NDE + (ids64 * DE)[:, None] + ks[None, :], live[:, None], T, NDE, SPLIT)
+            h_t = tl.load(h_ptr + t * NDE + (ids64 * DE)[:, None] + ks[None, :], mask=live[:, None], other=0.0)
             mu_t = tl.load(mu_ptr + t + slots * 0, mask=live, other=0.0)
             a_t = norm_silu_gate(h_t, mu_t, gamma, gs_t, eps, DE)
             y_t = tl.sum(tl.sum(w * a_t[None, :, :], axis=2), axis=1)
@@ -252,8 +258,8 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 @triton.jit
 def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
                        y_ptr, T, N, D, DS, stride_yt, eps,
-                       DE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
+                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
     pid_d = tl.program_id(0)
     slot = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
@@ -271,8 +277,7 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
             e64 = tl.max(_slot_ids(active, pos, slot + tl.arange(0, 1), BLOCK_N), axis=0).to(tl.int64)
             ks = e64 * DE + tl.arange(0, DE)
             w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
-            nde = tl.cast(N, tl.int64) * DE
-            h = _expert_h(h_ptr, ts64[:, None] * nde + ks[None, :], tmask[:, None], T, nde, SPLIT)
+            h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
             gs = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0) * tl.load(scale_ptr + e64).to(tl.float32)
             a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
                                tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
@@ -281,8 +286,7 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
         # accumulator and its counter at zero for the next call (so CUDA graphs replay it).
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == arrivals - 1:
-            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT, BLOCK_T,
-                                         BLOCK_DS)
+            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
             out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
             out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)

@@ -287,7 +287,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
                                num_warps=NUM_WARPS)
         _pair_scatter_kernel[grid](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
                                    DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                   VECTOR=ffn.vector_atomics(dev), num_warps=NUM_WARPS)
+                                   VECTOR=False, num_warps=NUM_WARPS)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h
 
 
@@ -319,7 +319,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     _router_dx_kernel[(triton.cdiv(T, ROUTER_DX_BLOCK_T), triton.cdiv(d, BLOCK_C))](
         *router_in, w_router, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
-                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, VECTOR=ffn.vector_atomics(dev),
+                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, VECTOR=False,
                                num_warps=NUM_WARPS)
     dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype)
     dwbar = ffn._empty(d, device=dev, dtype=f32)

@@ -1,0 +1,115 @@
+"""Search spaces of the kernel paths and their pruning by a device's shared memory and registers.
+
+Regimes (kept in step with ffn.small_batch_config): small_batch with T <= 4 multiplies in registers (use_dot
+False: rows, up_warps, block_d, slots, down_warps); small_batch with 5 <= T <= 64 uses tensor cores (use_dot
+True: rows, block_k, up_warps, up_stages, block_d, down_warps); grouped is the prefill path. Keys are
+treated generically: a config is a dict, the launcher reads what it knows.
+
+The estimates are conservative first cuts that need no compiler; the exact check is compile.py (modelled
+devices) or the runner catching an out-of-resources error (measured devices). Triton's pipeliner keeps
+(num_stages - 1) copies of each loop's tiles in shared memory; every pipelined loop of a kernel keeps its own.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+FMA_SLAB = 16384      # ffn.FMA_SLAB: elements of the largest [rows, d] slab an FMA program loads at once
+REGS_BUDGET = 255     # 32-bit registers a thread may hold: one tile estimated above this surely spills
+
+SMALL_FMA = dict(use_dot=[False], rows=[2, 4, 8, 16], up_warps=[2, 4, 8], block_d=[8, 16, 32],
+                 slots=[8, 16, 32], down_warps=[4, 8])
+SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], up_warps=[4, 8],
+                 up_stages=[2, 3, 4], block_d=[64, 128, 256], down_warps=[4, 8])
+GROUPED = dict(router_block_t=[16, 32, 64], block_m=[32, 64, 128], block_k=[32, 64, 128], up_warps=[4, 8],
+               up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8], down_stages=[2, 3, 4])
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def space_for(path: str, T: int) -> dict:
+    if path == "grouped":
+        return GROUPED
+    return SMALL_FMA if T <= 4 else SMALL_DOT
+
+
+def default_config(path: str, T: int, dtype) -> dict:
+    from deco_kernels.triton import ffn
+
+    return dict(ffn.small_batch_config(T, dtype) if path == "small_batch" else ffn.grouped_config(T))
+
+
+def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:
+    """{"smem": bytes of the largest kernel, "regs": fp32 values per thread of the largest register tile}."""
+    smem, regs = 0, 0
+    if path == "small_batch":
+        rows = min(cfg["rows"], de)
+        if cfg["use_dot"]:
+            bt = max(16, _pow2(T))
+            bk = cfg["block_k"]
+            bkr = min(bk, max(64, FMA_SLAB // bt))
+            stages = max(cfg.get("up_stages", 1) - 1, 1)
+            smem = stages * ((bt + rows) * bk + (bt + 16) * bkr) * elem_bytes
+            regs = max(bt * rows, bt * 16 + bt * bkr // 8) // (32 * cfg["up_warps"])
+            # fp32 accumulator [bt, block_d] plus the [block_d, de] and [bt, de] operands in elem_bytes
+            down = (bt * cfg["block_d"] + (cfg["block_d"] + bt) * de * elem_bytes // 4) // (32 * cfg["down_warps"])
+            regs = max(regs, down)
+            smem = max(smem, cfg["block_d"] * de * elem_bytes)
+        else:
+            bk = min(_pow2(d), max(16, FMA_SLAB // rows))
+            regs = rows * bk // (32 * cfg["up_warps"])
+            regs = max(regs, cfg["block_d"] * cfg["slots"] * de // (32 * cfg["down_warps"]))
+            smem = 0
+    else:
+        bm, bk, bd = cfg["block_m"], cfg["block_k"], cfg["block_d"]
+        up = max(cfg["up_stages"] - 1, 1) * (bm * bk + de * bk) * elem_bytes
+        down = max(cfg["down_stages"] - 1, 1) * bd * de * elem_bytes + bm * de * elem_bytes
+        smem = max(up, down)
+        regs = max(bm * de // (32 * cfg["up_warps"]), bm * bd // (32 * cfg["down_warps"]))
+    return dict(smem=smem, regs=regs)
+
+
+def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile) -> str | None:
+    """Why `cfg` cannot fit `profile` by the estimate (None when it may)."""
+    if cfg.get("rows", 1) > de or de % min(cfg.get("rows", 1), de):
+        return "rows do not divide the expert width"
+    est = estimate(path, cfg, T, d, n, de, ds, elem_bytes)
+    if est["smem"] > profile.smem_per_block:
+        return f"~{est['smem']} B of shared memory > {profile.smem_per_block} B per block"
+    if est["regs"] > REGS_BUDGET:
+        return f"~{est['regs']} registers per thread for one tile: would spill"
+    return None
+
+
+def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profile, limit: int | None = None,
+               seed: int = 0) -> list[dict]:
+    """The default config first, then every config of the space that fits `profile` (seeded order), at most
+    `limit` in all. Duplicates of the default are dropped."""
+    from .buckets import dtype_name
+
+    elem = 4 if dtype_name(dtype) == "fp32" else 2
+    base = default_config(path, T, dtype)
+    space = space_for(path, T)
+    keys = list(space)
+    out, seen = [base], {_freeze(base)}
+    combos = [dict(zip(keys, vals)) for vals in itertools.product(*space.values())]
+    random.Random(seed).shuffle(combos)
+    for combo in combos:
+        cfg = {**base, **combo}
+        if not cfg.get("use_dot", True):
+            for k in ("block_k", "up_stages"):
+                cfg.pop(k, None)
+        f = _freeze(cfg)
+        if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile) is not None:
+            continue
+        seen.add(f)
+        out.append(cfg)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _freeze(cfg: dict) -> tuple:
+    return tuple(sorted(cfg.items()))

@@ -1,0 +1,403 @@
+"""deco_kernels.autotune on the CPU: buckets, fingerprints, cache files and their lookup order, the runner's
+logic with a fake timer, the cost model's sanity, compile-only checks for sm_87; one GPU test."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from deco_kernels.autotune import buckets, cache, devices, lookup, model, runner, space
+from deco_kernels.autotune.launches import meta_layer, record
+
+H100 = devices.PROFILES["h100-sxm"]
+ORIN = devices.PROFILES["orin-agx-64gb"]
+GEOM = (768, 42, 64, 128)          # preset 0.1b: d, N, de, ds
+DEV = dict(name="Test GPU", capability=[9, 0], sms=7, memory_gb=16.0,
+           fingerprint=devices.fingerprint_of("Test GPU", (9, 0), 7))
+KEY1 = buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 1)
+
+
+# ---------------------------------------------------------------- buckets and fingerprints
+
+def test_buckets_cover_every_token_count_and_follow_the_paths():
+    assert [buckets.bucket_of(t) for t in (1, 2, 4, 5, 8, 9, 16, 17, 64, 65, 512, 513, 2048, 2049, 10**6)] == [
+        "t1", "t2-4", "t2-4", "t5-8", "t5-8", "t9-16", "t9-16", "t17-64", "t17-64", "t65-512", "t65-512",
+        "t513-2048", "t513-2048", "t2049+", "t2049+"]
+    for label, lo, hi, rep in buckets.BUCKETS:
+        assert buckets.bucket_of(rep) == label and buckets.bucket_of(lo) == label
+        assert buckets.path_of(lo) == buckets.path_of(rep)      # a bucket never straddles two kernel paths
+    with pytest.raises(ValueError):
+        buckets.bucket_of(0)
+
+
+def test_keys_hold_buckets_never_raw_token_counts():
+    k37 = buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 37)
+    assert k37 == buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 50)
+    assert k37 == "small_batch/d768_n42_de64_ds128_bf16/t17-64" and "37" not in k37
+    assert buckets.entry_key("grouped", *GEOM, torch.float16, 3000) != buckets.entry_key(
+        "grouped", *GEOM, torch.bfloat16, 3000)
+
+
+def test_fingerprint_is_name_capability_and_sm_count():
+    fp = devices.fingerprint_of("NVIDIA H100 80GB HBM3", (9, 0), 132)
+    assert fp == "nvidia-h100-80gb-hbm3_sm90_132sm" == H100.fingerprint
+    assert devices.fingerprint_of("NVIDIA H100 80GB HBM3", (9, 0), 114) != fp
+    assert devices.fingerprint_of("NVIDIA H100 80GB HBM3", (8, 9), 132) != fp
+    assert ORIN.fingerprint == "orin_sm87_16sm" and ORIN.smem_per_block == 163 * 1024 and ORIN.dram_gbps == 204.8
+    # Orin NX 16GB and Orin Nano 8GB share a fingerprint; memory size tells them apart
+    nx, nano = devices.PROFILES["orin-nx-16gb"], devices.PROFILES["orin-nano-8gb"]
+    assert nx.fingerprint == nano.fingerprint
+    assert devices.profile_for(dict(fingerprint=nx.fingerprint, memory_gb=7.4)) is nano
+    assert devices.profile_for(dict(fingerprint=nx.fingerprint, memory_gb=15.3)) is nx
+
+
+# ---------------------------------------------------------------- cache files and lookup
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """Empty env / user / shipped directories wired into the lookup; memo cleared before and after."""
+    d = {k: tmp_path / k for k in ("env", "xdg", "shipped")}
+    for p in d.values():
+        p.mkdir()
+    monkeypatch.setenv("DECO_KERNELS_TUNE_DIR", str(d["env"]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(d["xdg"]))
+    monkeypatch.delenv("DECO_KERNELS_AUTOTUNE", raising=False)
+    monkeypatch.setattr(lookup, "SHIPPED_DIR", str(d["shipped"]))
+    d["user"] = d["xdg"] / "deco_kernels" / "autotune"
+    lookup.clear()
+    yield d
+    lookup.clear()
+
+
+def _write(directory, block_d, device=DEV, key=KEY1, filename=None):
+    cfg = dict(space.default_config("small_batch", 1, torch.bfloat16), block_d=block_d)
+    return cache.merge_entries(str(directory), device, {key: {"config": cfg, "us": 1.0}}, filename=filename)
+
+
+def _lookup(T=1, device=DEV):
+    return lookup.config_for("small_batch", device, T, torch.bfloat16, *GEOM)
+
+
+def test_lookup_order_env_then_user_then_shipped_then_default(dirs):
+    assert lookup.user_cache_dir() == str(dirs["user"])
+    _write(dirs["shipped"], 8)
+    _write(dirs["user"], 16)
+    _write(dirs["env"], 32)
+    assert _lookup()["block_d"] == 32
+    os.remove(dirs["env"] / f"{DEV['fingerprint']}.json")
+    lookup.clear()
+    assert _lookup()["block_d"] == 16
+    os.remove(dirs["user"] / f"{DEV['fingerprint']}.json")
+    lookup.clear()
+    assert _lookup()["block_d"] == 8
+    assert _lookup(T=512) is None                        # no entry for this bucket: the heuristic default
+    other = dict(DEV, sms=8, fingerprint=devices.fingerprint_of("Test GPU", (9, 0), 8))
+    assert _lookup(device=other) is None                 # another device's cache is never used
+
+
+def test_lookup_is_memoised_and_skips_non_cuda_devices(dirs, monkeypatch):
+    _write(dirs["env"], 32)
+    assert _lookup()["block_d"] == 32
+    os.remove(dirs["env"] / f"{DEV['fingerprint']}.json")
+    assert _lookup(T=1)["block_d"] == 32                 # a dict hit: the file is not read again
+    lookup.clear()
+    assert _lookup() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup.config_for("small_batch", torch.device("cpu"), 1, torch.bfloat16, *GEOM) is None
+    _write(dirs["env"], 32)
+    lookup.clear()
+    monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")
+    assert _lookup() is None
+
+
+def test_lookup_logs_the_source_once(dirs, caplog):
+    _write(dirs["user"], 16)
+    _write(dirs["user"], 16, key=buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 2))
+    with caplog.at_level("INFO", logger="deco_kernels.autotune"):
+        _lookup()
+        _lookup(T=2)                                     # another bucket, same source: no second line
+        _lookup(T=9)                                     # no entry: the defaults, one line
+    lines = [r.getMessage() for r in caplog.records if "uses" in r.getMessage()]
+    assert len(lines) == 2 and "user cache" in lines[0] and "heuristic defaults" in lines[1]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "stale", "format", "unknown_key", "old_triton"])
+def test_bad_file_warns_and_falls_through(dirs, damage, monkeypatch):
+    _write(dirs["user"], 16)
+    path = _write(dirs["env"], 32)
+    data = json.load(open(path))
+    if damage == "corrupt":
+        open(path, "w").write(json.dumps(data)[:-40])
+    elif damage == "stale":
+        data["versions"]["deco_kernels"] = "0.0.9"
+    elif damage == "old_triton":
+        data["versions"]["triton"] = "1.1.0"
+        current = dict(cache.versions(), triton="3.6.0")
+        monkeypatch.setattr(cache, "versions", lambda: current)
+    elif damage == "format":
+        data["format"] = 99
+    elif damage == "unknown_key":
+        data["entries"][KEY1]["config"]["tile_of_the_future"] = 3
+    if damage != "corrupt":
+        open(path, "w").write(json.dumps(data))
+    with pytest.warns(UserWarning, match="deco_kernels.autotune: ignoring"):
+        cfg = _lookup()
+    assert cfg["block_d"] == 16                           # the next source serves the call
+
+
+def test_stale_rule_is_major_minor_of_the_library_and_major_of_triton():
+    cur = {"deco_kernels": "0.1.0", "triton": "3.6.0", "torch": "2.11"}
+    assert cache.stale_reason({"deco_kernels": "0.1.7", "triton": "3.2.0"}, cur) is None
+    assert cache.stale_reason({"deco_kernels": "0.2.0", "triton": "3.6.0"}, cur)
+    assert cache.stale_reason({"deco_kernels": "0.1.0", "triton": "2.3.0"}, cur)
+    assert cache.stale_reason({}, cur)
+
+
+def _writer(directory, tag, count):
+    for i in range(count):
+        key = f"small_batch/d{i}_n1_de64_ds128_bf16/{tag}"
+        cache.merge_entries(directory, DEV, {key: {"config": {"rows": i}, "us": float(i)}})
+
+
+def test_two_processes_writing_at_once_keep_every_entry(tmp_path):
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), tag, 25)) for tag in ("t1", "t2-4")]
+    for p in procs:
+        p.start()
+    path = tmp_path / f"{DEV['fingerprint']}.json"
+    seen = 0
+    while any(p.is_alive() for p in procs):     # readers never see half a file
+        if path.exists():
+            cache.load(str(path))
+            seen += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    entries = cache.load(str(path))["entries"]
+    assert len(entries) == 50 and seen > 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- runner logic with a fake timer
+
+class FakeBench:
+    def __init__(self, times, fail=(), wrong=(), remeasure=None):
+        self.times, self.fail, self.wrong, self.remeasure = times, set(fail), set(wrong), remeasure or {}
+        self.measured = []
+
+    def output(self, cfg):
+        if cfg["id"] in self.fail:
+            raise RuntimeError("out of resource: shared memory, Required: 300000")
+        return (torch.ones(3) * (2.0 if cfg["id"] in self.wrong else 1.0),)
+
+    def measure(self, cfg):
+        self.measured.append(cfg["id"])
+        if self.measured.count(cfg["id"]) > 1 and cfg["id"] in self.remeasure:
+            return self.remeasure[cfg["id"]]
+        return self.times[cfg["id"]]
+
+
+def _tune(bench, n, **kw):
+    cands = [{"id": i} for i in range(n)]
+    return runner.tune_one(cands, bench.measure, output=bench.output, close=runner.close_enough(torch.bfloat16),
+                           **kw)
+
+
+def test_runner_keeps_the_fastest_correct_candidate_and_survives_failures():
+    bench = FakeBench({0: 10.0, 1: 9.0, 2: 1.0, 3: 2.0, 4: 8.0}, fail={2}, wrong={3})
+    res = _tune(bench, 5)
+    assert res["config"] == {"id": 4} and res["us"] == 8.0 and res["default_us"] == 10.0
+    rows = {r["config"]["id"]: r for r in res["candidates"]}
+    assert rows[0]["us"] == 10.0 and len(rows) == 5                  # the default is measured and kept
+    assert rows[2]["us"] is None and "out of resource" in rows[2]["error"]
+    assert rows[3]["us"] is None and "differs" in rows[3]["error"]   # fast but wrong: rejected
+
+
+def test_runner_never_writes_a_config_slower_than_the_default():
+    assert _tune(FakeBench({0: 5.0, 1: 6.0, 2: 7.0}), 3)["config"] == {"id": 0}
+    # the winner was a lucky measurement: timed again it loses to the default, which stays
+    res = _tune(FakeBench({0: 5.0, 1: 4.9}, remeasure={1: 5.5}), 2)
+    assert res["config"] == {"id": 0} and res["us"] <= res["default_us"]
+
+
+def test_runner_stops_at_the_deadline_but_always_measures_the_default():
+    clock = iter(range(1, 100))                         # already past the deadline after the default
+    res = _tune(FakeBench({i: 10.0 - i for i in range(5)}), 5, deadline=0.5, clock=lambda: next(clock))
+    assert res["stopped"] and [r["config"]["id"] for r in res["candidates"]] == [0]
+    assert res["config"] == {"id": 0} and res["us"] == 10.0
+
+
+def test_runner_stops_the_tune_when_the_context_is_lost():
+    with pytest.raises(runner.ContextLost):
+        _tune(FakeBench({0: 1.0, 1: 1.0}, fail={1}), 2, healthy=lambda: False)
+
+
+# ---------------------------------------------------------------- search space and cost model
+
+def test_candidates_start_with_the_default_and_fit_the_device():
+    for T, path in ((1, "small_batch"), (8, "small_batch"), (64, "small_batch"), (512, "grouped")):
+        cands = space.candidates(path, T, *GEOM, torch.bfloat16, ORIN, limit=50)
+        assert cands[0] == space.default_config(path, T, torch.bfloat16)
+        assert len(cands) == 50 and len({tuple(sorted(c.items())) for c in cands}) == 50
+        assert all(space.fits(path, c, T, *GEOM, 2, ORIN) is None for c in cands[1:])
+    assert any(c["rows"] != 64 for c in space.candidates("small_batch", 8, *GEOM, torch.bfloat16, H100))
+    # 3 stages of [64 + 64, 256] and [64 + 16, 256] bf16 tiles: fit an H100's 227 KB, not Orin's 163 KB
+    big = dict(space.default_config("small_batch", 64, torch.bfloat16), up_stages=3, block_k=256, rows=64)
+    assert space.fits("small_batch", big, 64, *GEOM, 2, H100) is None
+    assert "shared memory" in space.fits("small_batch", big, 64, *GEOM, 2, ORIN)
+
+
+def _work(**kw):
+    base = dict(name="k", programs=200, bytes=1e5, flops=1e6, rounds=4, warps=4, ilp=2, tensor_cores=True,
+                smem=32768, regs=96)
+    return model.Work(**{**base, **kw})
+
+
+def test_cost_model_more_bytes_or_flops_is_never_faster():
+    for prof in (H100, ORIN):
+        for field, values in (("bytes", [1e3, 1e4, 1e5, 1e6, 1e7]), ("flops", [1e3, 1e5, 1e7, 1e9]),
+                              ("programs", [1, 16, 132, 133, 1000, 5000]), ("rounds", [1, 2, 8, 32])):
+            times = [model.kernel_us(_work(**{field: v}), prof) for v in values]
+            assert times == sorted(times), (prof.key, field, times)
+    assert model.kernel_us(_work(bytes=1e7), ORIN) > model.kernel_us(_work(bytes=1e5), ORIN)
+
+
+def test_cost_model_more_sms_bandwidth_or_clock_is_never_slower():
+    import dataclasses
+    for w in (_work(), _work(programs=7), _work(programs=4000, bytes=1e6), _work(tensor_cores=False, flops=1e8)):
+        for field, values in (("sms", [1, 6, 8, 9, 16, 100, 132, 200]), ("dram_gbps", [50, 204.8, 3350]),
+                              ("clock_ghz", [0.6, 1.3, 1.9])):
+            times = [model.kernel_us(w, dataclasses.replace(ORIN, **{field: v})) for v in values]
+            assert times == sorted(times, reverse=True), (field, times)
+    # whole paths: the bigger Orin is never predicted slower than the smaller ones
+    for T, path in ((1, "small_batch"), (8, "small_batch"), (512, "grouped")):
+        cfg = space.default_config(path, T, torch.bfloat16)
+        t = [model.predict(path, cfg, T, *GEOM, torch.bfloat16, devices.PROFILES[k])
+             for k in ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb")]
+        assert t == sorted(t), (path, t)
+        assert model.predict(path, cfg, T, *GEOM, torch.bfloat16, H100) < t[0]
+
+
+def test_recorded_launches_follow_the_launcher():
+    launches = record("small_batch", space.default_config("small_batch", 1, torch.bfloat16), 1, *GEOM)
+    assert [ln.name for ln in launches] == ["_up_kernel", "_decode_down_kernel"]
+    assert launches[1].grid == ((GEOM[0] + 15) // 16,)
+    assert all(t.device.type == "meta" for ln in launches for t in ln.args.values() if isinstance(t, torch.Tensor))
+    names = [ln.name for ln in record("grouped", space.default_config("grouped", 512, torch.bfloat16), 512, *GEOM)]
+    assert "_grouped_up_kernel" in names and "_grouped_down_kernel" in names
+
+
+def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
+    from deco_kernels.autotune import validate
+
+    cfgs = space.candidates("small_batch", 8, *GEOM, torch.bfloat16, H100, limit=4)
+    preds = [model.predict("small_batch", c, 8, *GEOM, torch.bfloat16, H100) for c in cfgs]
+    pick = min(range(4), key=lambda i: preds[i])
+    rows = [{"config": c, "us": 10.0 + i} for i, c in enumerate(cfgs)]
+    rows[pick]["us"] = 20.0                                  # the model's favourite is measured slowest
+    key = buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 8)
+    dev = dict(H100.to_json(), capability=list(H100.capability))
+    path = cache.merge_entries(str(tmp_path), dev, {key: {"config": cfgs[0], "candidates": rows, "T": 8}})
+    report = validate.validate(path)
+    (row,) = report["rows"]
+    assert row["pick_us"] == 20.0 and row["best_us"] == min(r["us"] for r in rows) and not row["passed"]
+    assert report["summary"]["judged"] == 1 and report["summary"]["passed"] == 0
+    assert "NO" in validate.format_table(report)
+
+
+# ---------------------------------------------------------------- shipped caches and the CLI
+
+def test_shipped_orin_caches_are_modelled_and_cover_the_presets():
+    shipped = [f for f in os.listdir(lookup.SHIPPED_DIR) if f.startswith("orin")]
+    assert sorted(shipped) == sorted(f"{k}.json" for k in devices.ORIN_KEYS)
+    for f in shipped:
+        data = cache.load(os.path.join(lookup.SHIPPED_DIR, f))
+        assert data["source"] == "modelled" and data["device"]["capability"] == [8, 7]
+        assert len(data["entries"]) == 4 * len(buckets.BUCKETS)
+        for e in data["entries"].values():
+            assert e["source"] == "modelled" and isinstance(e["config"], dict)
+
+
+def test_cli_tune_modelled_writes_a_cache_and_a_table(tmp_path, capsys):
+    from deco_kernels import cli
+
+    rc = cli.main(["tune", "--shape", "128,8,16,32", "--tokens", "1,100", "--modelled", "orin-nano-8gb",
+                   "--compile-top", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "small_batch" in out and "grouped" in out and "t65-512" in out
+    data = cache.load(str(tmp_path / "orin-nano-8gb.json"))
+    assert data["source"] == "modelled" and len(data["entries"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cli_tune_measured_without_a_gpu_says_so(tmp_path):
+    from deco_kernels import cli
+
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        cli.main(["tune", "--preset", "0.1b", "--tokens", "1", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------- compile-only for sm_87
+
+COMPILE_SCRIPT = """
+import sys, torch
+from deco_kernels.autotune import compile as C, devices, space
+from deco_kernels.autotune.launches import record
+orin = devices.PROFILES["orin-agx-64gb"]
+try:
+    for path, T, name in (("small_batch", 1, "_decode_down_kernel"), ("grouped", 512, "_grouped_down_kernel")):
+        (ln,) = [l for l in record(path, space.default_config(path, T, torch.bfloat16), T, 768, 42, 64, 128)
+                 if l.name == name]
+        u = C.compile_launch(ln, (8, 7))
+        assert 0 < u["shared"] <= orin.smem_per_block, u
+        assert u["regs"] is None or 0 < u["regs"] <= 255, u
+        assert C.check_fits(dict(u, shared=orin.smem_per_block + 1), orin).startswith("shared memory")
+        print(name, u)
+except C.CompileUnavailable as e:
+    print("UNAVAILABLE", e)
+"""
+
+
+def test_compile_only_for_sm87():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(COMPILE_SCRIPT)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if "UNAVAILABLE" in proc.stdout or "PTXASError" in proc.stderr or "ptxas" in proc.stderr.lower():
+        pytest.skip(f"Triton cannot compile for sm_87 here: {proc.stdout[-300:]}{proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_decode_down_kernel" in proc.stdout and "_grouped_down_kernel" in proc.stdout
+
+
+# ---------------------------------------------------------------- GPU: a tuned cache is picked up and used
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuned_cache_is_picked_up_and_used(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from deco_kernels.autotune.launches import recording
+    from deco_kernels.triton import ffn
+
+    info = devices.describe_device(torch.cuda.current_device())
+    cfg = dict(space.default_config("small_batch", 1, torch.bfloat16), block_d=32, slots=8)
+    key = buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 1)
+    cache.merge_entries(str(tmp_path), info, {key: {"config": cfg, "us": 1.0}})
+    monkeypatch.setenv("DECO_KERNELS_TUNE_DIR", str(tmp_path))
+    lookup.clear()
+    try:
+        assert lookup.config_for("small_batch", torch.device("cuda"), 1, torch.bfloat16, *GEOM) == cfg
+        x, w = meta_layer(1, *GEOM, torch.bfloat16, device="cuda")
+        with recording(ffn) as launches, torch.no_grad():
+            ffn.deco_ffn(x.normal_(), **{k: v.normal_() for k, v in w.items()})
+        (down,) = [ln for ln in launches if ln.name == "_decode_down_kernel"]
+        assert down.args["BLOCK_D"] == 32 and down.args["SLOTS"] == 8     # the launcher used the cached config
+    finally:
+        lookup.clear()

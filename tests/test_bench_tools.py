@@ -1,0 +1,262 @@
+"""The CPU side of the benchmarks: floor arithmetic, case selection, plots, the README table generator, and
+the measurement code run on a tiny config with a wall-clock timer (deco_kernels.benchmark, benchplot,
+benchmarks/readme_table.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deco_kernels import benchmark as bench
+from deco_kernels import benchplot, cli
+from deco_kernels.config import DecoConfig
+from deco_kernels.modules import DecoForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+# d=8 (1 head of 8), N=4 experts of width 2, shared width 3, dense width 12, 2 layers, vocabulary 10.
+TINY = DecoConfig(vocab_size=10, num_layers=2, d_model=8, num_heads=1, head_dim=8, d_ff=12, num_experts=4,
+                  expert_dim=2, shared_dim=3)
+SMALL = DecoConfig(vocab_size=97, num_layers=3, d_model=64, num_heads=2, head_dim=32, d_ff=160, num_experts=6,
+                   expert_dim=16, shared_dim=32)
+
+
+def _readme_table():
+    spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_timer(fn, graph):
+    """Wall-clock µs of one call after a warm-up call (the CPU stand-in for GpuTimer)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Floors
+# ---------------------------------------------------------------------------------------------------------
+def test_layer_floor_by_hand():
+    # T=2 tokens, 3 active pairs over 2 distinct experts, 2-byte weights, 1e6 B/s and 1e6 FLOP/s.
+    f = bench.layer_floor(TINY, T=2, pairs=3, union=2, esize=2, bw=1e6, flops=1e6)
+    # bytes: (union 2 * 2 * de 2 * d 8 = 64) + (3 * ds 3 * d 8 = 72) + (N 4 * d 8 = 32) = 168 params * 2 B
+    assert f["floor_bytes"] == 336
+    # FLOPs: 2 * 3 pairs * 2 * 2 * 8 = 192, shared 2 * 2 * 3 * 3 * 8 = 288, router 2 * 2 * 4 * 8 = 128
+    assert f["floor_flops"] == 608
+    assert f["floor_us"] == pytest.approx(608.0)           # FLOP-bound: 608 FLOPs at 1e6 FLOP/s
+    assert f["dense_bytes"] == 3 * 12 * 8 * 2 and f["dense_flops"] == 2 * 2 * 3 * 12 * 8
+    assert f["dense_floor_us"] == pytest.approx(1152.0)
+
+
+def test_decode_weight_params_by_hand():
+    dense = bench.decode_weight_params(TINY, None)
+    # embedding row 8, attention 2 layers * 4 * 8 * 8 = 512, norms 2 * 2 * 8 + 8 = 40, FFNs 2 * 3 * 8 * 12 = 576,
+    # LM head 10 * 8 = 80
+    assert dense == dict(embedding_row=8, attention=512, norms=40, ffn=576, lm_head=80, total=1216)
+    deco = bench.decode_weight_params(TINY, 0.5)
+    # layer 0 dense 288; layer 1: router 32 + scale 4 + gamma 2 + shared 72 + 0.5 * 4 experts * 2 * 2 * 8 = 64
+    assert deco["ffn"] == 288 + 174 and deco["total"] == 1102
+    floors = bench.model_floor(TINY, 0.5, context=5, esize=2, bw=1e6)
+    assert floors["floor_ratio"] == pytest.approx(1216 / 1102)
+    assert floors["kv_bytes"] == 2 * 2 * 5 * 8 * 2 == bench.kv_cache_bytes(TINY, 5, 2)
+    assert floors["floor_ratio_with_kv"] == pytest.approx((1216 * 2 + 320) / (1102 * 2 + 320))
+    assert floors["deco_floor_us"] == pytest.approx((1102 * 2 + 320) / 1e6 * 1e6)
+
+
+@pytest.mark.parametrize("dense_twin", [False, True], ids=["deco", "dense_twin"])
+def test_decode_weights_with_every_expert_active_are_the_model_minus_the_unread_embeddings(dense_twin):
+    # With every expert active a decode step reads every parameter except the V - 1 other embedding rows.
+    model = DecoForCausalLM(SMALL, dense_twin=dense_twin)
+    params = sum(p.numel() for p in model.parameters())
+    unread = (SMALL.vocab_size - 1) * SMALL.d_model
+    assert bench.decode_weight_params(SMALL, None if dense_twin else 1.0)["total"] == params - unread
+
+
+def test_bias_for_ratio_activates_the_requested_fraction_with_a_margin():
+    r = torch.randn(3, 41, generator=torch.Generator().manual_seed(0))
+    for ratio in (0.05, 0.2, 0.6, 1.0, 1e-6):
+        bias = bench.bias_for_ratio(r, ratio)
+        on = (r.double() + bias > 0)
+        assert int(on.sum()) == min(r.numel(), max(1, round(ratio * r.numel())))
+        assert (r.double() + bias).abs().min() > 1e-4  # half-way between two logits, never on one
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------------------
+def test_quick_mode_selection(monkeypatch):
+    assert bench.layer_presets(True) == ("0.1b", "1.2b")
+    assert bench.layer_presets(False) == ("0.1b", "0.2b", "0.5b", "1.2b")
+    assert len(bench.ratio_targets(True)) < len(bench.ratio_targets(False))
+    assert min(bench.ratio_targets(True)) <= 0.05 and max(bench.ratio_targets(True)) >= 0.6
+    for value, quick in (("1", True), ("yes", True), ("0", False), ("", False), ("false", False)):
+        monkeypatch.setenv(bench.QUICK_ENV, value)
+        assert bench.quick_from_env() is quick
+    monkeypatch.delenv(bench.QUICK_ENV)
+    assert bench.quick_from_env() is False
+
+
+def test_graph_bucket():
+    assert [T for T in bench.TOKENS if bench.uses_graph(T)] == [1, 8]
+
+
+def test_micro_cases():
+    quick = bench.micro_cases(True)
+    assert len(quick) == 2 * 5 * len(bench.MICRO_OPS)
+    assert {b for *_, b in quick} == {"torch"} and {p for p, *_ in quick} == {"0.1b", "1.2b"}
+    full = bench.micro_cases(False, {"triton": {"deco_ffn", "dense_twin"}, "cupy": set()})
+    # the dense twin is cuBLAS whatever the backend: it is timed once, under "torch"
+    assert len(full) == 4 * 5 * (len(bench.MICRO_OPS) + 1)
+    assert ("1.2b", 4096, "deco_ffn", "triton") in full and ("0.2b", 1, "dense_twin", "triton") not in full
+
+
+def test_parse_parts():
+    assert bench.parse_parts("all") == ["layer", "model", "ratio"]
+    assert bench.parse_parts("ratio, layer") == ["layer", "ratio"]
+    for bad in ("", "layers", "layer,speed"):
+        with pytest.raises(ValueError, match="parts"):
+            bench.parse_parts(bad)
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L40S", "l40s"),
+                                        ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("Orin (nvgpu)", "orin")])
+def test_device_slug(name, slug):
+    assert bench.device_slug(name) == slug
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The measurement code on the CPU (tiny sizes, wall-clock timer)
+# ---------------------------------------------------------------------------------------------------------
+def test_layer_case_on_cpu_records_figures_and_failures():
+    x, w, dense = bench.layer_inputs(SMALL, 16, "cpu", dtype=torch.float32)
+    row = bench.layer_case(SMALL, "small", x[:8], w, dense, cpu_timer, 1e9, 1e12, ["nope"])
+    assert row["T"] == 8 and row["graph"] is True and 0 < row["active_ratio"] < 1
+    assert set(row["us"]) == {"dense_twin", "torch"} and all(us > 0 for us in row["us"].values())
+    assert row["speedup_vs_dense"]["torch"] == pytest.approx(row["us"]["dense_twin"] / row["us"]["torch"])
+    assert "ValueError" in row["errors"]["nope"]  # an unknown backend is recorded, not raised
+
+
+def test_model_row_on_cpu():
+    row = bench.model_row("tiny", TINY, cpu_timer, 1e9, device="cpu", dtype=torch.float32, graphs=False,
+                          context=8, prefill_tokens=32, train_tokens=32, calib_tokens=64)
+    deco, dense = row["deco"], row["dense_twin"]
+    assert "errors" not in deco and "errors" not in dense, (deco.get("errors"), dense.get("errors"))
+    assert deco["calibration"]["reached"] and abs(deco["calibration"]["mean_ratio"] - 0.2) <= 0.01
+    for m in (deco, dense):
+        assert m["decode_method"] == "eager" and m["decode_tokens_per_s"] > 0
+        assert m["prefill_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0
+    assert "decode_active_ratio" in deco and "decode_active_ratio" not in dense
+    floors = bench.model_floor(TINY, deco["decode_active_ratio"], 8, 4, 1e9)
+    assert row["floor"] == pytest.approx(floors)
+    assert row["decode_speedup"] == pytest.approx(dense["decode_us"] / deco["decode_us"])
+    assert row["fraction_of_floor_ratio"] == pytest.approx(row["decode_speedup"] / floors["floor_ratio"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots and the README table, from a synthetic JSON
+# ---------------------------------------------------------------------------------------------------------
+def synthetic_result() -> dict:
+    env = dict(gpu="Fake GPU X1", capability="9.0", torch="2.0", triton="3.0", date="2030-01-02T00:00:00")
+    rows = []
+    for preset in ("0.1b", "1.2b"):
+        for T in (1, 8, 4096):
+            us = dict(dense_twin=20.0 * T ** 0.25, torch=700.0, triton=10.0 * T ** 0.3)
+            rows.append(dict(preset=preset, T=T, active_ratio=0.2, graph=T <= 8, floor_us=1.0, dense_floor_us=3.0,
+                             us=us, speedup_vs_dense={k: us["dense_twin"] / v for k, v in us.items()},
+                             fraction_of_floor={k: (3.0 if k == "dense_twin" else 1.0) / v for k, v in us.items()}))
+    ratio_rows = [dict(preset="1.2b", T=T, target_ratio=a, active_ratio=a, us=dict(triton=8 + 30 * a * T ** 0.5),
+                       dense_twin_us=40.0, floor_us=1 + 10 * a, graph=True)
+                  for T in (1, 8) for a in (0.05, 0.2, 0.6)]
+    model_rows = [dict(preset=p, deco=dict(decode_us=1000.0, decode_tokens_per_s=1000.0, decode_active_ratio=0.21,
+                                           decode_context=128, decode_method="cuda_graph", prefill_tokens=4096,
+                                           prefill_tokens_per_s=5e4, train_tokens=4096, train_tokens_per_s=2e4,
+                                           train_peak_bytes=3 * 2**30),
+                       dense_twin=dict(decode_us=1500.0, decode_tokens_per_s=666.7, prefill_tokens_per_s=9e4,
+                                       train_tokens_per_s=4e4, train_peak_bytes=2**31),
+                       decode_speedup=1.5, prefill_speedup=0.55, train_step_speedup=0.5,
+                       floor=dict(floor_ratio=2.0), fraction_of_floor_ratio=0.75) for p in ("0.1b", "0.5b")]
+    model_rows.append(dict(preset="1.2b", deco={"errors": {"model": "OutOfMemoryError: boom"}}, dense_twin={}))
+    return dict(environment=env, dtype="bfloat16", copy_bandwidth_Bps=3e12, bf16_matmul_flops=7e14,
+                one_empty_launch_us=4.5, two_empty_launches_us=5.5, graph_max_tokens=8, rows=rows,
+                model=dict(target_ratio=0.2, rows=model_rows), ratio=dict(preset="1.2b", rows=ratio_rows),
+                errors=[])
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_from_a_synthetic_json(tmp_path):
+    paths = benchplot.plot_all(synthetic_result(), tmp_path)
+    assert sorted(p.name for p in paths) == ["decode_latency_vs_active_ratio.png", "fraction_of_floor.png",
+                                             "model.png", "speedup_vs_T.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, p
+
+
+def test_plots_only_for_the_parts_present(tmp_path):
+    result = synthetic_result()
+    del result["model"], result["ratio"]
+    assert [p.name for p in benchplot.plot_all(result, tmp_path)] == ["speedup_vs_T.png", "fraction_of_floor.png"]
+    assert benchplot.plot_all({"environment": {}}, tmp_path / "empty") == []
+
+
+def test_summary_names_every_part_and_failure():
+    text = benchplot.summary(synthetic_result())
+    assert "Fake GPU X1" in text and "model 0.5b: decode 1000 vs 667 tok/s (1.50x, floor ratio 2.00x" in text
+    assert "OutOfMemoryError: boom" in text and "ratio T=8 act 60.0%" in text
+
+
+def test_cli_plot_only_redraws_from_the_json(tmp_path, capsys):
+    (tmp_path / bench.RESULT_FILE).write_text(json.dumps(synthetic_result()))
+    assert cli.main(["bench", "--plot-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "speedup_vs_T.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_readme_table_from_a_synthetic_json():
+    rt = _readme_table()
+    text = rt.table(synthetic_result())
+    assert text.startswith("Measured on Fake GPU X1 (sm_90), torch 2.0, triton 3.0, 2030-01-02; bfloat16")
+    # 0.1b, T=8: dense 20 * 8^0.25 = 33.6, triton 10 * 8^0.3 = 18.7, speed-up 33.6 / 18.7 = 1.80x
+    assert "| 0.1b | 8 | 33.6 | 700.0 | 18.7 | 1.80x | 0.05 |" in text
+    assert "| 0.5b | 21.0% | 1000 / 667 | 1.50 | 2.00 | 0.75 | 50000 / 90000 | 20000 / 40000 | 3.0 / 2.0 |" in text
+    assert "| 1.2b | -% | - / - |" in text  # a failed model is a row of dashes, not a crash
+    assert "T=1 triton: 9.5 µs at 5% active, 26.0 µs at 60% (dense twin 40.0 µs)" in text
+
+
+def test_readme_table_write_replaces_only_the_block(tmp_path):
+    rt = _readme_table()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{rt.BEGIN}\nold\n{rt.END}\noutro\n")
+    rt.write(str(readme), "new table")
+    assert readme.read_text() == f"intro\n{rt.BEGIN}\nnew table\n{rt.END}\noutro\n"
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no .* block"):
+        rt.write(str(readme), "x")
+
+
+def test_readme_block_is_generated_from_a_committed_json():
+    rt = _readme_table()
+    readme = (REPO / "README.md").read_text()
+    block = re.search(re.escape(rt.BEGIN) + r"\n(.*?)\n" + re.escape(rt.END), readme, re.S).group(1)
+    candidates = sorted((REPO / "benchmarks" / "results").glob("*/bench*.json"))
+    tables = [rt.table(json.loads(p.read_text()), rt.plot_links(str(p.parent), str(p.parent.relative_to(REPO))))
+              for p in candidates]
+    assert block in tables, ("README.md's results block is not the table of any committed benchmark JSON: "
+                             "run benchmarks/readme_table.py JSON --write README.md")
+
+
+def test_floor_ratio_is_not_a_typed_constant():
+    # The model's floor ratio follows the preset: larger models spend a larger share of weights in the FFN.
+    small = bench.model_floor(DecoConfig.preset("0.1b"), 0.2, 128, 2, 1e12)["floor_ratio"]
+    large = bench.model_floor(DecoConfig.preset("1.2b"), 0.2, 128, 2, 1e12)["floor_ratio"]
+    assert 1 < small < large < 1 / 0.2 and not math.isclose(small, large)
