@@ -37,7 +37,7 @@ from .modules import DecoForCausalLM
 from .reference import ops as ref
 from .testing import make_dense_twin, make_layer, rel_err
 
-PARTS = ("layer", "model", "ratio")
+PARTS = ("layer", "model", "ratio", "train")
 PRESETS = ("0.1b", "0.2b", "0.5b", "1.2b")
 QUICK_PRESETS = ("0.1b", "1.2b")
 TOKENS = (1, 8, 64, 512, 4096)
@@ -352,6 +352,62 @@ def run_layer(presets, tokens, timer, bw, flops, names, device="cuda", with_refe
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Part 4: one layer's forward + backward (training)
+# ---------------------------------------------------------------------------------------------------------
+TRAIN_TOKENS = 4096
+
+
+def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], device="cuda",
+               with_reference: bool = True, dtype=torch.bfloat16) -> dict:
+    """µs and peak memory of forward + backward of one layer on T tokens (bf16, every weight and x requiring
+    grad, one fixed upstream gradient) for the dense twin, the torch reference and each backend in ``names``
+    that has a backward, measured side by side."""
+    x, w = make_layer(T, cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.shared_dim, dtype=dtype,
+                      device=device, seed=1, active=TARGET_RATIO, requires_grad=True)
+    dense = {k: v.requires_grad_() for k, v in
+             make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=2).items()}
+    dy = torch.randn_like(x)
+    calls = {"dense_twin": lambda: ops.dense_swiglu(x, **dense).backward(dy)}
+    if with_reference:
+        calls["torch"] = lambda: ops.deco_ffn(x, **w, backend="torch").backward(dy)
+    for name in names:
+        if name in backends.DIFFERENTIABLE:
+            calls[name] = lambda name=name: ops.deco_ffn(x, **w, backend=name).backward(dy)
+    row = dict(preset=preset, T=T, us={}, peak_bytes={}, errors={})
+    cuda = torch.device(device).type == "cuda"
+    for name, fn in calls.items():
+        try:
+            fn()  # compile and warm up
+            if cuda:  # the step's memory above what is allocated before it (weights, x, grads of the warm-up)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                torch.cuda.synchronize()
+                row["peak_bytes"][name] = torch.cuda.max_memory_allocated(device) - base
+            row["us"][name] = timer(fn, False)
+        except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
+            row["errors"][name] = _error(exc)
+    dense_us = row["us"].get("dense_twin")
+    row["speedup_vs_dense"] = {k: dense_us / v for k, v in row["us"].items()} if dense_us else {}
+    if not row["errors"]:
+        del row["errors"]
+    return row
+
+
+def run_train(presets, timer, names, tokens=TRAIN_TOKENS, device="cuda", with_reference=True, log=print) -> list:
+    rows = []
+    for preset in presets:
+        try:
+            rows.append(train_case(DecoConfig.preset(preset), preset, tokens, timer, names, device, with_reference))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(preset=preset, T=tokens, us={}, errors={"case": _error(exc)}))
+        log(json.dumps(rows[-1]))
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Part 3: decode latency vs active ratio
 # ---------------------------------------------------------------------------------------------------------
 def run_ratio(timer, bw, flops, names, preset=RATIO_PRESET, tokens=RATIO_TOKENS, targets=RATIO_TARGETS,
@@ -617,6 +673,10 @@ def main(args) -> int:
                 result["model"] = dict(presets=presets, quick=quick, date=env["date"], dtype="bfloat16",
                                        target_ratio=TARGET_RATIO,
                                        rows=run_model(presets, GpuTimer(rep_ms=300 if quick else 1000), bw))
+            elif part == "train":
+                presets = tuple(args.presets or layer_presets(quick))
+                result["train"] = dict(presets=presets, tokens=TRAIN_TOKENS, backends=names, date=env["date"],
+                                       rows=run_train(presets, timer, names, with_reference=not args.no_reference))
             elif part == "ratio":
                 result["ratio"] = dict(preset=RATIO_PRESET, tokens=RATIO_TOKENS, backends=names, quick=quick,
                                        date=env["date"], rows=run_ratio(timer, bw, flops, names,

@@ -119,7 +119,7 @@ def test_micro_cases():
 
 
 def test_parse_parts():
-    assert bench.parse_parts("all") == ["layer", "model", "ratio"]
+    assert bench.parse_parts("all") == ["layer", "model", "ratio", "train"]
     assert bench.parse_parts("ratio, layer") == ["layer", "ratio"]
     for bad in ("", "layers", "layer,speed"):
         with pytest.raises(ValueError, match="parts"):
@@ -143,6 +143,14 @@ def test_layer_case_on_cpu_records_figures_and_failures():
     assert set(row["us"]) == {"dense_twin", "torch"} and all(us > 0 for us in row["us"].values())
     assert row["speedup_vs_dense"]["torch"] == pytest.approx(row["us"]["dense_twin"] / row["us"]["torch"])
     assert "ValueError" in row["errors"]["nope"]  # an unknown backend is recorded, not raised
+
+
+def test_train_case_on_cpu_times_forward_and_backward():
+    row = bench.train_case(SMALL, "small", 8, cpu_timer, ["nope"], device="cpu", dtype=torch.float32)
+    assert row["T"] == 8 and set(row["us"]) == {"dense_twin", "torch"}
+    assert all(us > 0 for us in row["us"].values())
+    assert row["speedup_vs_dense"]["torch"] == pytest.approx(row["us"]["dense_twin"] / row["us"]["torch"])
+    assert "errors" not in row  # "nope" has no backward: skipped, not attempted
 
 
 def test_model_row_on_cpu():
