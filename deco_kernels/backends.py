@@ -1,8 +1,9 @@
 """Which backends exist here, and the choice behind backend="auto".
 
 Backends: "torch" (the reference path, always there, differentiable), "triton" (inference kernels, and sparse
-training kernels with a backward whenever autograd needs one), "cupy". The optional packages are imported
-lazily so `import deco_kernels` works with neither installed.
+training kernels with a backward whenever autograd needs one), "cupy" (inference kernels compiled by NVRTC: the
+path for Jetson, where Triton has no official wheel). The optional packages are imported lazily so
+`import deco_kernels` works with neither installed.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ log = logging.getLogger("deco_kernels")
 BACKENDS = ("torch", "triton", "cupy")
 INSTALL_HINT = {
     "triton": 'pip install "deco-kernels[triton]" (needs a CUDA GPU, or TRITON_INTERPRET=1 on the CPU)',
-    "cupy": 'pip install "deco-kernels[cupy]" (cupy-cuda12x; needs a CUDA GPU)',
+    "cupy": 'pip install "deco-kernels[cupy]" (cupy-cuda12x), or cupy-cuda13x for CUDA 13 (needs a CUDA GPU)',
 }
 # Backends whose DECO-layer kernels exist in this version of the library.
-IMPLEMENTED = {"torch", "triton"}
+IMPLEMENTED = {"torch", "triton", "cupy"}
 # Backends whose kernels have a backward pass; "auto" picks only these when autograd needs one.
 DIFFERENTIABLE = {"torch", "triton"}
 
@@ -31,7 +32,10 @@ _present: dict[str, bool] = {}
 def _module_present(name: str) -> bool:
     # Looked up once: torch.compile can read a dict but not trace importlib.util.find_spec.
     if name not in _present:
-        _present[name] = importlib.util.find_spec(name) is not None
+        try:
+            _present[name] = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as absent
+            _present[name] = False
     return _present[name]
 
 
@@ -49,8 +53,22 @@ def available(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         return _module_present("triton") and (device.type == "cuda" or interpreting())
     if backend == "cupy":
-        return _module_present("cupy") and device.type == "cuda"
+        return _module_present("cupy") and device.type == "cuda" and _cuda_present()
     return False
+
+
+def _cuda_present() -> bool:
+    if "torch.cuda" not in _present:
+        _present["torch.cuda"] = torch.cuda.is_available()
+    return _present["torch.cuda"]
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str:
+    if backend in INSTALL_HINT and not _module_present(backend):
+        return f"{backend} is not installed: {INSTALL_HINT[backend]}"
+    if backend == "cupy":
+        return "it runs CUDA tensors only (with a CUDA GPU present)"
+    return INSTALL_HINT.get(backend, "")
 
 
 _announced: set[tuple[str, str]] = set()
@@ -83,7 +101,7 @@ def resolve(backend: str, device: torch.device, needs_grad: bool = False) -> str
                                   f"use backend='torch' or 'auto'")
     if not available(backend, device):
         raise RuntimeError(f"backend {backend!r} is not available for tensors on {device}: "
-                           f"{INSTALL_HINT.get(backend, '')}")
+                           f"{_unavailable_reason(backend, device)}")
     if needs_grad and backend not in DIFFERENTIABLE:
         raise NotImplementedError(f"backend {backend!r} runs inference only for now: call it under "
                                   f"torch.no_grad() or use backend='torch' (or 'auto') for training")

@@ -125,5 +125,11 @@ def test_wheel_has_no_top_level_reference_or_autotune(tmp_path):
     (wheel,) = tmp_path.glob("deco_kernels-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"deco_kernels"}, tops
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "deco_kernels/reference/ops.py" in names and "deco_kernels/autotune/__init__.py" in names
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # Every subpackage and its data files ship: the kernels of both backends, the CUDA source NVRTC compiles
+    # at run time and the tune caches the lookup reads.
+    for path in ("deco_kernels/reference/ops.py", "deco_kernels/autotune/__init__.py", "deco_kernels/triton/ffn.py",
+                 "deco_kernels/cupy/decode.cu", "deco_kernels/cupy/common.cuh"):
+        assert path in names, path
+    shipped = {p.name for p in (REPO / "autotune" / "caches").glob("*.json")}
+    assert shipped and {f"deco_kernels/autotune/caches/{n}" for n in shipped} <= names

@@ -132,11 +132,12 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     common = (T, n, d, ds, y.stride(0), NORM_EPS)
-    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=cfg["block_d"],
-                BLOCK_DS=max(16, triton.next_power_of_2(ds)), num_warps=cfg["down_warps"])
+    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], BLOCK_DS=max(16, triton.next_power_of_2(ds)),
+                num_warps=cfg["down_warps"])
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     if not use_dot:
         _decode_down_kernel[(triton.cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, *common,
+                                                               BLOCK_N=max(16, triton.next_power_of_2(n)),
                                                                SLOTS=cfg["slots"], **meta)
         return
     grid = (triton.cdiv(d, cfg["block_d"]), n)

@@ -18,11 +18,11 @@ from the gates in registers (cumsum, no host sync), applies NormSiLU + the scale
 multiplies by the [BLOCK_D, SLOTS, DE] gather of w_down (rows of 2*DE contiguous bytes in the canonical
 layout), adds the shared expert and writes y.
 
-`_union_down_kernel` (tensor cores), one program per (block of BLOCK_D output features, slot of the compacted
-active list; slots past the count exit): NormSiLU of its expert's h, then [T, DE] @ the expert's
-[BLOCK_D, DE] block of w_down^T, added into an fp32 accumulator with atomics; the last program of a feature
-block to arrive (an arrival counter) adds the shared expert, writes y and re-zeroes the accumulator and
-the counter (so CUDA graphs replay it). Many small independent programs instead of a long loop each: at
+`_union_down_kernel` (tensor cores), one program per (block of BLOCK_D output features, expert; an expert no
+token activates skips the work, no compaction needed): NormSiLU of its expert's h, then [T, DE] @ the
+expert's [BLOCK_D, DE] block of w_down^T, added into an fp32 accumulator with atomics; the last program of a
+feature block to arrive (an arrival counter) adds the shared expert, writes y and re-zeroes the accumulator
+and the counter (so CUDA graphs replay it). Many small independent programs instead of a long loop each: at
 these sizes the loop's round trips set the time. The order of the atomic adds varies, so results can
 differ between runs in the last bits of fp32.
 """
@@ -258,10 +258,10 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 @triton.jit
 def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
                        y_ptr, T, N, D, DS, stride_yt, eps,
-                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
+                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
     pid_d = tl.program_id(0)
-    slot = tl.program_id(1)
+    e = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
@@ -270,25 +270,23 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
     cols64 = cols.to(tl.int64)
     out_mask = tmask[:, None] & cmask[None, :]
     acc_off = ts64[:, None] * D + cols[None, :]
-    active, pos, count = _active_experts(g_ptr, T, N, BLOCK_T, BLOCK_N)
-    arrivals = tl.maximum(count, 1)  # with no active expert, slot 0 still arrives and writes the shared part
-    if slot < arrivals:
-        if slot < count:
-            e64 = tl.max(_slot_ids(active, pos, slot + tl.arange(0, 1), BLOCK_N), axis=0).to(tl.int64)
-            ks = e64 * DE + tl.arange(0, DE)
-            w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
-            h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
-            gs = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0) * tl.load(scale_ptr + e64).to(tl.float32)
-            a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
-                               tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
-            scatter_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), out_mask, VECTOR)
-        # The last expert of this block of features to arrive adds the shared expert, writes y and leaves the
-        # accumulator and its counter at zero for the next call (so CUDA graphs replay it).
-        tl.debug_barrier()
-        if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == arrivals - 1:
-            hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
-            out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
-            out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(acc_ptr + acc_off, tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_d, 0)
+    e64 = e.to(tl.int64)
+    g = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0)
+    if tl.max(g, axis=0) > 0:
+        ks = e64 * DE + tl.arange(0, DE)
+        w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
+        h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
+        gs = g * tl.load(scale_ptr + e64).to(tl.float32)
+        a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
+                           tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
+        scatter_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), out_mask, VECTOR)
+    # Every expert's program arrives, active or not; the last of a block of features to arrive adds the shared
+    # expert, writes y and leaves the accumulator and its counter at zero for the next call (CUDA graphs).
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == N - 1:
+        hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+        out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
+        out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(acc_ptr + acc_off, tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), mask=out_mask)
+        tl.atomic_xchg(counter_ptr + pid_d, 0)

@@ -1,0 +1,366 @@
+// Device helpers shared by the CuPy backend's kernels (decode.cu, prefill.cu).
+//
+// No #include at all: NVRTC on a pip or JetPack install may not find the CUDA headers, so the 16-bit types are
+// plain 16-bit storage converted with bit operations / PTX cvt, and tensor cores are reached through inline PTX
+// (ldmatrix + mma.sync m16n8k16, sm_80 and newer: Orin sm_87, H100 sm_90).
+//
+// Compile-time constants (set by deco_kernels/cupy/geometry.py as -D options):
+//   ELEM_T    storage type of x, w_up, w_down, ws_* and y (bf16_t, f16_t or float)
+//   ROUTER_T  storage type of w_router (bf16_t, f16_t or float)
+//   SCALE_T, GAMMA_T  storage types of router_scale and gamma (any of bf16_t, f16_t, float, double)
+//   DE        expert width (16, 32, 64 or 128)
+//   USE_LDMATRIX  1: tensor-core fragments through ldmatrix; 0: 32-bit shared loads (a debugging fallback)
+
+struct bf16_t { unsigned short v; };
+struct f16_t { unsigned short v; };
+
+#ifndef USE_LDMATRIX
+#define USE_LDMATRIX 1
+#endif
+
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+template <typename T> struct is_16bit { static constexpr bool value = sizeof(T) == 2; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(double v) { return (float)v; }
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.v) << 16); }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.v));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
+    // Round to nearest even, as torch's .to(torch.bfloat16); NaN stays a (quiet) NaN.
+    unsigned u = __float_as_uint(f);
+    bf16_t r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.v = (unsigned short)((u >> 16) | 0x40u);
+        return r;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.v = (unsigned short)(u >> 16);
+    return r;
+}
+template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.v) : "f"(f));
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ T zero_of() { return from_f<T>(0.0f); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// A load that bypasses L1: values written by other blocks of the same launch (last-arriver patterns).
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// 8 consecutive elements as fp32; vec: p is 16-byte aligned (one or more 16-byte loads).
+__device__ __forceinline__ void unpack_bf16x2(unsigned w, float* o) {
+    o[0] = __uint_as_float(w << 16);
+    o[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void load8(const bf16_t* p, bool vec, float o[8]) {
+    if (vec) {
+        uint4 q = *reinterpret_cast<const uint4*>(p);
+        unpack_bf16x2(q.x, o); unpack_bf16x2(q.y, o + 2); unpack_bf16x2(q.z, o + 4); unpack_bf16x2(q.w, o + 6);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = to_f(p[j]);
+    }
+}
+__device__ __forceinline__ void load8(const f16_t* p, bool vec, float o[8]) {
+    if (vec) {
+        uint4 q = *reinterpret_cast<const uint4*>(p);
+        unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            f16_t lo, hi;
+            lo.v = (unsigned short)(w[j] & 0xffffu);
+            hi.v = (unsigned short)(w[j] >> 16);
+            o[2 * j] = to_f(lo);
+            o[2 * j + 1] = to_f(hi);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = to_f(p[j]);
+    }
+}
+__device__ __forceinline__ void load8(const float* p, bool vec, float o[8]) {
+    if (vec) {
+        float4 a = *reinterpret_cast<const float4*>(p);
+        float4 b = *reinterpret_cast<const float4*>(p + 4);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = p[j];
+    }
+}
+
+// out[t] = x[t, :D] . w[:D] in fp32 for t < ntok (0 for t >= ntok), summed over the warp: every lane gets it.
+// vec: D % 8 == 0 and every row 16-byte aligned (each lane reads 8 elements at once).
+template <int TT, typename W>
+__device__ __forceinline__ void warp_dot(const W* w, const ELEM_T* x, long long xs, int ntok, int D, bool vec,
+                                         float out[TT]) {
+    const int lane = threadIdx.x & 31;
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+    if (vec) {
+#pragma unroll 4
+        for (int k = lane * 8; k < D; k += 256) {
+            float wv[8];
+            load8(w + k, true, wv);
+#pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                if (t < ntok) {
+                    float xv[8];
+                    load8(x + t * xs + k, true, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[t] += wv[j] * xv[j];
+                }
+            }
+        }
+    } else {
+        for (int k = lane; k < D; k += 32) {
+            const float wv = to_f(w[k]);
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+                if (t < ntok) acc[t] += wv * to_f(x[t * xs + k]);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) out[t] = warp_sum(acc[t]);
+}
+
+// Final gates of token t (SPEC §4), by one warp: g_row holds the raw router logits of the token (written by any
+// block of this launch); afterwards g_row and the column gt[:, t] hold relu(r + bias) cut at threshold, with
+// only the max_active largest kept (ties: lower expert index) when max_active > 0.
+__device__ void finish_token_gates(float* g_row, float* gt, int t, int T, int N, const float* bias_v,
+                                   float bias_s, float threshold, int max_active) {
+    const int lane = threadIdx.x & 31;
+    for (int e = lane; e < N; e += 32) {
+        const float b = bias_v ? bias_v[e] : bias_s;
+        float gate = fmaxf(ld_cg(g_row + e) + b, 0.0f);
+        gate = gate > threshold ? gate : 0.0f;
+        g_row[e] = gate;
+        if (max_active <= 0) gt[(long long)e * T + t] = gate;
+    }
+    if (max_active <= 0) return;
+    __syncwarp();
+    // Rank of each gate among the token's gates (ties: lower index first); keep ranks < max_active.
+    for (int e = lane; e < N; e += 32) {
+        const float ge = g_row[e];
+        int rank = 0;
+        if (ge > 0.0f)
+            for (int j = 0; j < N && rank < max_active; ++j) {
+                const float gj = g_row[j];
+                rank += (gj > ge) || (gj == ge && j < e);
+            }
+        gt[(long long)e * T + t] = (ge > 0.0f && rank < max_active) ? ge : 0.0f;
+    }
+    __syncwarp();
+    for (int e = lane; e < N; e += 32) g_row[e] = gt[(long long)e * T + t];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core tiles (prefill): C[rows, NT*8] += A[rows, K] * B[NT*8, K]^T with both operands K-contiguous in
+// shared memory. 16-bit operands of one type: mma.sync m16n8k16 with fp32 accumulation; anything else (fp32,
+// or a router of another dtype) runs the same fragment layout with fp32 FMAs. Thread (g = lane/4, q = lane%4)
+// holds c[0..1] at (row g, cols 2q, 2q+1) and c[2..3] at (row g+8, same cols) of each 16x8 tile.
+// ---------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    if constexpr (same_type<T, bf16_t>::value) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ unsigned lds32(const void* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// acc += A[arow0 : arow0 + 16*MT, 0 : 16*ksteps] * B[0 : 8*NT, same]^T; sa / sb row strides sas / sbs elements.
+template <typename AT, typename BT, int MT, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const AT* sa, int sas, int arow0, const BT* sb,
+                                         int sbs, int ksteps) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+    if constexpr (same_type<AT, BT>::value && is_16bit<AT>::value) {
+        static_assert(NT % 2 == 0, "NT must be even (B fragments come in pairs of n-tiles)");
+        for (int ks = 0; ks < ksteps; ++ks) {
+            const int k0 = ks * 16;
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int r = arow0 + mt * 16;
+#if USE_LDMATRIX
+                const AT* p = sa + (r + (lane & 15)) * sas + k0 + (lane >> 4) * 8;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(a[mt][0]), "=r"(a[mt][1]), "=r"(a[mt][2]), "=r"(a[mt][3])
+                             : "r"(smem_u32(p)));
+#else
+                a[mt][0] = lds32(sa + (r + g) * sas + k0 + 2 * q);
+                a[mt][1] = lds32(sa + (r + g + 8) * sas + k0 + 2 * q);
+                a[mt][2] = lds32(sa + (r + g) * sas + k0 + 8 + 2 * q);
+                a[mt][3] = lds32(sa + (r + g + 8) * sas + k0 + 8 + 2 * q);
+#endif
+            }
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned b[4];
+#if USE_LDMATRIX
+                const BT* p = sb + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * sbs + k0 + ((lane >> 3) & 1) * 8;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(smem_u32(p)));
+#else
+                b[0] = lds32(sb + (np * 16 + g) * sbs + k0 + 2 * q);
+                b[1] = lds32(sb + (np * 16 + g) * sbs + k0 + 8 + 2 * q);
+                b[2] = lds32(sb + (np * 16 + 8 + g) * sbs + k0 + 2 * q);
+                b[3] = lds32(sb + (np * 16 + 8 + g) * sbs + k0 + 8 + 2 * q);
+#endif
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<AT>(acc[mt][2 * np], a[mt], b[0], b[1]);
+                    mma16816<AT>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    } else {
+        for (int k = 0; k < ksteps * 16; ++k) {
+            float a[MT][2], b[NT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = to_f(sa[(arow0 + mt * 16 + g) * sas + k]);
+                a[mt][1] = to_f(sa[(arow0 + mt * 16 + g + 8) * sas + k]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                b[nt][0] = to_f(sb[(nt * 8 + 2 * q) * sbs + k]);
+                b[nt][1] = to_f(sb[(nt * 8 + 2 * q + 1) * sbs + k]);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[mt][nt][0] += a[mt][0] * b[nt][0];
+                    acc[mt][nt][1] += a[mt][0] * b[nt][1];
+                    acc[mt][nt][2] += a[mt][1] * b[nt][0];
+                    acc[mt][nt][3] += a[mt][1] * b[nt][1];
+                }
+        }
+    }
+}
+
+// Copy rows [*, k0 : k0 + KC) of R rows into a shared tile (row stride ss elements), zeros where a row is
+// invalid (off < 0) or k >= K. Row r starts at base + off(r). vec: cp.async in 16-byte chunks (K a multiple of
+// the chunk, rows aligned); else element by element.
+template <typename T, int R, int KC, int NTH, typename RowOff>
+__device__ __forceinline__ void load_tile(T* dst, int ss, const T* base, RowOff off, int k0, int K, bool vec) {
+    const int tid = threadIdx.x;
+    if (vec) {
+        constexpr int E = 16 / sizeof(T);
+        constexpr int CPR = KC / E;
+        for (int i = tid; i < R * CPR; i += NTH) {
+            const int r = i / CPR, k = k0 + (i % CPR) * E;
+            const long long o = off(r);
+            const bool valid = o >= 0 && k < K;
+            cp_async16(dst + r * ss + (i % CPR) * E, valid ? base + o + k : base, valid);
+        }
+    } else {
+        for (int i = tid; i < R * KC; i += NTH) {
+            const int r = i / KC, k = k0 + i % KC;
+            const long long o = off(r);
+            dst[r * ss + i % KC] = (o >= 0 && k < K) ? base[o + k] : zero_of<T>();
+        }
+    }
+}
+
+template <typename AT, typename BT, int WARPS, int MT, int NT, int BK>
+__host__ __device__ constexpr int gemm_stage_bytes() {
+    return WARPS * MT * 16 * (BK + 16 / (int)sizeof(AT)) * (int)sizeof(AT) +
+           NT * 8 * (BK + 16 / (int)sizeof(BT)) * (int)sizeof(BT);
+}
+
+// Pipeline depth: the most stages (4, 3, 2) whose buffers fit in `budget` bytes of shared memory.
+template <typename AT, typename BT, int WARPS, int MT, int NT, int BK>
+__host__ __device__ constexpr int gemm_stages(int budget) {
+    return 4 * gemm_stage_bytes<AT, BT, WARPS, MT, NT, BK>() <= budget   ? 4
+           : 3 * gemm_stage_bytes<AT, BT, WARPS, MT, NT, BK>() <= budget ? 3
+                                                                         : 2;
+}
+
+// acc[BM, NT*8] = A[rows, :K] * B[:NT*8, :K]^T, both from global memory through an S-stage cp.async pipeline
+// (S - 1 K steps in flight while one is multiplied). Warp w owns rows [w*16*MT, (w+1)*16*MT). smem holds S
+// stages, each A [BM][BK + pad] then B [NT*8][BK + pad].
+template <typename AT, typename BT, int WARPS, int MT, int NT, int BK, int S, typename AOff, typename BOff>
+__device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, const BT* B, BOff b_off, int K,
+                            bool vec, unsigned char* smem) {
+    constexpr int BM = WARPS * MT * 16, NTH = WARPS * 32;
+    constexpr int SA = BK + 16 / sizeof(AT), SB = BK + 16 / sizeof(BT);
+    constexpr int STAGE = gemm_stage_bytes<AT, BT, WARPS, MT, NT, BK>();
+    static_assert(S >= 2, "at least two stages");
+    const int arow0 = (threadIdx.x >> 5) * MT * 16;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[mt][nt][j] = 0.0f;
+    const int nk = (K + BK - 1) / BK;
+    auto load = [&](int kt) {
+        unsigned char* st = smem + (kt % S) * STAGE;
+        load_tile<AT, BM, BK, NTH>(reinterpret_cast<AT*>(st), SA, A, a_off, kt * BK, K, vec);
+        load_tile<BT, NT * 8, BK, NTH>(reinterpret_cast<BT*>(st + BM * SA * sizeof(AT)), SB, B, b_off, kt * BK, K,
+                                       vec);
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < nk) load(s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; ++kt) {
+        cp_async_wait<S - 2>();  // step kt has landed (one commit group per step, empty ones included)
+        __syncthreads();         // ... for every thread; and step kt-1's buffer is free
+        if (kt + S - 1 < nk) load(kt + S - 1);
+        cp_async_commit();
+        const unsigned char* st = smem + (kt % S) * STAGE;
+        mma_tile<AT, BT, MT, NT>(acc, reinterpret_cast<const AT*>(st), SA, arow0,
+                                 reinterpret_cast<const BT*>(st + BM * SA * sizeof(AT)), SB, BK / 16);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the caller may reuse the buffers
+}

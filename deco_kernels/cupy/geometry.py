@@ -1,0 +1,153 @@
+"""Host-side plan of the CuPy backend: which path, launch grids, tile sizes, compile options and the CUDA source.
+
+Pure Python (no cupy import), so CI tests it without a GPU. The shared-memory formulas mirror the constexpr ones
+in prefill.cu / common.cuh (whose static_asserts catch a drift when the kernels are compiled).
+"""
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import torch
+
+# Up to this many tokens the decode kernels (register FMAs, three launches) run; above, tokens are grouped by
+# expert and multiplied on tensor cores, which wins as soon as several tokens share an expert.
+DECODE_MAX_T = 8
+DECODE_THREADS = 256  # 8 warps: one router row / up row / output feature per warp
+DECODE_WARPS = DECODE_THREADS // 32
+ROUTER_TOKENS = 16     # tokens per block of the prefill router (ROUTER_BM in prefill.cu)
+ROUTER_THREADS = 32
+GROUP_THREADS = 256
+SMEM_LIMIT = 48 * 1024 - 2560   # PF_SMEM_LIMIT: static shared memory less the per-row arrays
+EXPERT_WIDTHS = (16, 32, 64, 128)
+SOURCES = ("common.cuh", "decode.cu", "prefill.cu")
+
+# Storage type of each torch dtype in the CUDA source.
+CTYPE = {torch.bfloat16: "bf16_t", torch.float16: "f16_t", torch.float32: "float", torch.float64: "double"}
+X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_supported(x_dtype: torch.dtype, de: int) -> None:
+    """ValueErrors for what the kernels do not cover (the dispatch point validated everything else)."""
+    if x_dtype not in X_DTYPES:
+        raise ValueError(f"x: backend 'cupy' runs bfloat16, float16 and float32, got {x_dtype} "
+                         f"(float64 runs on backend='torch')")
+    if de not in EXPERT_WIDTHS:
+        raise ValueError(f"gamma: backend 'cupy' needs an expert width de in {EXPERT_WIDTHS}, got {de}")
+
+
+def router_dtype(w_router_dtype: torch.dtype) -> torch.dtype:
+    """The router is read in its own 16- or 32-bit dtype; a float64 router is rounded to fp32 first (the
+    reference computes the logits of non-float64 layers in fp32 anyway)."""
+    return torch.float32 if w_router_dtype == torch.float64 else w_router_dtype
+
+
+DECODE_KERNELS = ("deco_decode_router", "deco_decode_up", "deco_decode_down")
+PREFILL_KERNELS = ("deco_prefill_router", "deco_group_tokens", "deco_prefill_expert")
+
+
+def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, *, decode_tt: int | None = None,
+                    prefill_warps: int | None = None, ldmatrix: bool = True) -> tuple:
+    """NVRTC / nvcc options of one module: the storage types, the expert width, and which kernels it holds:
+    the decode kernels for ``decode_tt`` tokens per pass and/or the prefill kernels with ``prefill_warps`` warps
+    per expert tile. One module per distinct tuple, compiled once (the launcher caches it); small modules keep
+    each NVRTC compile to a few seconds."""
+    opts = ["-std=c++17", f"-DELEM_T={CTYPE[x_dtype]}", f"-DROUTER_T={CTYPE[router_dtype(w_router_dtype)]}",
+            f"-DSCALE_T={CTYPE[scale_dtype]}", f"-DGAMMA_T={CTYPE[gamma_dtype]}", f"-DDE={de}",
+            f"-DUSE_LDMATRIX={int(ldmatrix)}"]
+    if decode_tt is not None:
+        opts.append(f"-DDECODE_TT={decode_tt}")
+    if prefill_warps is not None:
+        opts.append(f"-DPREFILL_WARPS={prefill_warps}")
+    return tuple(opts)
+
+
+def source() -> str:
+    """The CUDA source of every kernel: common.cuh, decode.cu and prefill.cu, shipped as package data."""
+    root = resources.files("deco_kernels.cupy")
+    return "\n".join(root.joinpath(name).read_text() for name in SOURCES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode (T <= DECODE_MAX_T)
+# ---------------------------------------------------------------------------------------------------------
+def tokens_per_pass(T: int) -> int:
+    """TT of the decode kernels: the next power of two >= T (instantiated for 1, 2, 4, 8)."""
+    if not 1 <= T <= DECODE_MAX_T:
+        raise ValueError(f"T: the decode path takes 1..{DECODE_MAX_T} tokens, got {T}")
+    return 1 << (T - 1).bit_length()
+
+
+def decode_grids(n: int, de: int, ds: int, d: int) -> dict:
+    """Blocks of the three decode launches (DECODE_THREADS threads each): router rows (+1 for wbar), up blocks of
+    every (expert, 8 rows) plus the shared expert's, one warp per output feature."""
+    return dict(router=math.ceil((n + 1) / DECODE_WARPS),
+                up=n * (de // DECODE_WARPS) + math.ceil(ds / DECODE_WARPS),
+                down=math.ceil(d / DECODE_WARPS))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill (T > DECODE_MAX_T)
+# ---------------------------------------------------------------------------------------------------------
+def _stage_bytes(a_size: int, b_size: int, rows: int, cols: int, bk: int) -> int:
+    """One pipeline stage of gemm_global: an A tile [rows][bk + pad] and a B tile [cols][bk + pad]."""
+    return rows * (bk + 16 // a_size) * a_size + cols * (bk + 16 // b_size) * b_size
+
+
+def _stages(stage: int) -> int:
+    """gemm_stages: the deepest pipeline (4, 3 or 2 stages) that fits."""
+    return next((s for s in (4, 3) if s * stage <= SMEM_LIMIT), 2)
+
+
+def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
+    """Tile of prefill_expert with ``warps`` warps: bm tokens (16 * mt per warp), bk K step and pipeline stages
+    of the up-projection, bd output features per step of the down-projection, smem bytes, whether it fits."""
+    es = torch.empty((), dtype=x_dtype).element_size()
+    pad, bk = 16 // es, 64 // es
+    mt = 2 if de <= 64 else 1
+    bm = warps * mt * 16
+    row = (de + pad) * es
+    bd = next((b for b in (64, 32) if (bm + 2 * b) * row <= SMEM_LIMIT), 16)
+    stage = _stage_bytes(es, es, bm, de, bk)
+    stages = _stages(stage)
+    smem = max(stages * stage, (bm + 2 * bd) * row)
+    return dict(warps=warps, bm=bm, bk=bk, stages=stages, bd=bd, smem=smem, fits=smem <= SMEM_LIMIT)
+
+
+def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
+    """Tile of prefill_router: ROUTER_TOKENS tokens x 64 experts, a 128-byte K step of x, stages that fit."""
+    es = torch.empty((), dtype=x_dtype).element_size()
+    rs = torch.empty((), dtype=router_dtype(w_router_dtype)).element_size()
+    bk = 128 // es
+    stage = _stage_bytes(es, rs, ROUTER_TOKENS, 64, bk)
+    stages = _stages(stage)
+    return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= SMEM_LIMIT)
+
+
+def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:
+    """Warps per prefill_expert block (1, 2 or 4): 128-token tiles for long prefills (each expert sees ~20% of
+    the tokens), 32-token tiles below (fewer empty rows); the largest that fits in shared memory."""
+    want = 4 if T >= 1024 else 1
+    for warps in (4, 2, 1):
+        if warps <= want and expert_tile(x_dtype, de, warps)["fits"]:
+            return warps
+    raise ValueError(f"gamma: no prefill tile fits de={de} with {x_dtype}")  # not reached for EXPERT_WIDTHS
+
+
+def prefill_grids(T: int, n: int, x_dtype: torch.dtype, de: int) -> dict:
+    """Grids and block sizes of the three prefill launches."""
+    tile = expert_tile(x_dtype, de, prefill_warps(T, x_dtype, de))
+    return dict(router=(math.ceil(T / ROUTER_TOKENS),), router_threads=ROUTER_THREADS,
+                group=(n,), group_threads=GROUP_THREADS,
+                expert=(n, math.ceil(T / tile["bm"])), expert_threads=32 * tile["warps"], tile=tile)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vector loads
+# ---------------------------------------------------------------------------------------------------------
+def vector_loads_ok(d: int, x_row_stride: int, x_element_size: int, pointers) -> bool:
+    """The kernels read rows 16 bytes at a time (8 elements per lane, cp.async chunks) when every row of x and of
+    the weights starts on a 16-byte boundary: d a multiple of 8, the row stride of x a whole number of 16-byte
+    chunks, every base address aligned. Otherwise they fall back to element loads."""
+    return (d % 8 == 0 and (x_row_stride * x_element_size) % 16 == 0
+            and all(int(p) % 16 == 0 for p in pointers))

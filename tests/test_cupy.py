@@ -1,0 +1,510 @@
+"""CuPy backend: the host-side plan and the launcher's kernel arguments (CPU, no cupy needed), a compile of every
+kernel with nvcc for sm_87 and sm_90 (skipped without nvcc), and on a GPU (with cupy) correctness against the
+float64 reference on adversarial shapes with NaN-poisoned outputs, CUDA-graph capture, and an NVRTC compile for
+Jetson Orin (sm_87).
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_rel_close, make_layer
+
+from deco_kernels import layout, ops, reference
+from deco_kernels.cupy import geometry as geo
+
+HAS_CUPY = importlib.util.find_spec("cupy") is not None
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+TOL = {BF16: 1e-2, FP16: 1e-2, FP32: 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side plan (no GPU, no cupy)
+# ---------------------------------------------------------------------------------------------------------
+def test_tokens_per_pass():
+    assert [geo.tokens_per_pass(t) for t in range(1, geo.DECODE_MAX_T + 1)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    for bad in (0, geo.DECODE_MAX_T + 1):
+        with pytest.raises(ValueError, match="T"):
+            geo.tokens_per_pass(bad)
+
+
+@pytest.mark.parametrize("n, de, ds, d", [(102, 64, 128, 1792), (13, 16, 24, 40), (1, 128, 7, 9)])
+def test_decode_grids_cover_every_row_and_feature(n, de, ds, d):
+    grids = geo.decode_grids(n, de, ds, d)
+    w = geo.DECODE_WARPS
+    assert (grids["router"] - 1) * w < n + 1 <= grids["router"] * w      # every router row + the wbar row
+    assert grids["up"] * w >= n * de + ds and (n * (de // w)) * w == n * de  # 8-row blocks never straddle experts
+    assert (grids["down"] - 1) * w < d <= grids["down"] * w
+
+
+@pytest.mark.parametrize("dtype", geo.X_DTYPES, ids=str)
+@pytest.mark.parametrize("de", geo.EXPERT_WIDTHS)
+def test_prefill_tiles_fit_shared_memory(dtype, de):
+    for T in (9, 65, 300, 4096):
+        warps = geo.prefill_warps(T, dtype, de)
+        tile = geo.expert_tile(dtype, de, warps)
+        assert tile["fits"] and tile["smem"] <= geo.SMEM_LIMIT
+        assert tile["bd"] in (16, 32, 64) and tile["bk"] * torch.empty((), dtype=dtype).element_size() == 64
+        grids = geo.prefill_grids(T, 13, dtype, de)
+        assert grids["expert"][0] == 13 and grids["expert"][1] * tile["bm"] >= T
+        assert grids["router"][0] * geo.ROUTER_TOKENS >= T > (grids["router"][0] - 1) * geo.ROUTER_TOKENS
+        assert tile["stages"] >= 2 and geo.router_tile(dtype, FP32)["fits"] and geo.router_tile(dtype, BF16)["fits"]
+    assert geo.prefill_warps(4096, BF16, 64) == 4 and geo.prefill_warps(300, BF16, 64) == 1
+
+
+def test_prefill_tile_is_the_widest_that_fits():
+    # fp32 with de=128 does not fit four warps: the plan must fall back to two
+    assert not geo.expert_tile(FP32, 128, 4)["fits"]
+    assert geo.prefill_warps(4096, FP32, 128) == 2
+    assert geo.expert_tile(BF16, 64, 4)["bd"] == 64 and geo.expert_tile(FP32, 64, 4)["bd"] == 16
+
+
+def test_check_supported():
+    geo.check_supported(BF16, 64)
+    with pytest.raises(ValueError, match="x"):
+        geo.check_supported(torch.float64, 64)
+    for de in (8, 48, 256):
+        with pytest.raises(ValueError, match="gamma"):
+            geo.check_supported(FP32, de)
+
+
+def test_vector_loads_need_aligned_rows():
+    assert geo.vector_loads_ok(64, 64, 2, [0, 256, 4096])
+    assert not geo.vector_loads_ok(60, 64, 2, [0])          # d not a multiple of 8
+    assert not geo.vector_loads_ok(64, 68, 2, [0])          # x rows 136 bytes apart
+    assert not geo.vector_loads_ok(64, 64, 2, [0, 8])       # a base address off 16 bytes
+    assert geo.vector_loads_ok(64, 68, 4, [0])              # 272-byte fp32 rows are fine
+
+
+def test_compile_options():
+    opts = geo.compile_options(BF16, torch.float64, torch.float32, BF16, 64, decode_tt=4)
+    assert "-DELEM_T=bf16_t" in opts and "-DROUTER_T=float" in opts and "-DSCALE_T=float" in opts
+    assert "-DDE=64" in opts and "-DDECODE_TT=4" in opts and not any("PREFILL" in o for o in opts)
+    assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-2:] == \
+        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2")
+
+
+def kernel_signatures() -> dict:
+    """{kernel name: [C parameter types]} of every extern "C" kernel in the shipped source."""
+    src = geo.source().replace("\\\n", " ")
+    found = re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s*(deco_\w+)\(([^)]*)\)', src)
+    sigs = {}
+    for name, params in found:
+        sigs[name] = [" ".join(p.split()[:-1]) for p in params.split(",")]
+    return sigs
+
+
+def test_source_defines_every_kernel_the_launcher_uses():
+    sigs = kernel_signatures()
+    assert set(sigs) == set(geo.DECODE_KERNELS) | set(geo.PREFILL_KERNELS)
+    # NVRTC must not need the CUDA headers
+    assert not re.search(r"^\s*#\s*include", geo.source(), flags=re.MULTILINE)
+
+
+def test_cuda_source_ships_as_package_data():
+    tool = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "deco_kernels.cupy" in tool["packages"]
+    patterns = tool["package-data"]["deco_kernels.cupy"]
+    assert all(any(fnmatch.fnmatch(name, p) for p in patterns) for name in geo.SOURCES)
+
+
+@pytest.fixture
+def ffn_without_gpu(monkeypatch):
+    """deco_kernels.cupy.ffn imported against a stand-in cupy module (the launcher only touches cupy when it
+    launches), removed again afterwards."""
+    import deco_kernels.cupy as pkg
+    saved, saved_attr = sys.modules.pop("deco_kernels.cupy.ffn", None), pkg.__dict__.pop("ffn", None)
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    yield importlib.import_module("deco_kernels.cupy.ffn")
+    sys.modules.pop("deco_kernels.cupy.ffn", None)
+    pkg.__dict__.pop("ffn", None)
+    if saved is not None:
+        sys.modules["deco_kernels.cupy.ffn"] = saved
+    if saved_attr is not None:
+        pkg.ffn = saved_attr
+
+
+class RecordingLaunch:
+    def __init__(self, spec=None):
+        self.spec, self.calls = spec or {}, []
+
+    def specialise(self, **more):
+        child = RecordingLaunch({**self.spec, **more})
+        child.calls = self.calls
+        return child
+
+    def __call__(self, name, grid, threads, *args):
+        self.calls.append((name, tuple(grid), threads, args, self.spec))
+
+
+C_TO_NUMPY = {"long long": "int64", "int": "int32", "float": "float32"}
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 9, 300])
+@pytest.mark.parametrize("knobs", [dict(bias_s=0.0, bias_v=None, max_active=None),
+                                   dict(bias_s=0.0, bias_v="vector", max_active=3)], ids=["plain", "knobs"])
+def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs):
+    # Meta tensors: shapes and strides without memory (data_ptr() is 0), so the launcher runs on the CPU.
+    n, d, de, ds = 13, 40, 16, 24
+    meta = dict(device="meta", dtype=BF16)
+    x = torch.empty(T, d, **meta)
+    w = dict(w_router=torch.empty(n, d, **meta), router_scale=torch.empty(n, **meta),
+             w_up=torch.empty(n * de, d, **meta), gamma=torch.empty(de, **meta),
+             w_down=torch.empty(d, n * de, **meta), ws_gate=torch.empty(ds, d, **meta),
+             ws_up=torch.empty(ds, d, **meta), ws_down=torch.empty(d, ds, **meta))
+    wbar = torch.empty(d, device="meta", dtype=FP32)
+    bias_v = torch.empty(n, device="meta", dtype=FP32) if knobs["bias_v"] else None
+    g, y = torch.empty(T, n, device="meta", dtype=FP32), torch.empty(T, d, **meta)
+    launch = RecordingLaunch()
+    path = ffn_without_gpu._decode if T <= geo.DECODE_MAX_T else ffn_without_gpu._prefill
+    path(launch, x, w, wbar, knobs["bias_s"], bias_v, 0.1, knobs["max_active"], g, y, True)
+    sigs = kernel_signatures()
+    expected = geo.DECODE_KERNELS if T <= geo.DECODE_MAX_T else geo.PREFILL_KERNELS
+    assert [c[0] for c in launch.calls] == list(expected)
+    for name, grid, threads, args, spec in launch.calls:
+        params = sigs[name]
+        assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
+        for i, (arg, ctype) in enumerate(zip(args, params)):
+            want = "uint64" if ctype.endswith("*") else C_TO_NUMPY[ctype]
+            assert type(arg).__name__ == want, f"{name} argument {i} ({ctype}): got {type(arg).__name__}"
+        assert len(grid) in (1, 2) and all(isinstance(v, int) and v >= 1 for v in grid) and threads % 32 == 0
+        if T <= geo.DECODE_MAX_T:
+            assert spec == dict(decode_tt=geo.tokens_per_pass(T))
+        else:
+            assert spec == dict(prefill_warps=geo.prefill_warps(T, BF16, de))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nvcc: every kernel compiles for Jetson Orin (sm_87) and the H100 (sm_90), each dtype (a syntax check for CI)
+# ---------------------------------------------------------------------------------------------------------
+NVCC_CASES = [  # (arch, x, router, scale, gamma, de, decode_tt, prefill_warps)
+    *[(arch, dt, dt, dt, dt, 64, 8, 4) for arch in ("sm_87", "sm_90") for dt in geo.X_DTYPES],
+    ("sm_87", BF16, FP32, torch.float64, FP32, 16, 1, 1),   # mixed storage types, the narrowest experts
+    ("sm_90", FP32, FP16, BF16, FP16, 128, 2, 2),           # fp32 with the widest experts
+]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_nvcc_compiles_every_kernel(tmp_path):
+    src = tmp_path / "deco.cu"
+    src.write_text(geo.source())
+
+    def compile_one(case):
+        arch, x, router, scale, gamma, de, tt, warps = case
+        opts = geo.compile_options(x, router, scale, gamma, de, decode_tt=tt, prefill_warps=warps)
+        out = tmp_path / f"{arch}-{len(str(case))}-{hash(case) & 0xffff}.cubin"
+        # -O0: this checks syntax, types, PTX and the static_asserts, not the optimiser (fast on CI).
+        cmd = ["nvcc", *opts, f"-arch={arch}", "-cubin", "-Xcicc", "-O0", "-Xptxas", "-O0,-v", "-o", str(out),
+               str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return case, proc, out
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(compile_one, NVCC_CASES))
+    for case, proc, out in results:
+        assert proc.returncode == 0, f"{case}:\n{proc.stderr[-3000:]}"
+        binary = out.read_bytes()
+        assert binary[:4] == b"\x7fELF"
+        for name in (*geo.DECODE_KERNELS, *geo.PREFILL_KERNELS):
+            assert name.encode() in binary, f"{case}: kernel {name} missing from the cubin"
+        # The host-side plan's shared-memory sizes are the compiled kernels' (plus their per-row arrays).
+        smem = ptxas_smem(proc.stderr)
+        _, x, router, _, _, de, _, warps = case
+        tile = geo.expert_tile(x, de, warps)
+        assert smem["deco_prefill_expert"] == tile["smem"] + 20 * tile["bm"], case
+        assert smem["deco_prefill_router"] == geo.router_tile(x, router)["smem"] + 8 * geo.ROUTER_TOKENS, case
+
+
+def ptxas_smem(log: str) -> dict:
+    """{kernel: static shared memory bytes} from ptxas -v output."""
+    smem, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes smem", line)
+        if m and name:
+            smem[name] = int(m.group(1))
+    return smem
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (and cupy): correctness against the float64 reference
+# ---------------------------------------------------------------------------------------------------------
+needs_cupy = pytest.mark.skipif(not HAS_CUPY, reason="cupy is not installed")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every kernel-written buffer with NaN (floats) or -1 (indices) before the kernels run."""
+    ffn = importlib.import_module("deco_kernels.cupy.ffn")
+
+    def poisoned(*shape, device, dtype):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, device=device, dtype=dtype)
+    monkeypatch.setattr(ffn, "_empty", poisoned)
+    return ffn
+
+
+def run_both(x, w, **knobs):
+    """(y, g) from the CuPy backend and from the float64 reference of the same inputs."""
+    with torch.no_grad():
+        y, g = ops.deco_ffn(x, **w, backend="cupy", return_gates=True, **knobs)
+    w64 = {k: v.detach().double().cpu() for k, v in w.items()}
+    bias = knobs.get("bias", 0.0)
+    if isinstance(bias, torch.Tensor):
+        knobs = {**knobs, "bias": bias.double().cpu()}
+    y_ref, g_ref = reference.deco_ffn(x.detach().double().cpu(), **w64, return_gates=True, **knobs)
+    return y, g, y_ref, g_ref
+
+
+def check(x, w, tol=None, **knobs):
+    """y within tol of the float64 reference, the same active set as the fp32 reference router on the same GPU
+    inputs, and gates close to the reference's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y, g, y_ref, g_ref = run_both(x, w, **knobs)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert g.dtype == torch.float32 and g.shape == (*x.shape[:-1], w["w_router"].shape[0])
+    with torch.no_grad():
+        _, g32 = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, return_gates=True,
+                                    **knobs)
+    assert torch.equal(g > 0, g32 > 0), "active sets differ from the fp32 reference router"
+    assert_rel_close(g.cpu(), g_ref.float(), 1e-5 if x.dtype == FP32 else 1e-4, "gates")
+    assert_rel_close(y, y_ref.to(y.dtype), tol or TOL[x.dtype], "y")
+    return g_ref
+
+
+DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(FP16, id="fp16"), pytest.param(FP32, id="fp32")]
+TOKENS = [0, 1, 3, 17, 65, 300]     # empty, decode, decode with several tokens, prefill small and larger
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("de", [16, 32, 64])
+def test_token_counts_and_expert_widths(poison, dtype, T, de):
+    # N = 13 is a multiple of no block size; d = 40 and ds = 24 leave tails in every loop.
+    x, w = make_layer(T, 40, 13, de, 24, dtype=dtype, device="cuda", seed=T * 100 + de, active=0.3)
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(FP32, id="fp32")])
+@pytest.mark.parametrize("T", [1, 17, 300])
+@pytest.mark.parametrize("active", ["none", "all", "one"])
+def test_active_patterns(poison, dtype, T, active):
+    x, w = make_layer(T, 48, 11, 16, 32, dtype=dtype, device="cuda", seed=7, active=active)
+    g_ref = check(x, w)
+    per_token = (g_ref > 0).sum(-1)
+    assert bool((per_token == {"none": 0, "all": 11, "one": 1}[active]).all())
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(FP32, id="fp32")])
+@pytest.mark.parametrize("T", [1, 5, 65])
+@pytest.mark.parametrize("knobs", [
+    dict(bias=0.3), dict(bias=-0.4), dict(threshold=0.5), dict(max_active=1), dict(max_active=3),
+    dict(bias=0.2, threshold=0.2, max_active=2), "bias-vector",
+], ids=["bias+", "bias-", "threshold", "max1", "max3", "all-knobs", "bias-vector"])
+def test_knobs(poison, dtype, T, knobs):
+    x, w = make_layer(T, 40, 13, 16, 24, dtype=dtype, device="cuda", seed=3, active=0.4)
+    if knobs == "bias-vector":
+        knobs = dict(bias=torch.linspace(-0.5, 0.5, 13, device="cuda"))
+    check(x, w, **knobs)
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("T", [4, 20])
+def test_max_active_ties_go_to_lower_index(poison, T):
+    x, w = make_layer(T, 32, 9, 16, 16, device="cuda", seed=11, active="all")
+    w["w_router"][:] = w["w_router"][0]
+    g_ref = check(x, w, max_active=4)
+    assert bool(((g_ref > 0).sum(-1) == 4).all()) and bool((g_ref[:, :4] > 0).all())
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("T", [3, 65])
+def test_non_contiguous_and_batched_x(poison, T):
+    x, w = make_layer((2, T), 40, 13, 16, 24, dtype=BF16, device="cuda", seed=5, active=0.3)
+    x_strided = torch.cat([x, x], dim=-1)[..., ::2]          # last-dim stride 2
+    assert not x_strided.is_contiguous()
+    check(x_strided, w)
+    check(x.transpose(0, 1), w)                              # leading dims permuted
+    x_offset = torch.cat([x, x], dim=-1)[..., 1:41]          # rows start 2 bytes off 16: element loads
+    assert x_offset.data_ptr() % 16 != 0
+    check(x_offset, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("T", [2, 65])
+def test_router_scale_and_gamma_in_other_dtypes(poison, T):
+    # An fp32 router next to bf16 experts (logits in fp32 FMAs), float64 scale, bf16 gamma.
+    x, w = make_layer(T, 64, 13, 32, 32, dtype=BF16, device="cuda", seed=6, active=0.3)
+    w["w_router"] = w["w_router"].float()
+    w["router_scale"] = w["router_scale"].double()
+    check(x, w)
+    w["w_router"] = w["w_router"].double()                   # a float64 router is read as fp32
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 300])
+def test_odd_d_uses_element_loads(poison, dtype, T):
+    x, w = make_layer(T, 33, 7, 16, 16, dtype=dtype, device="cuda", seed=12, active=0.4)
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_ldmatrix_switch_gives_the_same_result(poison):
+    from deco_kernels.cupy.ffn import deco_ffn as cupy_ffn
+    x, w = make_layer(300, 96, 13, 64, 32, dtype=BF16, device="cuda", seed=13, active=0.3)
+    with torch.no_grad():
+        ref = cupy_ffn(x, **w)
+        alt = cupy_ffn(x, **w, ldmatrix=False)
+    torch.testing.assert_close(alt, ref, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_autograd_is_refused():
+    x, w = make_layer(2, 32, 5, 16, 16, dtype=BF16, device="cuda", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="inference only"):
+        ops.deco_ffn(x, **w, backend="cupy")
+    from deco_kernels.cupy.ffn import deco_ffn as cupy_ffn
+    with pytest.raises(NotImplementedError, match="inference only"):
+        cupy_ffn(x, **w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_rejects_unsupported_dtype_and_width():
+    x, w = make_layer(2, 32, 5, 48, 16, dtype=BF16, device="cuda")
+    with torch.no_grad(), pytest.raises(ValueError, match="gamma"):
+        ops.deco_ffn(x, **w, backend="cupy")
+    x, w = make_layer(2, 32, 5, 16, 16, dtype=torch.float64, device="cuda")
+    with torch.no_grad(), pytest.raises(ValueError, match="x"):
+        ops.deco_ffn(x, **w, backend="cupy")
+
+
+PRESET_LAYERS = {"0.1b": (768, 42, 64, 128), "1.2b": (1792, 102, 64, 128)}
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("preset", sorted(PRESET_LAYERS))
+@pytest.mark.parametrize("T", [1, 8, 64, 512])
+@pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(FP32, id="fp32")])
+def test_presets(poison, preset, T, dtype):
+    d, n, de, ds = PRESET_LAYERS[preset]
+    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=T, active=0.2)
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("T", [1, 8])
+def test_cuda_graph_capture_and_replay(T):
+    x, w = make_layer(T, 768, 42, 64, 128, dtype=BF16, device="cuda", seed=1, active=0.2)
+    static_x = x.clone()
+    with torch.no_grad():
+        for _ in range(2):  # warm up: compile and load the module outside the capture
+            ops.deco_ffn(static_x, **w, backend="cupy")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ops.deco_ffn(static_x, **w, backend="cupy")
+        for seed in (10, 11, 12):
+            fresh, _ = make_layer(T, 768, 42, 64, 128, dtype=BF16, device="cuda", seed=seed, active=0.2)
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = ops.deco_ffn(fresh, **w, backend="cupy")
+            # the decode kernels sum every output in a fixed order: bit-identical
+            assert torch.equal(static_y, eager)
+            _, _, y_ref, _ = run_both(fresh, w)
+            assert_rel_close(static_y, y_ref.to(BF16), 1e-2, "replayed y")
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("T", [4, 65])
+def test_int64_offsets(T):
+    # Rows of x sit far enough apart that the last row's offset passes 2^31 elements.
+    d = 64
+    stride = 2**31 // (T - 1) + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * T * stride * 2:
+        pytest.skip("not enough GPU memory")
+    storage = torch.zeros(T * stride, device="cuda", dtype=BF16)
+    x_small, w = make_layer(T, d, 13, 16, 32, dtype=BF16, device="cuda", seed=8, active=0.4)
+    x = storage.as_strided((T, d), (stride, 1))
+    x.copy_(x_small)
+    assert (T - 1) * stride > 2**31
+    y, _, y_ref, _ = run_both(x, w)
+    assert_rel_close(y, y_ref.to(y.dtype), 1e-2, "y")
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_prefill_atomics_are_stable():
+    x, w = make_layer(2048, 768, 42, 64, 128, dtype=FP32, device="cuda", seed=9, active=0.2)
+    with torch.no_grad():
+        ys = [ops.deco_ffn(x, **w, backend="cupy") for _ in range(5)]
+    spread = max((y - ys[0]).abs().max().item() for y in ys)
+    assert spread <= 1e-5 * ys[0].abs().max().item()
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_wbar_cache_is_reused():
+    x, w = make_layer(3, 32, 7, 16, 16, dtype=BF16, device="cuda", seed=4, active=0.5)
+    check(x, w)
+    wbar = layout.expert_mean(w["w_up"])
+    with torch.no_grad():
+        ops.deco_ffn(x, **w, backend="cupy")
+    assert layout.expert_mean(w["w_up"]) is wbar
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_nvrtc_compiles_for_jetson_orin():
+    """NVRTC (the compiler cupy uses at run time, also on Jetson) builds every kernel for sm_87 without running
+    them: a cubin per module, with every kernel in it. cupy's RawModule compiles for the present GPU only, so
+    this calls cupy's NVRTC with the architecture given."""
+    from cupy.cuda import compiler
+    for x_dtype in geo.X_DTYPES:
+        for spec in (dict(decode_tt=8), dict(prefill_warps=4)):
+            opts = geo.compile_options(x_dtype, x_dtype, x_dtype, x_dtype, 64, **spec)
+            binary, _ = compiler.compile_using_nvrtc(geo.source(), options=opts, arch="87")
+            assert bytes(binary[:4]) == b"\x7fELF", "expected a cubin for sm_87"
+            names = geo.DECODE_KERNELS if "decode_tt" in spec else geo.PREFILL_KERNELS
+            for name in names:
+                assert name.encode() in bytes(binary), f"{name} missing from the sm_87 cubin"
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_auto_takes_cupy_only_without_triton():
+    from deco_kernels import backends
+    expected = "triton" if importlib.util.find_spec("triton") else "cupy"
+    assert backends.resolve("auto", torch.device("cuda")) == expected
+    assert HAS_CUDA
