@@ -78,6 +78,25 @@ def model_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def train_table(result: dict) -> str:
+    """One layer's forward + backward (training) at T tokens: µs, speed-up and peak memory per backend."""
+    part = result["train"]
+    names = [n for n in ("dense_twin", "torch", *KERNELS) if any(n in r.get("us", {}) for r in part["rows"])]
+    lines = [f"One layer, forward + backward on {part.get('tokens', '?')} tokens (x and every weight require grad); "
+             "peak memory is the step's own, above what is allocated before it.", "",
+             "| preset | " + " | ".join(f"{n} µs" for n in names) + " | "
+             + " | ".join(f"{n} vs dense" for n in names if n != "dense_twin") + " | "
+             + " | ".join(f"{n} peak MiB" for n in names) + " |",
+             "|" + "---|" * (1 + 3 * len(names) - 1)]
+    for r in part["rows"]:
+        us, peak, speed = r.get("us", {}), r.get("peak_bytes", {}), r.get("speedup_vs_dense", {})
+        cells = ([r["preset"]] + [_f(us.get(n), ".0f") for n in names]
+                 + [_f(speed.get(n), ".2f") + "x" for n in names if n != "dense_twin"]
+                 + [_f(peak.get(n) and peak[n] / 2**20, ".0f") for n in names])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ratio_line(result: dict) -> str:
     """Decode latency at the lowest and highest active ratio of the sweep, per T and backend."""
     part = result["ratio"]
@@ -102,10 +121,13 @@ def plot_links(json_dir: str, link_prefix: str) -> str:
 
 
 def table(result: dict, plots: str = "") -> str:
-    """The whole results block: header, layer table, model table, active-ratio line and ``plots``."""
+    """The whole results block: header, layer table, training table, model table, active-ratio line and
+    ``plots``."""
     parts = [header(result)]
     if result.get("rows"):
         parts.append(layer_table(result))
+    if result.get("train", {}).get("rows"):
+        parts.append(train_table(result))
     if result.get("model", {}).get("rows"):
         parts.append(model_table(result))
     if result.get("ratio", {}).get("rows") and ratio_line(result):
