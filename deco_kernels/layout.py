@@ -4,7 +4,10 @@ Every backend reads the canonical weights in place (w_up's expert slabs are cont
 blocks are 2*de-byte row segments); the only derived tensor is wbar, the fp32 mean of w_up's rows, which turns
 the global NormSiLU mean into one dot product per token. The cache is keyed by the tensor's storage and its
 version counter, so an optimizer step or a load_state_dict (both bump the version or change the storage)
-refreshes it, and a module and a functional caller share it.
+refreshes it, and a module and a functional caller share it. A refill that bypasses the version counter
+(writes through ``.data``, as FSDP's all-gather into a persistent buffer does) is invisible to it: the
+training path therefore never uses the cache (``cached=False``), and inference after such a refill needs
+``clear_cache()``.
 """
 from __future__ import annotations
 
@@ -21,8 +24,16 @@ def _key(t: torch.Tensor) -> tuple:
     return (id(t), t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
-def expert_mean(w_up: torch.Tensor) -> torch.Tensor:
-    """wbar = mean of the rows of w_up, fp32 [d]; cached per (tensor, storage, version) of w_up."""
+def _mean(w_up: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.mean(w_up.detach(), dim=0, dtype=torch.float32)  # fp32 sums, no fp32 copy of w_up
+
+
+def expert_mean(w_up: torch.Tensor, cached: bool = True) -> torch.Tensor:
+    """wbar = mean of the rows of w_up, fp32 [d]; cached per (tensor, storage, version) of w_up unless
+    ``cached=False``."""
+    if not cached:
+        return _mean(w_up)
     key = _key(w_up)
     hit = _cache.get(key)
     # The weak reference guards against a new tensor reusing a dead one's id and memory.
@@ -31,8 +42,7 @@ def expert_mean(w_up: torch.Tensor) -> torch.Tensor:
     else:
         wbar = None
     if wbar is None:
-        with torch.no_grad():
-            wbar = w_up.detach().float().mean(dim=0)
+        wbar = _mean(w_up)
         _cache[key] = (weakref.ref(w_up), wbar)
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)

@@ -368,6 +368,11 @@ class DecoForCausalLM(nn.Module):
         with torch.no_grad():
             _normal_(self.embed_tokens.weight, INIT_STD)
             _normal_(self.lm_head.weight, INIT_STD)
+        # DDP broadcasts rank 0's buffers before every forward: that would overwrite each rank's own gate
+        # counters between micro-batches. They are summed over ranks by SparsityController.step instead.
+        self._ddp_params_and_buffers_to_ignore = [f"{name}.{counter}" for name, m in self.named_modules()
+                                                  if isinstance(m, DecoMoE)
+                                                  for counter in ("active_count", "gate_count")]
 
     # -- knobs and parameter groups ----------------------------------------------------------------------
     def deco_layers(self) -> Iterator[DecoMoE]:

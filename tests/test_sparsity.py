@@ -121,3 +121,36 @@ def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
     for r in results:
         assert r["ratio"] == pytest.approx(0.1)
         assert r["lam"] == pytest.approx(1.0 / M) and r["buffer"] == pytest.approx(1.0 / M)
+
+
+def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = DecoForCausalLM(TINY).train()
+        model.set_elastic(bias=BIAS[rank])  # rank 0: no gate active, rank 1: every gate active
+        ddp = torch.nn.parallel.DistributedDataParallel(model)  # broadcast_buffers=True, the default
+        ids = torch.randint(0, TINY.vocab_size, (1, 5))
+        counts = []
+        for _ in range(2):  # two micro-batches without no_sync(): DDP broadcasts buffers before each forward
+            ddp(ids, labels=ids).loss.backward()
+            counts.append(sum(int(m.active_count) for m in model.deco_layers()))
+        with open(f"{out_dir}/ddp{rank}.json", "w") as f:
+            json.dump(counts, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_leaves_each_rank_its_own_gate_counters(tmp_path):
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("gloo workers did not finish in 120 s")
+    zero, full = (json.loads((tmp_path / f"ddp{r}.json").read_text()) for r in range(2))
+    per_call = 5 * TINY.num_experts * (TINY.num_layers - 1)
+    assert zero == [0, 0]
+    assert full == [per_call, 2 * per_call]  # rank 0's zeros did not overwrite rank 1's first count

@@ -125,6 +125,23 @@ def test_return_gates_false_and_repeated_calls(triton_device):
         assert_rel_close(got[name], t.grad, CPU_TOL, f"d{name}")
 
 
+def test_weights_refilled_without_a_version_bump(triton_device):
+    # FSDP all-gathers parameters into the same storage every step through .data, which leaves the version
+    # counter alone: the training path must not serve wbar (the mean of w_up) from the inference cache.
+    x, w = make_layer(9, 40, 13, 16, 24, device=triton_device, seed=17, active=0.3, requires_grad=True)
+    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
+    with torch.no_grad():
+        ops.deco_ffn(x, **w, backend="triton")               # inference fills the cache for this w_up
+    version = w["w_up"]._version
+    w["w_up"].data.copy_(torch.randn_like(w["w_up"]) * 0.05 + 0.02)  # the same tensor, a different mean
+    assert w["w_up"]._version == version
+    y, g, dt = grads(x, w, cy, "both", "triton")
+    y_ref, g_ref, dr = grads(leaf64(x), {k: leaf64(v) for k, v in w.items()}, cy, "both", "torch")
+    assert_rel_close(y, y_ref.to(y.dtype), CPU_TOL, "y")
+    for name in NAMES:
+        assert_rel_close(dt[name], dr[name], CPU_TOL, f"d{name}")
+
+
 @pytest.mark.parametrize("router_dtype", [torch.float16, torch.float32], ids=["fp16-router", "fp32-router"])
 def test_float16_and_an_fp32_router(triton_device, router_dtype):
     # 16-bit plumbing: pair buffers in x's dtype, gradients in each parameter's own dtype (the router,

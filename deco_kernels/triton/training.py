@@ -272,8 +272,8 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     acc = ffn._empty(T, d, device=dev, dtype=f32)
     acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
     if T > 0:
-        tokens, counts = ffn._group_by_expert(x, w_router, layout.expert_mean(w_up), bias_value, bias, threshold,
-                                              max_active, g, mu)
+        wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
+        tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
         torch.cumsum(counts, 0, out=offsets[1:])
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
@@ -299,7 +299,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     if T == 0:
         return (torch.zeros_like(x), *(torch.zeros_like(t) for t in (w_router, router_scale, w_up, gamma, w_down)))
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
-    wbar = layout.expert_mean(w_up)
+    wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     blocks = triton.cdiv(T, BLOCK_M)
     grid = (n, blocks)
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
