@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from deco_kernels import DecoConfig, DecoForCausalLM, SparsityController, __version__, calibrate
+from deco_kernels.benchmark import cuda_graph
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "shakespeare"
@@ -371,16 +372,7 @@ def decode_latency_us(model: DecoForCausalLM, prompt: torch.Tensor, reps: int, u
     mode, fn = "eager", step
     if use_graph:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture: compiles kernels, fills caches
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
+            graph, _ = cuda_graph(step)  # warmed up on a side stream, then captured
             fn, mode = graph.replay, "cuda_graph"
         except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
             torch.cuda.synchronize()

@@ -89,6 +89,28 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float | None = N
     assert err <= tol, f"{what}: rel_err {err:.3e} > {tol:.1e}"
 
 
+def poison_outputs(monkeypatch, module) -> None:
+    """Make ``module._empty`` (the one allocator of a backend's kernel-written buffers) fill with NaN (floats)
+    or -1 (indices), so an element a kernel forgets to write fails the comparison."""
+    def poisoned(*shape, device, dtype):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, device=device, dtype=dtype)
+    monkeypatch.setattr(module, "_empty", poisoned)
+
+
+def backend_and_reference(x, w, backend: str, **knobs):
+    """(y, g, y_ref, g_ref): ops.deco_ffn on ``backend`` without autograd, and the float64 reference of the
+    same inputs on the CPU."""
+    from deco_kernels import ops, reference
+    with torch.no_grad():
+        y, g = ops.deco_ffn(x, **w, backend=backend, return_gates=True, **knobs)
+    w64 = {k: v.detach().double().cpu() for k, v in w.items()}
+    if isinstance(knobs.get("bias"), torch.Tensor):
+        knobs = {**knobs, "bias": knobs["bias"].double().cpu()}
+    y_ref, g_ref = reference.deco_ffn(x.detach().double().cpu(), **w64, return_gates=True, **knobs)
+    return y, g, y_ref, g_ref
+
+
 # Adversarial layer shapes for kernel tests, as (T, d, N, de, ds), each with the reason it is there.
 ODD_SHAPES = [
     pytest.param(1, 64, 13, 16, 32, id="decode-T1-primeN"),        # the batch-1 decode path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_rel_close, make_layer
+from conftest import HAS_CUDA, assert_rel_close, backend_and_reference, make_layer, poison_outputs
 
 from deco_kernels import layout, ops, reference
 from deco_kernels.cupy import geometry as geo
@@ -249,24 +249,12 @@ needs_cupy = pytest.mark.skipif(not HAS_CUPY, reason="cupy is not installed")
 def poison(monkeypatch):
     """Fill every kernel-written buffer with NaN (floats) or -1 (indices) before the kernels run."""
     ffn = importlib.import_module("deco_kernels.cupy.ffn")
-
-    def poisoned(*shape, device, dtype):
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, device=device, dtype=dtype)
-    monkeypatch.setattr(ffn, "_empty", poisoned)
+    poison_outputs(monkeypatch, ffn)
     return ffn
 
 
 def run_both(x, w, **knobs):
-    """(y, g) from the CuPy backend and from the float64 reference of the same inputs."""
-    with torch.no_grad():
-        y, g = ops.deco_ffn(x, **w, backend="cupy", return_gates=True, **knobs)
-    w64 = {k: v.detach().double().cpu() for k, v in w.items()}
-    bias = knobs.get("bias", 0.0)
-    if isinstance(bias, torch.Tensor):
-        knobs = {**knobs, "bias": bias.double().cpu()}
-    y_ref, g_ref = reference.deco_ffn(x.detach().double().cpu(), **w64, return_gates=True, **knobs)
-    return y, g, y_ref, g_ref
+    return backend_and_reference(x, w, "cupy", **knobs)
 
 
 def check(x, w, tol=None, **knobs):

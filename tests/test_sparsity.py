@@ -89,6 +89,18 @@ def test_bad_arguments():
 TOKENS, BIAS = (90, 10), (-100.0, 100.0)
 
 
+def _run_two_ranks(worker, tmp_path) -> None:
+    """worker(rank, 2, store, out_dir) in two spawned processes; fails the test after 120 s."""
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("gloo workers did not finish in 120 s")
+
+
 def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
@@ -108,14 +120,7 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
 
 
 def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
+    _run_two_ranks(_worker, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["local"] for r in results] == [0.0, 1.0]
     for r in results:
@@ -142,14 +147,7 @@ def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
 
 
 def test_ddp_leaves_each_rank_its_own_gate_counters(tmp_path):
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
+    _run_two_ranks(_ddp_worker, tmp_path)
     zero, full = (json.loads((tmp_path / f"ddp{r}.json").read_text()) for r in range(2))
     per_call = 5 * TINY.num_experts * (TINY.num_layers - 1)
     assert zero == [0, 0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_rel_close, make_layer
+from conftest import HAS_CUDA, assert_rel_close, backend_and_reference, make_layer, poison_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,23 +21,11 @@ CPU_TOL = 2e-5
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Fill every kernel-written buffer with NaN (floats) or -1 (indices) before the kernels run."""
-    def poisoned(*shape, device, dtype):
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, device=device, dtype=dtype)
-    monkeypatch.setattr(triton_ffn, "_empty", poisoned)
+    poison_outputs(monkeypatch, triton_ffn)
 
 
 def run_both(x, w, **knobs):
-    """(y, g) from the Triton backend and from the float64 reference of the same inputs."""
-    with torch.no_grad():
-        y, g = ops.deco_ffn(x, **w, backend="triton", return_gates=True, **knobs)
-    w64 = {k: v.detach().double().cpu() for k, v in w.items()}
-    bias = knobs.get("bias", 0.0)
-    if isinstance(bias, torch.Tensor):
-        knobs = {**knobs, "bias": bias.double().cpu()}
-    y_ref, g_ref = reference.deco_ffn(x.detach().double().cpu(), **w64, return_gates=True, **knobs)
-    return y, g, y_ref, g_ref
+    return backend_and_reference(x, w, "triton", **knobs)
 
 
 def check(x, w, tol=CPU_TOL, **knobs):

@@ -162,6 +162,17 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt, BLOCK_T:
 
 
 @triton.jit
+def _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB: tl.constexpr, BLOCK_T: tl.constexpr, T):
+    """The first row block of each expert writes its gates, program 0 writes mu (every program computed both)."""
+    ts = tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    if pid % RB == 0:
+        tl.store(g_ptr + ts.to(tl.int64) * N + e, g, mask=tmask)
+    if pid == 0:
+        tl.store(mu_ptr + ts, mu, mask=tmask)
+
+
+@triton.jit
 def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
                T, N, D, DS, stride_xt, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
@@ -189,10 +200,7 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
             h, r, mu = _rows_and_router(x_ptr, wup_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), row0, NDE, T, D,
                                         stride_xt, True, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            if pid % RB == 0:
-                tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
-            if pid == 0:
-                tl.store(mu_ptr + ts, mu, mask=tmask)
+            _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB, BLOCK_T, T)
             if tl.max(g, axis=0) > 0:
                 tl.store(h_out, h, mask=tmask[:, None])
         else:
@@ -200,10 +208,7 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
             r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, BLOCK_T,
                                          BLOCK_KR)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            if pid % RB == 0:
-                tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
-            if pid == 0:
-                tl.store(mu_ptr + ts, mu, mask=tmask)
+            _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB, BLOCK_T, T)
             if tl.max(g, axis=0) > 0:
                 h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
                 tl.store(h_out, h, mask=tmask[:, None])
