@@ -35,23 +35,32 @@ def _check_shape(name, t, shape, sizes_from=""):
 
 
 def check_layer(x, weights: dict) -> LayerShape:
-    """Validate x [..., d] and the canonical weights of one DECO layer (SPEC §1); return the sizes."""
+    """Validate x [..., d] and the canonical weights of one DECO layer (SPEC §1); return the sizes. Without
+    "w_router" in ``weights`` (a layer given its gates), N comes from router_scale."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape [..., d], got a 0-d tensor")
-    for name in WEIGHT_NAMES:
+    names = [name for name in WEIGHT_NAMES if name != "w_router" or "w_router" in weights]
+    for name in names:
         _check_tensor(name, weights[name])
     d = x.shape[-1]
-    w_router, w_up, ws_gate = weights["w_router"], weights["w_up"], weights["ws_gate"]
-    if w_router.dim() != 2:
-        raise ValueError(f"w_router: expected shape [N, d], got {tuple(w_router.shape)}")
-    n = w_router.shape[0]
-    _check_shape("w_router", w_router, (n, d), f"d={d} from x {tuple(x.shape)}")
-    _check_shape("router_scale", weights["router_scale"], (n,), f"N={n} from w_router {tuple(w_router.shape)}")
+    w_up, ws_gate = weights["w_up"], weights["ws_gate"]
+    if "w_router" in weights:
+        w_router = weights["w_router"]
+        if w_router.dim() != 2:
+            raise ValueError(f"w_router: expected shape [N, d], got {tuple(w_router.shape)}")
+        n = w_router.shape[0]
+        _check_shape("w_router", w_router, (n, d), f"d={d} from x {tuple(x.shape)}")
+        _check_shape("router_scale", weights["router_scale"], (n,), f"N={n} from w_router {tuple(w_router.shape)}")
+    else:
+        if weights["router_scale"].dim() != 1:
+            raise ValueError(f"router_scale: expected shape [N], got {tuple(weights['router_scale'].shape)}")
+        n = weights["router_scale"].shape[0]
     if w_up.dim() != 2 or n == 0 or w_up.shape[0] % n != 0 or w_up.shape[0] == 0:
         raise ValueError(f"w_up: expected shape [N*de, d] with N={n}, got {tuple(w_up.shape)}")
     de = w_up.shape[0] // n
-    sizes = f"N={n} from w_router, de={de} from w_up {tuple(w_up.shape)}, d={d} from x"
+    source = "w_router" if "w_router" in weights else "router_scale"
+    sizes = f"N={n} from {source}, de={de} from w_up {tuple(w_up.shape)}, d={d} from x"
     _check_shape("w_up", w_up, (n * de, d), f"d={d} from x {tuple(x.shape)}")
     _check_shape("gamma", weights["gamma"], (de,), sizes)
     _check_shape("w_down", weights["w_down"], (d, n * de), sizes)
@@ -62,7 +71,7 @@ def check_layer(x, weights: dict) -> LayerShape:
     _check_shape("ws_gate", ws_gate, (ds, d), sizes)
     _check_shape("ws_up", weights["ws_up"], (ds, d), sizes)
     _check_shape("ws_down", weights["ws_down"], (d, ds), sizes)
-    for name in WEIGHT_NAMES:
+    for name in names:
         if weights[name].device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {weights[name].device}")
     for name in SAME_DTYPE_AS_X:

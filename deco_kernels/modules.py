@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backends, ops
-from ._validate import check_knobs, check_layer
+from . import ops
+from ._validate import check_knobs
 from .config import DecoConfig
 from .reference import ops as ref
 
@@ -194,24 +194,17 @@ class DecoMoE(nn.Module):
         return y
 
     def _elastic_training_forward(self, x, knobs):
-        """A training forward with EMoE-style elastic gates (DecoConfig's elastic_* flags, SPEC §4) on the
-        torch reference. Returns (y, g the gates used, the natural gates of the knobs), both differentiable."""
-        weights = self.weights()
-        check_layer(x, weights)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights.values()))
-        # Only the torch reference takes sampled gates, so "auto" means torch here; a named backend must be it.
-        backend = backends.resolve("torch" if self.backend == "auto" else self.backend, x.device, needs_grad)
-        if backend != "torch":
-            raise NotImplementedError(f"elastic training (config.elastic_prob > 0) runs on backend 'torch' only; "
-                                      f"backend {self.backend!r} resolved to {backend!r}: use backend='torch' "
-                                      f"or set elastic_prob=0")
+        """A training forward with EMoE-style elastic gates (DecoConfig's elastic_* flags, SPEC §4): the gates are
+        sampled in torch from the fp32 router logits, the layer after the router runs on the module's backend
+        (sparse on Triton). Returns (y, g the gates used, the natural gates of the knobs), all differentiable."""
         c = self.config
-        r = ref.router_logits(x.reshape(-1, x.shape[-1]), self.w_router)
+        weights = self.weights()
+        r = ref.router_logits(x.reshape(-1, x.shape[-1]), weights.pop("w_router"))
         g = ref.elastic_training_gates(r, **knobs, prob=c.elastic_prob, pool_multiplier=c.elastic_pool_multiplier,
                                        budget_range=c.elastic_budget_range, target_ratio=c.target_active_ratio)
         natural = ref.apply_knobs(r, **knobs)
-        weights.pop("w_router")
-        y = ref.deco_ffn_from_gates(x, g, **weights, activation=self.activation)
+        y = ops.deco_ffn_from_gates(x, g.reshape(*x.shape[:-1], -1), **weights, backend=self.backend,
+                                    activation=self.activation)
         return y, g, natural
 
     def extra_repr(self) -> str:

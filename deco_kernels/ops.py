@@ -52,6 +52,33 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
                                    return_gates=return_gates, activation=activation)
 
 
+def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *, backend="auto",
+                        activation="norm_silu"):
+    """The DECO layer after its router: x [..., d] and gates g [..., N] (before router_scale; from any gate rule,
+    e.g. reference.elastic_training_gates for EMoE-style training) -> y [..., d] in x's dtype. Differentiable in
+    x, g and the weights on "torch" and "triton"; an expert is computed for a token only where g > 0 (where a
+    gate rule outputs 0 its derivative is 0 too, so no gradient is lost)."""
+    weights = dict(router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down, ws_gate=ws_gate, ws_up=ws_up,
+                   ws_down=ws_down)
+    shape = check_layer(x, weights)
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (*x.shape[:-1], shape.num_experts):
+        raise ValueError(f"g: expected a tensor of shape {(*x.shape[:-1], shape.num_experts)} (x's leading dims, "
+                         f"N={shape.num_experts} from router_scale), got "
+                         f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+    if g.device != x.device or not g.is_floating_point():
+        raise ValueError(f"g: expected floating-point gates on {x.device}, got {g.dtype} on {g.device}")
+    if activation not in ref.NORM_SILU_VARIANTS:
+        raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *weights.values()))
+    name = backends.resolve(backend, x.device, needs_grad)
+    if name == "cupy":
+        raise NotImplementedError("deco_ffn_from_gates: backend 'cupy' has no kernels for given gates; use "
+                                  "backend='triton' or 'torch'")
+    if name != "torch" and activation != "norm_silu":
+        raise ValueError(f"activation: backend {name!r} implements only 'norm_silu', got {activation!r}")
+    return _impl(name, "deco_ffn_from_gates")(x, g, **weights, activation=activation)
+
+
 def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None):
     """Router with the elastic knobs: returns (g, gs), the fp32 gates before and after router_scale, [T, N]."""
     if x.dim() != 2 or w_router.dim() != 2 or x.shape[1] != w_router.shape[1]:

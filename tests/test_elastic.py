@@ -7,6 +7,7 @@ import torch
 
 from deco_kernels import DecoConfig, DecoForCausalLM, SparsityController, calibrate
 from deco_kernels import reference as ref
+from conftest import assert_rel_close, make_layer  # noqa: E402
 
 TINY = DecoConfig.preset("tiny", backend="torch")  # module semantics; the kernels have their own tests
 DECO = (1, 2)  # indices of the tiny model's DECO layers (layer 0 is dense)
@@ -351,19 +352,51 @@ def test_elastic_training_forward_counts_and_regularises_the_natural_gates():
     assert layer_ratios(model, ids) == natural_eval  # eval mode: no sampling
 
 
-def test_elastic_training_needs_the_torch_backend(triton_device):
-    model = build(elastic_prob=0.5).to(triton_device).train()
-    model.set_backend("triton")
-    ids = ids_of((1, 3)).to(triton_device)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="elastic"):
-        model(ids)
-    model.set_backend("auto")  # "auto" takes torch for elastic training, on a GPU too
-    with torch.no_grad():
-        assert model(ids).logits.shape == (1, 3, TINY.vocab_size)
-    model.set_backend("triton")
-    model.config.elastic_prob = 0.0  # flags off: the same forward runs on Triton
-    with torch.no_grad():
-        assert model(ids).logits.shape == (1, 3, TINY.vocab_size)
+def test_elastic_training_runs_sparse_on_triton(triton_device, monkeypatch):
+    # The same sampled gates (same seed) through the torch reference and the Triton training path: the same
+    # loss and the same gradients, the router's included (its gradient reaches it through the sampled gates).
+    from deco_kernels.triton import training
+    calls = []
+    forward = training._forward
+    monkeypatch.setattr(training, "_forward", lambda *a: calls.append(a[-1] is not None) or forward(*a))
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = build(elastic_prob=1.0).to(triton_device).train()
+        model.set_backend(backend)
+        ids = ids_of((2, 7)).to(triton_device)
+        torch.manual_seed(3)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads[backend] = {"loss": out.loss.detach(), **{k: p.grad for k, p in model.named_parameters()}}
+    for name, ref_grad in grads["torch"].items():
+        got = grads["triton"][name]
+        assert got is not None and ref_grad is not None, name
+        assert_rel_close(got, ref_grad, 5e-5, name)
+    assert any("w_router" in k and v.abs().sum() > 0 for k, v in grads["triton"].items())
+    assert calls == [True] * (TINY.num_layers - 1)  # every DECO layer ran the Triton op with the sampled gates
+
+
+def test_deco_ffn_from_gates_on_triton_matches_the_reference(triton_device):
+    from deco_kernels import ops
+    x, w = make_layer(11, 40, 13, 16, 24, device=triton_device, seed=21, active=0.3, requires_grad=True)
+    w.pop("w_router")
+    g = torch.relu(torch.randn(11, 13, device=triton_device)).requires_grad_()  # about half the pairs active
+    cy = torch.randn(11, 40, device=triton_device)
+    y = ops.deco_ffn_from_gates(x, g, **w, backend="triton")
+    (y * cy).sum().backward()
+    leaves = {"x": x, "g": g, **w}
+    got = {k: t.grad.clone() for k, t in leaves.items()}
+    ref64 = {k: t.detach().double().requires_grad_() for k, t in leaves.items()}
+    y_ref = ref.deco_ffn_from_gates(ref64["x"], ref64["g"], **{k: ref64[k] for k in w})
+    (y_ref * cy.double()).sum().backward()
+    assert_rel_close(y, y_ref.to(y.dtype), 2e-5, "y")
+    active = g.detach() > 0
+    for name, t in ref64.items():
+        expected = torch.where(active, t.grad, 0.0) if name == "g" else t.grad  # only existing pairs get dL/dg
+        assert_rel_close(got[name], expected, 5e-5, f"d{name}")
+    assert bool((got["g"][~active] == 0).all())
+    with pytest.raises(ValueError, match="g: expected"):
+        ops.deco_ffn_from_gates(x, g[:, :5], **w, backend="triton")
 
 
 def _train(steps=60, seed=0, **elastic):

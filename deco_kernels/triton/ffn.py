@@ -85,8 +85,14 @@ def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g
     n = w_router.shape[0]
     gt = _empty(n, T, device=x.device, dtype=torch.float32)
     _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
-    tokens = _empty(n, T, device=x.device, dtype=torch.int32)
-    counts = _empty(n, device=x.device, dtype=torch.int32)
+    return _group_gates(gt)
+
+
+def _group_gates(gt):
+    """The tokens of each expert from the transposed gates gt [N, T] (fp32): (tokens [N, T], counts [N])."""
+    n, T = gt.shape
+    tokens = _empty(n, T, device=gt.device, dtype=torch.int32)
+    counts = _empty(n, device=gt.device, dtype=torch.int32)
     _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
     return tokens, counts
 
@@ -186,22 +192,29 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     y.copy_(acc)
 
 
+def check_expert_width(de: int) -> None:
+    if de < 16 or de & (de - 1):
+        raise ValueError(f"gamma: backend 'triton' needs an expert width de that is a power of two >= 16, got {de}")
+
+
+def unit_stride_rows(x):
+    """x [..., d] as rows [T, d] with unit column stride (a copy only when needed)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,
              bias=0.0, threshold=0.0, max_active=None, return_gates=False, activation="norm_silu"):
     """Forward of one DECO layer on Triton; same contract as deco_kernels.ops.deco_ffn. Calls that need
     autograd take the sparse training path of training.py (it saves what its backward kernels need)."""
     w = dict(w_router=w_router, router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down,
              ws_gate=ws_gate, ws_up=ws_up, ws_down=ws_down)
-    de = gamma.shape[0]
-    if de < 16 or de & (de - 1):
-        raise ValueError(f"gamma: backend 'triton' needs an expert width de that is a power of two >= 16, got {de}")
+    check_expert_width(gamma.shape[0])
     n = w_router.shape[0]
     if max_active is not None and max_active >= n:
         max_active = None
     lead, d = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = unit_stride_rows(x)
     w = {k: v.contiguous() for k, v in w.items()}
     T = x2.shape[0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *w.values())):

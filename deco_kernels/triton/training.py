@@ -190,9 +190,10 @@ def _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nm
 
 @triton.jit
 def _router_dx_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, wr_ptr, wbar_ptr, dx_ptr, T, N, D,
-                      HAS_DG: tl.constexpr, PREC: tl.constexpr,
+                      HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx = dr @ W_router + dmu wbar, written to every cell: it seeds dx's fp32 accumulator."""
+    """dx = dr @ W_router + dmu wbar, written to every cell: it seeds dx's fp32 accumulator. Without
+    HAS_ROUTER (gates given by the caller, whose autograd owns the router) only dmu wbar."""
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     ns = tl.arange(0, BLOCK_N)
@@ -200,18 +201,21 @@ def _router_dx_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, wr_ptr, wbar_
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
-    w = tl.load(wr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :],
-                other=0.0).to(tl.float32)
     wbar = tl.load(wbar_ptr + cols, mask=cmask, other=0.0)
-    dx = tl.dot(dr, w, input_precision=PREC) + dmu[:, None] * wbar[None, :]
+    dx = dmu[:, None] * wbar[None, :]
+    if HAS_ROUTER:
+        w = tl.load(wr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        dx += tl.dot(dr, w, input_precision=PREC)
     tl.store(dx_ptr + ts.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def _router_dw_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, x_ptr, dwr_ptr, dwbar_ptr, T, N, D, stride_xt,
-                      HAS_DG: tl.constexpr, PREC: tl.constexpr,
+                      HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dW_router = dr^T @ fp32(x) and dwbar = x^T dmu for one block of columns, summed over T in order."""
+    """dW_router = dr^T @ fp32(x) (with HAS_ROUTER) and dwbar = x^T dmu for one block of columns, summed over T
+    in order."""
     ns = tl.arange(0, BLOCK_N)
     nmask = ns < N
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -224,10 +228,12 @@ def _router_dw_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, x_ptr, dwr_pt
         dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
         x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + cols[None, :],
                     mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(dr), x, input_precision=PREC)
+        if HAS_ROUTER:
+            acc += tl.dot(tl.trans(dr), x, input_precision=PREC)
         acc_bar += tl.sum(dmu[:, None] * x, axis=0)
-    tl.store(dwr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dwr_ptr.dtype.element_ty),
-             mask=nmask[:, None] & cmask[None, :])
+    if HAS_ROUTER:
+        tl.store(dwr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dwr_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & cmask[None, :])
     tl.store(dwbar_ptr + cols, acc_bar, mask=cmask)
 
 
@@ -260,11 +266,12 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
-def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active):
+def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active,
+             gates=None):
     """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], pair_tok [P],
-    h [P, de]."""
+    h [P, de]. With ``gates`` [T, N] (then w_router is None and the knobs are unused) g is a copy of them."""
     T, d = x.shape
-    n, de = w_router.shape[0], gamma.shape[0]
+    n, de = router_scale.shape[0], gamma.shape[0]
     dev, f32 = x.device, torch.float32
     g = ffn._empty(T, n, device=dev, dtype=f32)
     mu = ffn._empty(T, device=dev, dtype=f32)
@@ -273,7 +280,12 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
     if T > 0:
         wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
-        tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
+        if gates is None:
+            tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
+        else:
+            g.copy_(gates)
+            torch.mv(x.float(), wbar, out=mu)
+            tokens, counts = ffn._group_gates(g.t().contiguous())
         torch.cumsum(counts, 0, out=offsets[1:])
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
@@ -292,12 +304,17 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
 
 
 def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
-    """Gradients (dx, dw_router, drouter_scale, dw_up, dgamma, dw_down) of the routed part and the router;
-    dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None."""
+    """Gradients (dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) of the routed part and the
+    router; dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None. Without w_router (the gates
+    were given) dw_router is empty and dgates [T, N] is the gradient of the given gates (else empty)."""
     T, d = x.shape
-    n, de, P = w_router.shape[0], gamma.shape[0], h.shape[0]
+    n, de, P = router_scale.shape[0], gamma.shape[0], h.shape[0]
+    has_router = w_router is not None
+    none = x.new_empty(0)
     if T == 0:
-        return (torch.zeros_like(x), *(torch.zeros_like(t) for t in (w_router, router_scale, w_up, gamma, w_down)))
+        return (torch.zeros_like(x), torch.zeros_like(w_router) if has_router else none,
+                *(torch.zeros_like(t) for t in (router_scale, w_up, gamma, w_down)),
+                none if has_router else torch.zeros_like(g))
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     blocks = triton.cdiv(T, BLOCK_M)
@@ -312,19 +329,19 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                            a, dh, dgs, dsum, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
                            DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
-    router = dict(HAS_DG=dg is not None, PREC=prec, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=BLOCK_C,
-                  num_warps=NUM_WARPS)
+    router = dict(HAS_DG=dg is not None and has_router, HAS_ROUTER=has_router, PREC=prec,
+                  BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=BLOCK_C, num_warps=NUM_WARPS)
     router_in = (g, dgs, dsum, dg if dg is not None else g, router_scale)
     dx = ffn._empty(T, d, device=dev, dtype=f32)
     _router_dx_kernel[(triton.cdiv(T, ROUTER_DX_BLOCK_T), triton.cdiv(d, BLOCK_C))](
-        *router_in, w_router, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
+        *router_in, w_router if has_router else wbar, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
                                DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, VECTOR=False,
                                num_warps=NUM_WARPS)
-    dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype)
+    dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype) if has_router else none
     dwbar = ffn._empty(d, device=dev, dtype=f32)
-    _router_dw_kernel[(triton.cdiv(d, BLOCK_C),)](*router_in, x, dw_router, dwbar, T, n, d, x.stride(0),
-                                                  BLOCK_T=ROUTER_DW_BLOCK_T, **router)
+    _router_dw_kernel[(triton.cdiv(d, BLOCK_C),)](*router_in, x, dw_router if has_router else dwbar, dwbar, T, n, d,
+                                                  x.stride(0), BLOCK_T=ROUTER_DW_BLOCK_T, **router)
 
     wgrad = dict(DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
@@ -336,26 +353,32 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     # Fixed-order sums of the per-program partials: deterministic.
     dgamma = dgamma_part.sum(0).to(gamma.dtype)
     dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
-    return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down
+    dgates = none
+    if not has_router:  # dL/dg = dgs * scale where the pair exists (dgs is unwritten elsewhere), plus dg
+        dgates = torch.where(g > 0, dgs * router_scale.float()[None, :], 0.0)
+        if dg is not None:
+            dgates = dgates + dg
+    return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
 # ---------------------------------------------------------------------------------------------------------
 # torch.library custom ops and autograd
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("deco_kernels::deco_ffn_fwd", mutates_args=())
-def deco_ffn_fwd(x: Tensor, w_router: Tensor, router_scale: Tensor, w_up: Tensor, gamma: Tensor, w_down: Tensor,
-                 shared: Tensor, bias: Optional[Tensor], bias_value: float, threshold: float, max_active: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def deco_ffn_fwd(x: Tensor, w_router: Optional[Tensor], router_scale: Tensor, w_up: Tensor, gamma: Tensor,
+                 w_down: Tensor, shared: Tensor, bias: Optional[Tensor], bias_value: float, threshold: float,
+                 max_active: int, gates: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The routed experts plus ``shared`` (the shared expert's output [T, d]) on x [T, d] (unit column
-    stride); max_active 0 means none. Returns (y, g, mu, offsets, pair_tok, h), see _forward."""
+    stride), routed by w_router and the knobs (max_active 0 means none), or by ``gates`` [T, N] fp32 when
+    w_router is None. Returns (y, g, mu, offsets, pair_tok, h), see _forward."""
     return _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold,
-                    max_active)
+                    max_active, gates)
 
 
 @deco_ffn_fwd.register_fake
-def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active):
+def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active, gates):
     T, d = x.shape
-    n, de = w_router.shape[0], gamma.shape[0]
+    n, de = router_scale.shape[0], gamma.shape[0]
     pairs = torch.library.get_ctx().new_dynamic_size()    # the number of active pairs is data-dependent
     f32 = torch.float32
     return (x.new_empty(T, d), x.new_empty(T, n, dtype=f32), x.new_empty(T, dtype=f32),
@@ -364,22 +387,26 @@ def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, 
 
 
 @torch.library.custom_op("deco_kernels::deco_ffn_bwd", mutates_args=())
-def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Tensor, router_scale: Tensor, w_up: Tensor,
-                 gamma: Tensor, w_down: Tensor, g: Tensor, mu: Tensor, offsets: Tensor, pair_tok: Tensor, h: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw_router, drouter_scale, dw_up, dgamma, dw_down) from what deco_ffn_fwd saved."""
+def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Optional[Tensor], router_scale: Tensor,
+                 w_up: Tensor, gamma: Tensor, w_down: Tensor, g: Tensor, mu: Tensor, offsets: Tensor,
+                 pair_tok: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) from what deco_ffn_fwd saved."""
     return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
 
 
 @deco_ffn_bwd.register_fake
 def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
-    return tuple(torch.empty_like(t) for t in (x, w_router, router_scale, w_up, gamma, w_down))
+    none = x.new_empty(0)
+    return (torch.empty_like(x), none if w_router is None else torch.empty_like(w_router),
+            *(torch.empty_like(t) for t in (router_scale, w_up, gamma, w_down)),
+            torch.empty_like(g) if w_router is None else none)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_router, router_scale, w_up, gamma, w_down = inputs[:6]
     _, g, mu, offsets, pair_tok, h = output
     ctx.mark_non_differentiable(mu, offsets, pair_tok, h)
+    ctx.gates_given = w_router is None
     ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
 
 
@@ -387,9 +414,10 @@ def _autograd_backward(ctx, dy, dg, *_):
     x = ctx.saved_tensors[0]
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()      # y unused: only the gates in the loss
     dg = None if dg is None else dg.contiguous()
-    grads = deco_ffn_bwd(dy, dg, *ctx.saved_tensors)
+    dx, dw_router, *grads, dgates = deco_ffn_bwd(dy, dg, *ctx.saved_tensors)
+    routed = (dx, None, *grads) if ctx.gates_given else (dx, dw_router, *grads)
     # The shared expert's output enters y unchanged: its gradient is dy (torch's autograd takes it from there).
-    return (*grads, dy, None, None, None, None)
+    return (*routed, dy, None, None, None, None, dgates if ctx.gates_given else None)
 
 
 deco_ffn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -398,13 +426,30 @@ deco_ffn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 # Entry point (ffn.deco_ffn routes calls that need autograd here)
 # ---------------------------------------------------------------------------------------------------------
-def deco_ffn_train(x, w: dict, bias, threshold, max_active):
+def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     """Differentiable DECO layer on Triton, called by ffn.deco_ffn with x [T, d] (unit column stride), the
-    contiguous canonical weights ``w`` by name and the knobs (max_active already None when >= N). Returns
-    (y [T, d], g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no
-    gradient (a tensor bias is treated as a constant)."""
+    contiguous canonical weights ``w`` by name and the knobs (max_active already None when >= N), or by
+    deco_ffn_from_gates with ``gates`` [T, N] (w without w_router; the knobs unused). Returns (y [T, d],
+    g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no gradient (a
+    tensor bias is treated as a constant)."""
     shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
-    bias_value, bias_vec = ffn._bias_args(bias, w["w_router"].shape[0], x.device)
-    y, g, *_ = deco_ffn_fwd(x, w["w_router"], w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
-                            bias_vec, bias_value, float(threshold), int(max_active or 0))
+    n = w["router_scale"].shape[0]
+    bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
+    if gates is not None:
+        gates = gates.float().contiguous()
+    y, g, *_ = deco_ffn_fwd(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
+                            bias_vec, bias_value, float(threshold), int(max_active or 0), gates)
     return y, g
+
+
+def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, activation="norm_silu"):
+    """The layer after its router on Triton; same contract as deco_kernels.ops.deco_ffn_from_gates (arguments
+    arrive validated). Sparse in the pairs where g > 0, differentiable in x, g and the weights."""
+    w = dict(router_scale=router_scale, w_up=w_up, gamma=gamma, w_down=w_down, ws_gate=ws_gate, ws_up=ws_up,
+             ws_down=ws_down)
+    ffn.check_expert_width(gamma.shape[0])
+    lead, d = x.shape[:-1], x.shape[-1]
+    x2 = ffn.unit_stride_rows(x)
+    y, _ = deco_ffn_train(x2, {k: v.contiguous() for k, v in w.items()}, 0.0, 0.0, None,
+                          gates=g.reshape(-1, g.shape[-1]))
+    return y.reshape(*lead, d)
