@@ -16,8 +16,8 @@ train: two models from the same seed, on the same batches, for the same number o
 SparsityController driving the active ratio to the target (0.2): "plain" (no elastic flags) and "elastic"
 (``elastic_prob``, ``elastic_pool_multiplier``, ``elastic_budget_range``; SPEC §4). Precision: bf16 parameters
 and activations (the Triton kernels run bf16), with fp32 master weights in the optimizer (AdamW); no autocast.
-On a GPU backend "auto" trains the plain model on the Triton sparse training path; the elastic model runs the
-torch reference (the only backend elastic training has; "auto" takes it there). ``--steps`` fixes the step
+On a GPU backend "auto" trains both models on the Triton sparse training path (the elastic model samples its
+gates in torch and runs the layer after the router on Triton). ``--steps`` fixes the step
 count; by default it is sized from a short timing probe of both models so that the two trainings together
 take about ``--train-seconds``.
 
