@@ -1,42 +1,58 @@
 #!/usr/bin/env bash
-# Everything one device session runs, in order: install, GPU tests, tile sweep, sanitizer, kernel profile,
-# benchmark. Results go to $OUT (the device tool provides it).
-#   bash benchmarks/gpu_session.sh [bench_layer.py args]
-# Steps are skipped with SKIP_CHECK=1 (per-case path check), SKIP_TESTS=1, SKIP_SWEEP=1, SKIP_SANITIZER=1, SKIP_PROFILE=1, SKIP_BENCH=1.
-# TESTS="tests/..." picks the test files (default: every test; the GPU-only ones are marked gpu).
-# SWEEP="1.2b:1,8,64,4096 0.1b:1,8" (SWEEP_QUICK=1: first knob group only) and PROFILE="1.2b:1,8" pick the presets and token counts of the sweep
-# and of the kernel profile.
+# Everything a device session runs, in priority order, each step under its own time limit; results go to one
+# archive, $OUT/results.tgz (the device tool brings back at most 8 files), and each step's log tail is printed.
+#   bash benchmarks/gpu_session.sh                       # every step
+#   STEPS="check tests bench" bash benchmarks/gpu_session.sh
+# Steps (default order): check (per-case path checks of triton and cupy), tests (the gpu-marked tests),
+# sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, with the
+# cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
+# training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
+# prepare), sweep and profile (tile sweep and kernel profile; not in the default list).
+# Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
+# budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
 OUT=${OUT:-/tmp/deco_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+RES=${RES:-/tmp/deco_results}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 RES
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-if [ -z "${SKIP_CHECK:-}" ]; then
-  python3 benchmarks/check_triton_paths.py 2>&1 | tee "$OUT/check_triton_paths.log"
-fi
-if [ -z "${SKIP_TESTS:-}" ]; then
-  # a hung test must not eat the device call: a per-test limit where pytest-timeout is installed
-  python3 -m pytest -q $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180) ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-fi
-if [ -z "${SKIP_SWEEP:-}" ]; then
-  for spec in ${SWEEP:-1.2b:1,8,64,4096 0.1b:1,8}; do
-    preset=${spec%%:*}
-    tokens=${spec#*:}
-    (cd benchmarks && python3 sweep_tiles.py ${SWEEP_QUICK:+--quick} --preset "$preset" --tokens $(echo "$tokens" | tr , " ") \
-      --out "$OUT/sweep_tiles_$preset.json") 2>&1 | grep -v "^fail" | tee -a "$OUT/sweep.log"
-  done
-fi
-if [ -z "${SKIP_SANITIZER:-}" ]; then
-  (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) 2>&1 | tail -8 | tee "$OUT/memcheck.log"
-fi
-if [ -z "${SKIP_PROFILE:-}" ]; then
-  for spec in ${PROFILE:-1.2b:1,8,64,512,4096}; do
-    (cd benchmarks && python3 profile_kernels.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " "))
-  done > "$OUT/profile.log" 2>&1
-  grep -E "^==|Self CUDA|_kernel|gemm|elementwise|copy" "$OUT/profile.log" | cut -c1-60,100-140 | head -60
-fi
-if [ -z "${SKIP_BENCH:-}" ]; then
-  python3 benchmarks/bench_layer.py "$@" --out "$OUT/bench_layer.json" 2>&1 | tee "$OUT/bench.log" | tail -16
-fi
+
+declare -A LIMIT=([check]=150 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
+                  [sweep]=300 [profile]=120)
+TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
+
+run_step() {
+  local name=$1
+  case $name in
+    check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py ;;
+    tests) python3 -m pytest -q $TIMEOUT_FLAG -m gpu ${TESTS:-tests} ;;
+    sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
+    tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate \
+            && cp -r autotune/caches "$RES/tune_caches" ;;
+    bench) deco-kernels bench --quick --out "$RES/bench" ;;
+    parity) python3 benchmarks/train_parity.py --out "$RES/train_parity.json" ;;
+    elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ;;
+    sweep) for spec in ${SWEEP:-1.2b:8,64 0.1b:8}; do
+             (cd benchmarks && python3 sweep_tiles.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " ") \
+               --out "$RES/sweep_tiles_${spec%%:*}.json")
+           done ;;
+    profile) for spec in ${PROFILE:-1.2b:1,8,4096}; do
+               (cd benchmarks && python3 profile_kernels.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " "))
+             done ;;
+    *) echo "unknown step $name"; return 2 ;;
+  esac
+}
+
+for name in ${STEPS:-check tests sanitizer tune bench parity elastic}; do
+  start=$(date +%s)
+  limit_var="LIMIT_$name"
+  limit=${!limit_var:-${LIMIT[$name]:-300}}
+  timeout "$limit" bash -c "$(declare -f run_step); TIMEOUT_FLAG='$TIMEOUT_FLAG' run_step $name" \
+    > "$RES/$name.log" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)"
+  tail -n 12 "$RES/$name.log" | cut -c1-220
+  tar czf "$OUT/results.tgz" -C "$RES" .   # after every step: a later timeout keeps what is done
+done
