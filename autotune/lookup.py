@@ -104,9 +104,10 @@ def _device_state(key, device):
 
 
 def _known_keys(path: str, T: int, dtype) -> set:
-    from .space import default_config, space_for
+    from .space import default_config, spaces_for
 
-    return set(default_config(path, T, dtype)) | set(space_for(path, T)) | {"block_k", "up_stages", "vector_atomics"}
+    known = set(default_config(path, T, dtype)) | {"block_k", "up_stages", "vector_atomics"}
+    return known.union(*spaces_for(path, T))
 
 
 def _resolve(dkey, device, path: str, T: int, dtype, d, n, de, ds):

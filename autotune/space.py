@@ -29,10 +29,18 @@ def _pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-def space_for(path: str, T: int) -> dict:
+# Up to this many tokens the register-FMA decode kernels compete with the tensor-core ones (the default
+# switches at ffn.FMA_MAX_T = 4): the tune measures both and keeps the faster.
+FMA_CANDIDATE_MAX_T = 8
+
+
+def spaces_for(path: str, T: int) -> list[dict]:
+    """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens."""
     if path == "grouped":
-        return GROUPED
-    return SMALL_FMA if T <= 4 else SMALL_DOT
+        return [GROUPED]
+    if T <= 4:
+        return [SMALL_FMA]
+    return [SMALL_DOT, SMALL_FMA] if T <= FMA_CANDIDATE_MAX_T else [SMALL_DOT]
 
 
 def default_config(path: str, T: int, dtype) -> dict:
@@ -91,10 +99,8 @@ def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profi
 
     elem = 4 if dtype_name(dtype) == "fp32" else 2
     base = default_config(path, T, dtype)
-    space = space_for(path, T)
-    keys = list(space)
     out, seen = [base], {_freeze(base)}
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*space.values())]
+    combos = [dict(zip(space, vals)) for space in spaces_for(path, T) for vals in itertools.product(*space.values())]
     random.Random(seed).shuffle(combos)
     for combo in combos:
         cfg = {**base, **combo}

@@ -249,6 +249,10 @@ def test_candidates_start_with_the_default_and_fit_the_device():
         assert len(cands) == 50 and len({tuple(sorted(c.items())) for c in cands}) == 50
         assert all(space.fits(path, c, T, *GEOM, 2, ORIN) is None for c in cands[1:])
     assert any(c["rows"] != 64 for c in space.candidates("small_batch", 8, *GEOM, torch.bfloat16, H100))
+    # 5-8 tokens: both the tensor-core and the register-FMA kernels compete; from 9 on tensor cores only
+    kinds = {c["use_dot"] for c in space.candidates("small_batch", 8, *GEOM, torch.bfloat16, H100)}
+    assert kinds == {True, False}
+    assert {c["use_dot"] for c in space.candidates("small_batch", 64, *GEOM, torch.bfloat16, H100)} == {True}
     # 3 stages of [64 + 64, 256] and [64 + 16, 256] bf16 tiles: fit an H100's 227 KB, not Orin's 163 KB
     big = dict(space.default_config("small_batch", 64, torch.bfloat16), up_stages=3, block_k=256, rows=64)
     assert space.fits("small_batch", big, 64, *GEOM, 2, H100) is None
