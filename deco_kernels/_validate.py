@@ -34,9 +34,36 @@ def _check_shape(name, t, shape, sizes_from=""):
         raise ValueError(f"{name}: expected shape {tuple(shape)}{why}, got {tuple(t.shape)}")
 
 
+def _valid_shape(x, weights: dict) -> LayerShape | None:
+    """The sizes when every check of check_layer passes, else None; no messages are built (the per-call path
+    of every layer, a few µs)."""
+    try:
+        d = x.shape[-1]
+        n = weights["router_scale"].shape[0]
+        nde, ds = weights["w_up"].shape[0], weights["ws_gate"].shape[0]
+        de = nde // n
+        expected = dict(router_scale=(n,), w_up=(n * de, d), gamma=(de,), w_down=(d, n * de), ws_gate=(ds, d),
+                        ws_up=(ds, d), ws_down=(d, ds))
+        if "w_router" in weights:
+            expected["w_router"] = (n, d)
+        tensors = [x, *(weights[k] for k in expected)]
+        if (nde == 0 or nde % n or x.dim() < 1
+                or any(not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES for t in tensors)
+                or any(tuple(weights[k].shape) != shape or weights[k].device != x.device
+                       for k, shape in expected.items())
+                or any(weights[k].dtype != x.dtype for k in SAME_DTYPE_AS_X)):
+            return None
+    except (AttributeError, IndexError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return LayerShape(d=d, num_experts=n, expert_dim=de, shared_dim=ds)
+
+
 def check_layer(x, weights: dict) -> LayerShape:
     """Validate x [..., d] and the canonical weights of one DECO layer (SPEC §1); return the sizes. Without
     "w_router" in ``weights`` (a layer given its gates), N comes from router_scale."""
+    shape = _valid_shape(x, weights)
+    if shape is not None:
+        return shape
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape [..., d], got a 0-d tensor")

@@ -7,7 +7,6 @@ training.py.
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import backends, layout
 from ..autotune import config_for
@@ -23,6 +22,17 @@ SMALL_BATCH_MAX = 64
 FMA_MAX_T = 4
 # Elements of the largest [rows, d] slab one FMA program loads at once.
 FMA_SLAB = 16384
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+    host-side call costs ~10 µs each (the launchers call them a dozen times per layer); these are plain."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _empty(*shape, device, dtype):
@@ -71,11 +81,11 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
-    _router_kernel[(triton.cdiv(T, block_t),)](
+    _router_kernel[(cdiv(T, block_t),)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu,
         T, n, d, x.stride(0), bias_s, float(threshold), int(max_active or 0),
         HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        BLOCK_T=block_t, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_K=64)
+        BLOCK_T=block_t, BLOCK_N=max(16, pow2(n)), BLOCK_K=64)
 
 
 def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
@@ -125,12 +135,12 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     gates_given = max_active is not None
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
-    block_t = max(16, triton.next_power_of_2(T)) if use_dot else triton.next_power_of_2(T)
+    block_t = max(16, pow2(T)) if use_dot else pow2(T)
     rows = min(cfg["rows"], de)  # row blocks never straddle two experts
-    d_pow2 = triton.next_power_of_2(d)
+    d_pow2 = pow2(d)
     # Without a dot the whole [rows, d] slab (and the router row) is one load, capped to stay in registers.
     block_k = cfg["block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
-    _up_kernel[(n * (de // rows) + triton.cdiv(ds, rows),)](
+    _up_kernel[(n * (de // rows) + cdiv(ds, rows),)](
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
         mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot,
@@ -138,15 +148,15 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     common = (T, n, d, ds, y.stride(0), NORM_EPS)
-    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], BLOCK_DS=max(16, triton.next_power_of_2(ds)),
+    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], BLOCK_DS=max(16, pow2(ds)),
                 num_warps=cfg["down_warps"])
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     if not use_dot:
-        _decode_down_kernel[(triton.cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, *common,
-                                                               BLOCK_N=max(16, triton.next_power_of_2(n)),
+        _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, *common,
+                                                               BLOCK_N=max(16, pow2(n)),
                                                                SLOTS=cfg["slots"], **meta)
         return
-    grid = (triton.cdiv(d, cfg["block_d"]), n)
+    grid = (cdiv(d, cfg["block_d"]), n)
     _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
                              _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype),
                              VECTOR=cfg.get("vector_atomics", False) and vector_atomics(dev), **meta)
@@ -179,7 +189,7 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
                                       cfg["router_block_t"])
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     block_m = cfg["block_m"]
-    grid = (n, triton.cdiv(T, block_m))
+    grid = (n, cdiv(T, block_m))
     _grouped_up_kernel[grid](x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
                              T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m,
                              BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])

@@ -293,7 +293,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     if P > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
-        grid = (n, triton.cdiv(T, BLOCK_M))
+        grid = (n, ffn.cdiv(T, BLOCK_M))
         _train_up_kernel[grid](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
                                T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
                                num_warps=NUM_WARPS)
@@ -317,7 +317,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                 none if has_router else torch.zeros_like(g))
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
-    blocks = triton.cdiv(T, BLOCK_M)
+    blocks = ffn.cdiv(T, BLOCK_M)
     grid = (n, blocks)
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
     dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
@@ -330,25 +330,25 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                            DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
     router = dict(HAS_DG=dg is not None and has_router, HAS_ROUTER=has_router, PREC=prec,
-                  BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=BLOCK_C, num_warps=NUM_WARPS)
+                  BLOCK_N=max(16, ffn.pow2(n)), BLOCK_D=BLOCK_C, num_warps=NUM_WARPS)
     router_in = (g, dgs, dsum, dg if dg is not None else g, router_scale)
     dx = ffn._empty(T, d, device=dev, dtype=f32)
-    _router_dx_kernel[(triton.cdiv(T, ROUTER_DX_BLOCK_T), triton.cdiv(d, BLOCK_C))](
+    _router_dx_kernel[(ffn.cdiv(T, ROUTER_DX_BLOCK_T), ffn.cdiv(d, BLOCK_C))](
         *router_in, w_router if has_router else wbar, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
                                DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, VECTOR=False,
                                num_warps=NUM_WARPS)
     dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype) if has_router else none
     dwbar = ffn._empty(d, device=dev, dtype=f32)
-    _router_dw_kernel[(triton.cdiv(d, BLOCK_C),)](*router_in, x, dw_router if has_router else dwbar, dwbar, T, n, d,
+    _router_dw_kernel[(ffn.cdiv(d, BLOCK_C),)](*router_in, x, dw_router if has_router else dwbar, dwbar, T, n, d,
                                                   x.stride(0), BLOCK_T=ROUTER_DW_BLOCK_T, **router)
 
     wgrad = dict(DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
-    _pair_wgrad_kernel[(n, triton.cdiv(d, BLOCK_C))](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
+    _pair_wgrad_kernel[(n, ffn.cdiv(d, BLOCK_C))](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
                                                      dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
-    _pair_wgrad_kernel[(n, triton.cdiv(d, BLOCK_C))](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
+    _pair_wgrad_kernel[(n, ffn.cdiv(d, BLOCK_C))](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
                                                      dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
     # Fixed-order sums of the per-program partials: deterministic.
     dgamma = dgamma_part.sum(0).to(gamma.dtype)
