@@ -3,7 +3,8 @@
 # archive, $OUT/results.tgz (the device tool brings back at most 8 files), and each step's log tail is printed.
 #   bash benchmarks/gpu_session.sh                       # every step
 #   STEPS="check tests bench" bash benchmarks/gpu_session.sh
-# Steps (default order): check (per-case path checks of triton and cupy), tests (the gpu-marked tests),
+# Steps (default order): check (per-case path checks of triton and cupy), host (the Python cost of an eager call,
+# benchmarks/host_overhead.py), tests (the gpu-marked tests),
 # sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, with the
 # cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
@@ -19,7 +20,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-declare -A LIMIT=([check]=150 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
+declare -A LIMIT=([check]=150 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
                   [sweep]=300 [profile]=120)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
@@ -27,6 +28,7 @@ run_step() {
   local name=$1
   case $name in
     check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py ;;
+    host) python3 benchmarks/host_overhead.py ;;
     tests) python3 -m pytest -q $TIMEOUT_FLAG -m gpu ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
     tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate \
@@ -45,7 +47,7 @@ run_step() {
   esac
 }
 
-for name in ${STEPS:-check tests sanitizer tune bench parity elastic}; do
+for name in ${STEPS:-check host tests sanitizer tune bench parity elastic}; do
   start=$(date +%s)
   limit_var="LIMIT_$name"
   limit=${!limit_var:-${LIMIT[$name]:-300}}
