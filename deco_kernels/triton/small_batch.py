@@ -5,12 +5,14 @@ rounds as it can. With max_active set, the gates come from the router kernel (a 
 top-k needs every logit of a token at once.
 
 `_up_kernel`, one program per (expert, block of ROWS rows of its up-projection) plus the shared expert's row
-blocks. An expert program computes its own router logits and mu = x.wbar (a d-long dot: no router launch),
-exits at once when no token activates the expert, and otherwise writes the raw up-projection h [T, ROWS] in
-fp32. Splitting experts into DE/ROWS row blocks keeps ~N/5 * DE/ROWS programs busy at T=1 instead of ~N/5
-(SPEC §5). The NormSiLU needs all DE rows of an expert, so it runs in the down kernels. Decode (a few tokens)
-multiplies in registers, one round of loads over the whole [ROWS, d] slab; larger batches use tensor cores
-in a pipelined K loop (USE_DOT).
+blocks (whose gate and up columns go to hs raw; the down kernels apply silu). An expert program computes its
+own router logits and mu = x.wbar (a d-long dot: no router launch) and writes the raw up-projection
+h [T, ROWS] in fp32 when some token activates the expert. Splitting experts into DE/ROWS row blocks keeps
+~N/5 * DE/ROWS programs busy at T=1 instead of ~N/5 (SPEC §5). The NormSiLU needs all DE rows of an expert,
+so it runs in the down kernels. Decode (a few tokens) multiplies in registers: the logit first, one round of
+loads, then the whole [ROWS, d] slab in one more round only for an active expert. Larger batches use tensor
+cores in a pipelined K loop (USE_DOT) that carries the logit and mu along (no serial prologue; every slab is
+read, most experts are active for some token anyway).
 
 `_decode_down_kernel` (a few tokens, register FMAs), one program per block of BLOCK_D output features, which
 it owns for every active expert, so there is no cross-program reduction: it compacts the active experts
