@@ -106,7 +106,7 @@ def _device_state(key, device):
 def _known_keys(path: str, T: int, dtype) -> set:
     from .space import default_config, spaces_for
 
-    known = set(default_config(path, T, dtype)) | {"block_k", "up_stages", "vector_atomics"}
+    known = set(default_config(path, T, dtype)) | {"block_k", "up_stages"}
     return known.union(*spaces_for(path, T))
 
 

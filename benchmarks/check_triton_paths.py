@@ -13,13 +13,11 @@ import sys
 
 CASES = [  # (T, d, N, de, ds, dtype, cfg overrides)
     (2, 40, 13, 32, 24, "float32", {}),
-    (17, 40, 13, 32, 24, "float32", dict(split=1, vector_atomics=False)),
-    (17, 40, 13, 32, 24, "float32", dict(split=2, vector_atomics=False)),
-    (17, 40, 13, 32, 24, "float32", dict(split=1, vector_atomics=True)),
-    (17, 41, 13, 32, 24, "float32", dict(split=3, vector_atomics=True)),
-    (65, 40, 13, 32, 24, "float32", dict(vector_atomics=False)),
-    (65, 40, 13, 32, 24, "float32", dict(vector_atomics=True)),
-    (300, 41, 13, 64, 24, "float32", dict(vector_atomics=True)),
+    (7, 40, 13, 32, 24, "float32", dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=8, down_warps=4)),
+    (17, 40, 13, 32, 24, "float32", {}),
+    (17, 41, 13, 32, 24, "float32", dict(rows=16, block_k=16)),
+    (65, 40, 13, 32, 24, "float32", {}),
+    (300, 41, 13, 64, 24, "float32", {}),
     (8, 1792, 102, 64, 128, "bfloat16", {}),
     (64, 1792, 102, 64, 128, "bfloat16", {}),
     (4096, 1792, 102, 64, 128, "bfloat16", {}),

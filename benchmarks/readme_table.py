@@ -1,4 +1,4 @@
-"""Render a benchmark JSON (``deco-kernels bench``'s bench.json, or bench_layer.py's JSON) as the README's
+"""Render a benchmark JSON (``deco-kernels bench``'s bench.json, or an earlier layer-only JSON) as the README's
 results block, between the RESULTS markers. Nothing in the block is typed by hand.
 
     python benchmarks/readme_table.py benchmarks/results/h100/bench.json --write README.md

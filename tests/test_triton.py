@@ -98,9 +98,8 @@ def test_n1_and_wide_shared(triton_device):
     (7, dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=8, down_warps=4)),  # FMA kernels at 5-8 tokens
     (9, dict(use_dot=True, rows=16, block_k=16, up_warps=4, up_stages=2, block_d=32, down_warps=4)),
     # 40 columns are 2.5 K steps of 16 and 1.25 feature blocks of 32: tails everywhere.
-    (9, dict(use_dot=True, rows=32, block_k=16, up_warps=4, up_stages=2, block_d=16, down_warps=4,
-             vector_atomics=True)),
-], ids=["fma-rows8", "fma-T7", "dot-rows16", "dot-rows32-vector"])
+    (9, dict(use_dot=True, rows=32, block_k=16, up_warps=4, up_stages=2, block_d=16, down_warps=4)),
+], ids=["fma-rows8", "fma-T7", "dot-rows16", "dot-rows32"])
 def test_small_batch_tile_configs(triton_device, monkeypatch, T, cfg):
     """Any config the autotuner may pick gives the same layer: row blocks, K steps, feature blocks."""
     monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")  # no tuned cache may stand in for the config under test

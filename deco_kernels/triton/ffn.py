@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends, layout
+from .. import layout
 from ..autotune import config_for
 from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
@@ -52,17 +52,6 @@ def _zeroed(device, dtype, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 1024), device=device, dtype=dtype)
         _scratch[(device, dtype)] = buf
     return buf
-
-
-_vector: dict = {}
-
-
-def vector_atomics(device: torch.device) -> bool:
-    """Whether fp32 scatter-adds can go out as vector reductions here (sm_90+; never in the interpreter)."""
-    if device not in _vector:
-        _vector[device] = (device.type == "cuda" and not backends.interpreting()
-                           and torch.cuda.get_device_capability(device)[0] >= 9)
-    return _vector[device]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -112,9 +101,7 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 
     use_dot: tensor cores (and the atomic union down kernel), else register FMAs (and the decode down kernel).
     rows: up-projection rows per program; block_k: K step of the tensor-core up-projection; block_d: output
-    features per down program; slots: active experts per round of the decode down kernel's loop;
-    vector_atomics (optional, default off: measured slower on the H100, benchmarks/NOTES.md): the union
-    down kernel's adds as vector reductions where the device has them (see vector_atomics())."""
+    features per down program; slots: active experts per round of the decode down kernel's loop."""
     if T <= FMA_MAX_T:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
@@ -158,17 +145,14 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         return
     grid = (cdiv(d, cfg["block_d"]), n)
     _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
-                             _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype),
-                             VECTOR=cfg.get("vector_atomics", False) and vector_atomics(dev), **meta)
+                             _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype), **meta)
 
 
 def grouped_config(T: int) -> dict:
     """Default tile config of the prefill path (a tuned cache, deco_kernels.autotune, wins).
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
-    block_k: K step of the up-projection; block_d: output features per step of the down-projection;
-    vector_atomics (optional, default off: measured slower on the H100, benchmarks/NOTES.md): the
-    down-projection's scatter-add as vector reductions where the device has them (see vector_atomics())."""
+    block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
     # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
     if T <= 1024:
@@ -195,9 +179,8 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
                              BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float()
-    vector = cfg.get("vector_atomics", False) and vector_atomics(dev)
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
-                               DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"], VECTOR=vector,
+                               DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     y.copy_(acc)
 

@@ -17,7 +17,7 @@ Programs of an expert whose tokens end before their block exit at once.
 import triton
 import triton.language as tl
 
-from ._jit import norm_silu_gate, scatter_add
+from ._jit import norm_silu_gate
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_
 
 @triton.jit
 def _expert_scatter_add(a, toks, mmask, w_ptr, e64, stride_wc, stride_wi, out_ptr, C,
-                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr):
+                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[toks, :C] += a [BLOCK_M, DE] @ W_e^T with fp32 atomics, W_e[c, i] at w_ptr + c*stride_wc +
     (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)), BLOCK_C columns a step."""
     w_cols = (e64 * DE + tl.arange(0, DE)) * stride_wi
@@ -70,8 +70,8 @@ def _expert_scatter_add(a, toks, mmask, w_ptr, e64, stride_wc, stride_wi, out_pt
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
         w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + w_cols[None, :], mask=cmask[:, None], other=0.0)
-        scatter_add(out_ptr + toks[:, None] * C + cols[None, :], tl.dot(a, tl.trans(w), input_precision=PREC),
-                    mmask[:, None] & cmask[None, :], VECTOR)
+        tl.atomic_add(out_ptr + toks[:, None] * C + cols[None, :], tl.dot(a, tl.trans(w), input_precision=PREC),
+                      mask=mmask[:, None] & cmask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -95,8 +95,7 @@ def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_
 
 @triton.jit
 def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
-                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         VECTOR: tl.constexpr):
+                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     count = tl.load(count_ptr + e)
@@ -105,4 +104,4 @@ def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
         ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
         a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
                     mask=mmask[:, None], other=0.0)
-        _expert_scatter_add(a, toks, mmask, wd_ptr, e64, N * DE, 1, y_ptr, D, DE, PREC, BLOCK_D, VECTOR)
+        _expert_scatter_add(a, toks, mmask, wd_ptr, e64, N * DE, 1, y_ptr, D, DE, PREC, BLOCK_D)

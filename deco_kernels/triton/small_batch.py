@@ -31,7 +31,7 @@ differ between runs in the last bits of fp32.
 import triton
 import triton.language as tl
 
-from ._jit import gate_knobs, norm_silu_gate, router_dot, scatter_add
+from ._jit import gate_knobs, norm_silu_gate, router_dot
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
                        y_ptr, T, N, D, DS, stride_yt, eps,
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DS: tl.constexpr, VECTOR: tl.constexpr):
+                       BLOCK_DS: tl.constexpr):
     pid_d = tl.program_id(0)
     e = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
@@ -286,7 +286,7 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
         gs = g * tl.load(scale_ptr + e64).to(tl.float32)
         a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
                            tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
-        scatter_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), out_mask, VECTOR)
+        tl.atomic_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), mask=out_mask, sem="relaxed")
     # Every expert's program arrives, active or not; the last of a block of features to arrive adds the shared
     # expert, writes y and leaves the accumulator and its counter at zero for the next call (CUDA graphs).
     tl.debug_barrier()

@@ -112,8 +112,7 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
 
 @triton.jit
 def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_ptr, out_ptr, T, C,
-                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         VECTOR: tl.constexpr):
+                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[t_p, :C] += A[p, :] @ W_e^T over expert e's pairs p, W_e[c, i] at w_ptr + c*stride_wc +
     (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)). fp32 atomics into out."""
     e = tl.program_id(0)
@@ -123,7 +122,7 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
         mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
         a = tl.load(a_ptr + pairs[:, None] * DE + tl.arange(0, DE)[None, :], mask=mmask[:, None], other=0.0)
         _expert_scatter_add(a, toks, mmask, w_ptr, e.to(tl.int64), stride_wc, stride_wi, out_ptr, C, DE, PREC,
-                            BLOCK_C, VECTOR)
+                            BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
                                num_warps=NUM_WARPS)
         _pair_scatter_kernel[grid](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
                                    DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                   VECTOR=False, num_warps=NUM_WARPS)
+                                   num_warps=NUM_WARPS)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h
 
 
@@ -336,7 +335,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     _router_dx_kernel[(ffn.cdiv(T, ROUTER_DX_BLOCK_T), ffn.cdiv(d, BLOCK_C))](
         *router_in, w_router if has_router else wbar, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
-                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, VECTOR=False,
+                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
                                num_warps=NUM_WARPS)
     dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype) if has_router else none
     dwbar = ffn._empty(d, device=dev, dtype=f32)
