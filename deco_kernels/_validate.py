@@ -27,43 +27,17 @@ def _check_tensor(name, t):
         raise ValueError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
 
 
-def _check_shape(name, t, shape, sizes_from=""):
-    """``sizes_from`` says which argument fixed the expected sizes, so a mismatch names both sides."""
-    if tuple(t.shape) != tuple(shape):
-        why = f" ({sizes_from})" if sizes_from else ""
+def _check_shape(name, t, shape, sizes_from=None):
+    """``sizes_from()`` says which argument fixed the expected sizes, so a mismatch names both sides; it is a
+    callable so the message is built only on failure (this check runs on every layer call)."""
+    if t.shape != shape:
+        why = f" ({sizes_from()})" if sizes_from else ""
         raise ValueError(f"{name}: expected shape {tuple(shape)}{why}, got {tuple(t.shape)}")
-
-
-def _valid_shape(x, weights: dict) -> LayerShape | None:
-    """The sizes when every check of check_layer passes, else None; no messages are built (the per-call path
-    of every layer, a few µs)."""
-    try:
-        d = x.shape[-1]
-        n = weights["router_scale"].shape[0]
-        nde, ds = weights["w_up"].shape[0], weights["ws_gate"].shape[0]
-        de = nde // n
-        expected = dict(router_scale=(n,), w_up=(n * de, d), gamma=(de,), w_down=(d, n * de), ws_gate=(ds, d),
-                        ws_up=(ds, d), ws_down=(d, ds))
-        if "w_router" in weights:
-            expected["w_router"] = (n, d)
-        tensors = [x, *(weights[k] for k in expected)]
-        if (nde == 0 or nde % n or x.dim() < 1
-                or any(not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES for t in tensors)
-                or any(tuple(weights[k].shape) != shape or weights[k].device != x.device
-                       for k, shape in expected.items())
-                or any(weights[k].dtype != x.dtype for k in SAME_DTYPE_AS_X)):
-            return None
-    except (AttributeError, IndexError, KeyError, TypeError, ZeroDivisionError):
-        return None
-    return LayerShape(d=d, num_experts=n, expert_dim=de, shared_dim=ds)
 
 
 def check_layer(x, weights: dict) -> LayerShape:
     """Validate x [..., d] and the canonical weights of one DECO layer (SPEC §1); return the sizes. Without
     "w_router" in ``weights`` (a layer given its gates), N comes from router_scale."""
-    shape = _valid_shape(x, weights)
-    if shape is not None:
-        return shape
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape [..., d], got a 0-d tensor")
@@ -77,8 +51,9 @@ def check_layer(x, weights: dict) -> LayerShape:
         if w_router.dim() != 2:
             raise ValueError(f"w_router: expected shape [N, d], got {tuple(w_router.shape)}")
         n = w_router.shape[0]
-        _check_shape("w_router", w_router, (n, d), f"d={d} from x {tuple(x.shape)}")
-        _check_shape("router_scale", weights["router_scale"], (n,), f"N={n} from w_router {tuple(w_router.shape)}")
+        _check_shape("w_router", w_router, (n, d), lambda: f"d={d} from x {tuple(x.shape)}")
+        _check_shape("router_scale", weights["router_scale"], (n,),
+                     lambda: f"N={n} from w_router {tuple(w_router.shape)}")
     else:
         if weights["router_scale"].dim() != 1:
             raise ValueError(f"router_scale: expected shape [N], got {tuple(weights['router_scale'].shape)}")
@@ -87,17 +62,21 @@ def check_layer(x, weights: dict) -> LayerShape:
         raise ValueError(f"w_up: expected shape [N*de, d] with N={n}, got {tuple(w_up.shape)}")
     de = w_up.shape[0] // n
     source = "w_router" if "w_router" in weights else "router_scale"
-    sizes = f"N={n} from {source}, de={de} from w_up {tuple(w_up.shape)}, d={d} from x"
-    _check_shape("w_up", w_up, (n * de, d), f"d={d} from x {tuple(x.shape)}")
+
+    def sizes():
+        return f"N={n} from {source}, de={de} from w_up {tuple(w_up.shape)}, d={d} from x"
+    _check_shape("w_up", w_up, (n * de, d), lambda: f"d={d} from x {tuple(x.shape)}")
     _check_shape("gamma", weights["gamma"], (de,), sizes)
     _check_shape("w_down", weights["w_down"], (d, n * de), sizes)
     if ws_gate.dim() != 2:
         raise ValueError(f"ws_gate: expected shape [ds, d], got {tuple(ws_gate.shape)}")
     ds = ws_gate.shape[0]
-    sizes = f"ds={ds} from ws_gate {tuple(ws_gate.shape)}, d={d} from x"
-    _check_shape("ws_gate", ws_gate, (ds, d), sizes)
-    _check_shape("ws_up", weights["ws_up"], (ds, d), sizes)
-    _check_shape("ws_down", weights["ws_down"], (d, ds), sizes)
+
+    def shared_sizes():
+        return f"ds={ds} from ws_gate {tuple(ws_gate.shape)}, d={d} from x"
+    _check_shape("ws_gate", ws_gate, (ds, d), shared_sizes)
+    _check_shape("ws_up", weights["ws_up"], (ds, d), shared_sizes)
+    _check_shape("ws_down", weights["ws_down"], (d, ds), shared_sizes)
     for name in names:
         if weights[name].device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {weights[name].device}")
