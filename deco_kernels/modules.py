@@ -95,8 +95,8 @@ class DecoMoE(nn.Module):
     the ops backend ("auto" takes a differentiable one whenever autograd needs the layer's gradients).
     After each forward: ``active_ratio`` (detached 0-d, fraction of gates > 0) and, in training mode,
     ``reg_loss`` (the entropy loss of SPEC §2, differentiable through the gates; None in eval). In training
-    mode the layer also adds to the device-side counters ``active_count`` and ``gate_count`` (int64 buffers,
-    no host sync), which :class:`deco_kernels.sparsity.SparsityController` reads before writing λ into the
+    mode the layer also adds to the device-side counters ``active_count`` and ``gate_count`` (int64 tensors,
+    no host sync; per-rank tallies, not buffers, so data-parallel wrappers never broadcast or shard them), which :class:`deco_kernels.sparsity.SparsityController` reads before writing λ into the
     ``sparsity_lambda`` buffer.
     """
 
@@ -118,8 +118,8 @@ class DecoMoE(nn.Module):
         self.ws_down = nn.Parameter(torch.empty(d, ds))
         # Not in the state_dict: λ is controller state (SparsityController.state_dict keeps it for resuming).
         self.register_buffer("sparsity_lambda", torch.tensor(float(c.lambda0)), persistent=False)
-        self.register_buffer("active_count", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("gate_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.active_count = torch.zeros((), dtype=torch.int64)
+        self.gate_count = torch.zeros((), dtype=torch.int64)
         self.bias, self.threshold, self.max_active = c.router_bias, c.router_threshold, c.max_active
         self.backend, self.activation = c.backend, c.activation
         self.active_ratio: torch.Tensor | None = None
@@ -137,8 +137,10 @@ class DecoMoE(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.half() would flush lambda0 = 1e-8 to zero; λ stays at least fp32 wherever the module goes.
+        # The gate counters are plain tensors (see the class docstring): they follow the module's moves here.
         lam = self.sparsity_lambda
         super()._apply(fn, recurse)
+        self.active_count, self.gate_count = fn(self.active_count), fn(self.gate_count)
         if self.sparsity_lambda.dtype not in (torch.float32, torch.float64):
             self.sparsity_lambda = lam.to(self.sparsity_lambda.device, torch.float32)
         return self
@@ -361,11 +363,6 @@ class DecoForCausalLM(nn.Module):
         with torch.no_grad():
             _normal_(self.embed_tokens.weight, INIT_STD)
             _normal_(self.lm_head.weight, INIT_STD)
-        # DDP broadcasts rank 0's buffers before every forward: that would overwrite each rank's own gate
-        # counters between micro-batches. They are summed over ranks by SparsityController.step instead.
-        self._ddp_params_and_buffers_to_ignore = [f"{name}.{counter}" for name, m in self.named_modules()
-                                                  if isinstance(m, DecoMoE)
-                                                  for counter in ("active_count", "gate_count")]
 
     # -- knobs and parameter groups ----------------------------------------------------------------------
     def deco_layers(self) -> Iterator[DecoMoE]:
