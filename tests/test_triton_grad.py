@@ -189,9 +189,9 @@ def test_nothing_dense_is_saved_for_backward(triton_device):
     assert 0 < pairs < T * N
     assert max(t.numel() for t in acts) < dense
     # The shared expert's autograd keeps [T, ds] tensors; the routed op: per pair h [de] and its token, per
-    # token g [N] and mu, and offsets [N+1].
+    # token g [N] and mu, offsets [N+1], and wbar [d] (the mean of w_up, so the backward does not recompute it).
     routed = [t for t in acts if tuple(t.shape) != (T, ds)]
-    assert sum(t.numel() for t in routed) <= pairs * (de + 1) + T * (N + 1) + (N + 1)
+    assert sum(t.numel() for t in routed) <= pairs * (de + 1) + T * (N + 1) + (N + 1) + d
     # The check can see a dense activation: the reference (all experts, dense formula) saves [T, N*de] ones.
     _, ref_acts = saved_activations(lambda: reference.deco_ffn(x, **w), inputs)
     assert max(t.numel() for t in ref_acts) >= dense

@@ -10,7 +10,8 @@ inference (no autograd) never come here and stay capturable.
 
 Saved for backward: x (a view or the contiguous copy the shared expert saves too), the weights (by
 reference), the gates g [T, N] and mu [T] (fp32), offsets [N+1], pair_tok [P] (int32, the token of each pair)
-and h [P, de] (fp32 pre-activation x.W_e, the only per-pair state): O(T*N + P*de), nothing of size T*N*de.
+h [P, de] (fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the fp32 mean of w_up, computed
+once per step): O(T*N + P*de), nothing of size T*N*de.
 
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
   forward   `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient)
@@ -268,7 +269,8 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
 def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active,
              gates=None):
     """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], pair_tok [P],
-    h [P, de]. With ``gates`` [T, N] (then w_router is None and the knobs are unused) g is a copy of them."""
+    h [P, de] and wbar [d] (fp32, the backward reuses it). With ``gates`` [T, N] (then w_router is None and the
+    knobs are unused) g is a copy of them."""
     T, d = x.shape
     n, de = router_scale.shape[0], gamma.shape[0]
     dev, f32 = x.device, torch.float32
@@ -277,8 +279,8 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
     acc = ffn._empty(T, d, device=dev, dtype=f32)
     acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
+    wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     if T > 0:
-        wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
         if gates is None:
             tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
         else:
@@ -299,10 +301,10 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         _pair_scatter_kernel[grid](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
                                    DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
                                    num_warps=NUM_WARPS)
-    return acc.to(x.dtype), g, mu, offsets, pair_tok, h
+    return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
-def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
+def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
     """Gradients (dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) of the routed part and the
     router; dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None. Without w_router (the gates
     were given) dw_router is empty and dgates [T, N] is the gradient of the given gates (else empty)."""
@@ -315,7 +317,6 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                 *(torch.zeros_like(t) for t in (router_scale, w_up, gamma, w_down)),
                 none if has_router else torch.zeros_like(g))
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
-    wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     blocks = ffn.cdiv(T, BLOCK_M)
     grid = (n, blocks)
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
@@ -366,10 +367,11 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
 @torch.library.custom_op("deco_kernels::deco_ffn_fwd", mutates_args=())
 def deco_ffn_fwd(x: Tensor, w_router: Optional[Tensor], router_scale: Tensor, w_up: Tensor, gamma: Tensor,
                  w_down: Tensor, shared: Tensor, bias: Optional[Tensor], bias_value: float, threshold: float,
-                 max_active: int, gates: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 max_active: int, gates: Optional[Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The routed experts plus ``shared`` (the shared expert's output [T, d]) on x [T, d] (unit column
     stride), routed by w_router and the knobs (max_active 0 means none), or by ``gates`` [T, N] fp32 when
-    w_router is None. Returns (y, g, mu, offsets, pair_tok, h), see _forward."""
+    w_router is None. Returns (y, g, mu, offsets, pair_tok, h, wbar), see _forward."""
     return _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold,
                     max_active, gates)
 
@@ -382,19 +384,20 @@ def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, 
     f32 = torch.float32
     return (x.new_empty(T, d), x.new_empty(T, n, dtype=f32), x.new_empty(T, dtype=f32),
             x.new_empty(n + 1, dtype=torch.int32), x.new_empty(pairs, dtype=torch.int32),
-            x.new_empty(pairs, de, dtype=f32))
+            x.new_empty(pairs, de, dtype=f32), x.new_empty(d, dtype=f32))
 
 
 @torch.library.custom_op("deco_kernels::deco_ffn_bwd", mutates_args=())
 def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Optional[Tensor], router_scale: Tensor,
                  w_up: Tensor, gamma: Tensor, w_down: Tensor, g: Tensor, mu: Tensor, offsets: Tensor,
-                 pair_tok: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 pair_tok: Tensor, h: Tensor, wbar: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) from what deco_ffn_fwd saved."""
-    return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
+    return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar)
 
 
 @deco_ffn_bwd.register_fake
-def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h):
+def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
     none = x.new_empty(0)
     return (torch.empty_like(x), none if w_router is None else torch.empty_like(w_router),
             *(torch.empty_like(t) for t in (router_scale, w_up, gamma, w_down)),
@@ -403,10 +406,10 @@ def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pa
 
 def _setup_context(ctx, inputs, output):
     x, w_router, router_scale, w_up, gamma, w_down = inputs[:6]
-    _, g, mu, offsets, pair_tok, h = output
-    ctx.mark_non_differentiable(mu, offsets, pair_tok, h)
+    _, g, mu, offsets, pair_tok, h, wbar = output
+    ctx.mark_non_differentiable(mu, offsets, pair_tok, h, wbar)
     ctx.gates_given = w_router is None
-    ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h)
+    ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar)
 
 
 def _autograd_backward(ctx, dy, dg, *_):
