@@ -111,6 +111,20 @@ def backend_and_reference(x, w, backend: str, **knobs):
     return y, g, y_ref, g_ref
 
 
+def far_apart_rows(T: int, d: int = 64):
+    """(x, w): a small bf16 layer on the GPU whose x [T, d] rows sit so far apart in memory that the last row's
+    offset passes 2^31 elements (int64 offsets needed); skips the test when the GPU lacks the memory."""
+    stride = 2**31 // (T - 1) + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * T * stride * 2:
+        pytest.skip("not enough GPU memory")
+    storage = torch.zeros(T * stride, device="cuda", dtype=torch.bfloat16)
+    x_small, w = make_layer(T, d, 13, 16, 32, dtype=torch.bfloat16, device="cuda", seed=8, active=0.4)
+    x = storage.as_strided((T, d), (stride, 1))
+    x.copy_(x_small)
+    assert (T - 1) * stride > 2**31
+    return x, w
+
+
 # Adversarial layer shapes for kernel tests, as (T, d, N, de, ds), each with the reason it is there.
 ODD_SHAPES = [
     pytest.param(1, 64, 13, 16, 32, id="decode-T1-primeN"),        # the batch-1 decode path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_rel_close, backend_and_reference, make_layer, poison_outputs
+from conftest import HAS_CUDA, assert_rel_close, backend_and_reference, far_apart_rows, make_layer, poison_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -181,16 +181,7 @@ def test_gpu_cuda_graph_capture_and_replay(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [4, 65])
 def test_gpu_int64_offsets(T):
-    # Rows of x sit far enough apart that the last row's offset passes 2^31 elements.
-    d = 64
-    stride = 2**31 // (T - 1) + 64
-    if torch.cuda.get_device_properties(0).total_memory < 3 * T * stride * 2:
-        pytest.skip("not enough GPU memory")
-    storage = torch.zeros(T * stride, device="cuda", dtype=torch.bfloat16)
-    x_small, w = make_layer(T, d, 13, 16, 32, dtype=torch.bfloat16, device="cuda", seed=8, active=0.4)
-    x = storage.as_strided((T, d), (stride, 1))
-    x.copy_(x_small)
-    assert (T - 1) * stride > 2**31
+    x, w = far_apart_rows(T)
     y, _, y_ref, _ = run_both(x, w)
     assert_rel_close(y, y_ref.to(y.dtype), 1e-2, "y")
 
