@@ -21,7 +21,24 @@ _BACKEND_MODULES = {"torch": "deco_kernels.reference", "triton": "deco_kernels.t
 def _impl(backend: str, op: str):
     # sys.modules first: torch.compile traces a dict lookup, but breaks the graph at importlib.import_module.
     name = _BACKEND_MODULES[backend]
-    return getattr(sys.modules.get(name) or importlib.import_module(name), op)
+    fn = getattr(sys.modules.get(name) or importlib.import_module(name), op, None)
+    if fn is None:
+        raise NotImplementedError(f"{op}: backend {backend!r} does not implement it; use backend='torch' or "
+                                  f"'triton'")
+    return fn
+
+
+def _dispatch(op: str, backend: str, x, tensors, activation: str):
+    """The implementation of ``op`` on the backend that runs (resolved once, with autograd's needs), after the
+    activation checks shared by the layer ops."""
+    if activation not in ref.NORM_SILU_VARIANTS:
+        raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors))
+    name = backends.resolve(backend, x.device, needs_grad)
+    if name != "torch" and activation != "norm_silu":
+        raise ValueError(f"activation: backend {name!r} implements only 'norm_silu' (the ablations "
+                         f"run on backend='torch'), got {activation!r}")
+    return _impl(name, op)
 
 
 def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *,
@@ -41,15 +58,9 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
                    ws_gate=ws_gate, ws_up=ws_up, ws_down=ws_down)
     shape = check_layer(x, weights)
     check_knobs(bias, threshold, max_active, shape.num_experts, x.device)
-    if activation not in ref.NORM_SILU_VARIANTS:
-        raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights.values()))
-    name = backends.resolve(backend, x.device, needs_grad)
-    if name != "torch" and activation != "norm_silu":
-        raise ValueError(f"activation: backend {name!r} implements only 'norm_silu' (the ablations "
-                         f"run on backend='torch'), got {activation!r}")
-    return _impl(name, "deco_ffn")(x, **weights, bias=bias, threshold=threshold, max_active=max_active,
-                                   return_gates=return_gates, activation=activation)
+    impl = _dispatch("deco_ffn", backend, x, weights.values(), activation)
+    return impl(x, **weights, bias=bias, threshold=threshold, max_active=max_active, return_gates=return_gates,
+                activation=activation)
 
 
 def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_down, *, backend="auto",
@@ -67,16 +78,8 @@ def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up,
                          f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
     if g.device != x.device or not g.is_floating_point():
         raise ValueError(f"g: expected floating-point gates on {x.device}, got {g.dtype} on {g.device}")
-    if activation not in ref.NORM_SILU_VARIANTS:
-        raise ValueError(f"activation: expected one of {ref.NORM_SILU_VARIANTS}, got {activation!r}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *weights.values()))
-    name = backends.resolve(backend, x.device, needs_grad)
-    if name == "cupy":
-        raise NotImplementedError("deco_ffn_from_gates: backend 'cupy' has no kernels for given gates; use "
-                                  "backend='triton' or 'torch'")
-    if name != "torch" and activation != "norm_silu":
-        raise ValueError(f"activation: backend {name!r} implements only 'norm_silu', got {activation!r}")
-    return _impl(name, "deco_ffn_from_gates")(x, g, **weights, activation=activation)
+    impl = _dispatch("deco_ffn_from_gates", backend, x, (g, *weights.values()), activation)
+    return impl(x, g, **weights, activation=activation)
 
 
 def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None):

@@ -350,3 +350,13 @@ def test_dense_swiglu_equals_reference(dtype):
     ref = R.swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(y.to(ref.dtype), ref, rtol=tol, atol=tol)
+
+
+def test_an_op_a_backend_lacks_is_refused_by_name(monkeypatch):
+    # CuPy runs deco_ffn only: the dispatch point says so for any other layer op, instead of an AttributeError.
+    monkeypatch.setattr(backends, "available", lambda name, device: True)
+    x, w = layer()
+    w.pop("w_router")
+    g = torch.relu(torch.randn(*x.shape[:-1], w["router_scale"].shape[0]))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="deco_ffn_from_gates: backend 'cupy'"):
+        ops.deco_ffn_from_gates(x, g, **w, backend="cupy")
