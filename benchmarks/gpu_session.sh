@@ -8,7 +8,9 @@
 # sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, with the
 # cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
-# prepare), sweep and profile (tile sweep and kernel profile; not in the default list).
+# prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
+# benchmarks/compare_bench.py), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs), sweep and profile (tile
+# sweep and kernel profile); the last four are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
 # budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
@@ -21,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 declare -A LIMIT=([check]=150 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
-                  [sweep]=300 [profile]=120)
+                  [bench_repeat]=300 [ddp]=240 [sweep]=300 [profile]=120)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
 run_step() {
@@ -34,8 +36,10 @@ run_step() {
     tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate \
             && cp -r autotune/caches "$RES/tune_caches" ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
+    bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
     parity) python3 benchmarks/train_parity.py --out "$RES/train_parity.json" ;;
-    elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ;;
+    elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ${ELASTIC_ARGS:-} ;;
+    ddp) torchrun --nproc_per_node="${DDP_GPUS:-2}" benchmarks/ddp_check.py --timeout 200 --out "$RES/ddp_check.json" ;;
     sweep) for spec in ${SWEEP:-1.2b:8,64 0.1b:8}; do
              (cd benchmarks && python3 sweep_tiles.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " ") \
                --out "$RES/sweep_tiles_${spec%%:*}.json")
