@@ -13,7 +13,9 @@ Three parts, each writing its figures and their floors into one JSON (plots: ``d
 
 Floors: at small T the bytes that must be read over the measured copy bandwidth, at large T the FLOPs over the
 measured bf16 matmul rate. Times are medians of ``triton.testing.do_bench`` (which flushes L2 between
-repetitions); T <= GRAPH_MAX_T runs under CUDA graphs. Every case that fails is recorded with its error text and
+repetitions); T <= GRAPH_MAX_T runs under CUDA graphs; larger T runs eagerly (``us``, what a caller without
+graphs sees, host launch cost included) and again under a CUDA graph (``graph_us``, the kernels' own time; the
+torch reference, which synchronises with the host, only eagerly). Every case that fails is recorded with its error text and
 the run goes on. The floor arithmetic and the case selection are plain functions, tested on the CPU.
 """
 from __future__ import annotations
@@ -319,6 +321,8 @@ def layer_case(cfg: DecoConfig, preset: str, x, w, dense, timer, bw: float, flop
                 if name not in ("dense_twin", "torch"):
                     row["rel_err"][name] = rel_err(fn(), y_ref)
                 row["us"][name] = timer(fn, use_graph)
+                if not graph and name != "torch":  # the kernels' own time, without the host's launch cost
+                    row.setdefault("graph_us", {})[name] = timer(fn, True)
             except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
                 row["errors"][name] = _error(exc)
     dense_us = row["us"].get("dense_twin", dense_us)
@@ -327,6 +331,12 @@ def layer_case(cfg: DecoConfig, preset: str, x, w, dense, timer, bw: float, flop
             row.setdefault("speedup_vs_dense", {})[name] = dense_us / us
         floor = row["dense_floor_us"] if name == "dense_twin" else row["floor_us"]
         row.setdefault("fraction_of_floor", {})[name] = floor / us
+    dense_graph = row.get("graph_us", {}).get("dense_twin")
+    for name, us in row.get("graph_us", {}).items():
+        if dense_graph:
+            row.setdefault("graph_speedup_vs_dense", {})[name] = dense_graph / us
+        floor = row["dense_floor_us"] if name == "dense_twin" else row["floor_us"]
+        row.setdefault("graph_fraction_of_floor", {})[name] = floor / us
     if not row["errors"]:
         del row["errors"]
     return row

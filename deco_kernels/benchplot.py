@@ -28,11 +28,14 @@ def _device(result: dict) -> str:
     return f"{env.get('gpu', 'unknown GPU')} (sm_{cap}), {result.get('dtype', 'bfloat16')}"
 
 
-def _layer_series(rows: list, preset: str, key: str) -> dict[str, tuple[list, list]]:
-    """{backend: (T values, row[key][backend])} for one preset, rows without that backend skipped."""
+def _layer_series(rows: list, preset: str, key: str, graphs_only: bool = False) -> dict[str, tuple[list, list]]:
+    """{backend: (T values, row[key][backend])} for one preset, rows without that backend skipped.
+    ``graphs_only``: every point timed under a CUDA graph (row[key] where the row ran under one, else
+    row["graph_" + key]); rows with no graph figure are skipped."""
     series: dict[str, tuple[list, list]] = {}
     for r in sorted((r for r in rows if r.get("preset") == preset), key=lambda r: r["T"]):
-        for name, value in r.get(key, {}).items():
+        values = r.get(key, {}) if not graphs_only or r.get("graph") else r.get("graph_" + key, {})
+        for name, value in values.items():
             xs, ys = series.setdefault(name, ([], []))
             xs.append(r["T"])
             ys.append(value)
@@ -48,6 +51,10 @@ def _layer_panels(result: dict, key: str, names, ylabel: str, title: str, path: 
         for name, (xs, ys) in _layer_series(rows, preset, key).items():
             if name in names:
                 ax.plot(xs, ys, "o-", color=COLORS.get(name), label=name)
+        if any("graph_" + key in r for r in rows):  # T > graph_max_tokens again under CUDA graphs
+            for name, (xs, ys) in _layer_series(rows, preset, key, graphs_only=True).items():
+                if name in names:
+                    ax.plot(xs, ys, "x--", color=COLORS.get(name), alpha=0.7, label=f"{name} (all in graphs)")
         if unit_line:
             ax.axhline(1.0, color="black", lw=1, ls="--", label="dense twin")
         ax.set_xscale("log", base=2)

@@ -145,6 +145,23 @@ def test_layer_case_on_cpu_records_figures_and_failures():
     assert "ValueError" in row["errors"]["nope"]  # an unknown backend is recorded, not raised
 
 
+def test_layer_case_beyond_the_graph_bucket_times_again_under_graphs():
+    x, w, dense = bench.layer_inputs(SMALL, 16, "cpu", dtype=torch.float32)
+    calls = []
+
+    def timer(fn, graph):
+        calls.append(graph)
+        return 10.0 if graph else 20.0
+
+    row = bench.layer_case(SMALL, "small", x, w, dense, timer, 1e9, 1e12, [])
+    assert row["T"] == 16 and row["graph"] is False
+    assert row["us"] == {"dense_twin": 20.0, "torch": 20.0}
+    assert row["graph_us"] == {"dense_twin": 10.0}  # the reference syncs with the host: never in a graph
+    assert row["graph_speedup_vs_dense"] == {"dense_twin": 1.0}
+    assert row["graph_fraction_of_floor"]["dense_twin"] == pytest.approx(row["dense_floor_us"] / 10.0)
+    assert sorted(calls) == [False, False, True]
+
+
 def test_train_case_on_cpu_times_forward_and_backward():
     row = bench.train_case(SMALL, "small", 8, cpu_timer, ["nope"], device="cpu", dtype=torch.float32)
     assert row["T"] == 8 and set(row["us"]) == {"dense_twin", "torch"}
@@ -239,6 +256,49 @@ def test_readme_table_from_a_synthetic_json():
     assert "| 0.5b | 21.0% | 1000 / 667 | 1.50 | 2.00 | 0.75 | 50000 / 90000 | 20000 / 40000 | 3.0 / 2.0 |" in text
     assert "| 1.2b | -% | - / - |" in text  # a failed model is a row of dashes, not a crash
     assert "T=1 triton: 9.5 µs at 5% active, 26.0 µs at 60% (dense twin 40.0 µs)" in text
+    assert ", graph |" not in text  # no graph columns when no row has graph figures
+
+
+def test_readme_table_graph_columns():
+    rt = _readme_table()
+    result = synthetic_result()
+    for r in result["rows"]:
+        if not r["graph"]:
+            r["graph_us"] = dict(dense_twin=100.0, triton=50.0)
+            r["graph_speedup_vs_dense"] = dict(dense_twin=1.0, triton=2.0)
+    text = rt.layer_table(result)
+    assert "| dense_twin µs, graph | triton µs, graph | triton vs dense, graph |" in text
+    assert text.count("| 100.0 | 50.0 | 2.00x |") == 2  # T=4096 of both presets
+    assert "| 0.1b | 8 | 33.6 | 700.0 | 18.7 | 1.80x | 0.05 | 33.6 | 18.7 | 1.80x |" in text  # graph rows repeat
+
+
+def _compare_bench():
+    spec = importlib.util.spec_from_file_location("compare_bench", REPO / "benchmarks" / "compare_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
+    cb = _compare_bench()
+    a = synthetic_result()
+    b = json.loads(json.dumps(a))
+    b["environment"]["date"] = "2030-01-03T00:00:00"
+    for r in b["rows"]:
+        r["us"] = {k: v * 1.02 for k, v in r["us"].items()}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    report = cb.compare(a, b, 0.05)
+    assert report["parts"]["layer"]["max_abs_change"] == pytest.approx(0.02)
+    assert report["parts"]["ratio"]["max_abs_change"] == 0 and report["only_in_one"] == 0
+    b["rows"][0]["us"]["triton"] *= 1.5
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert "beyond 5%: layer 0.1b 1 triton" in capsys.readouterr().out
+    b["environment"]["gpu"] = "Other GPU"
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
 
 
 def test_readme_table_write_replaces_only_the_block(tmp_path):
@@ -256,7 +316,7 @@ def test_readme_block_is_generated_from_a_committed_json():
     rt = _readme_table()
     readme = (REPO / "README.md").read_text()
     block = re.search(re.escape(rt.BEGIN) + r"\n(.*?)\n" + re.escape(rt.END), readme, re.S).group(1)
-    candidates = sorted((REPO / "benchmarks" / "results").glob("*/bench*.json"))
+    candidates = sorted((REPO / "benchmarks" / "results").glob("*/bench.json"))
     tables = [rt.table(json.loads(p.read_text()), rt.plot_links(str(p.parent), str(p.parent.relative_to(REPO))))
               for p in candidates]
     assert block in tables, ("README.md's results block is not the table of any committed benchmark JSON: "
