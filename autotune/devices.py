@@ -8,7 +8,8 @@ whose memory is closest to the device's).
 Sources (numbers are the module's maximum-performance mode):
 - H100 SXM5 / H200 SXM: NVIDIA H100 Tensor Core GPU Architecture whitepaper (132 SMs, 228 KB smem per SM,
   227 KB per block, 50 MB L2, 3.35 TB/s HBM3, 989 dense bf16 TFLOP/s at 1.83 GHz); H200 product brief (same SM
-  array, 141 GB HBM3e at 4.8 TB/s). SPEC §5: 1.3 µs per kernel launch in a CUDA graph, measured.
+  array, 141 GB HBM3e at 4.8 TB/s). SPEC §5: 1.3 µs per kernel launch in a CUDA graph, measured; the H100 tune
+  (benchmarks/results/h100) measured 4.5 µs for a graph's first launch and 1.7 µs for each next one.
 - Jetson AGX Orin 64GB: SPEC §5 and the NVIDIA Jetson AGX Orin Series Technical Brief v1.2 (2 GPCs, 16 SMs of
   128 CUDA cores and 4 third-generation tensor cores, 4 MB L2, 5.3 FP32 TFLOP/s at 1.3 GHz, 204.8 GB/s LPDDR5).
 - Jetson AGX Orin 32GB: NVIDIA Jetson AGX Orin Series Data Sheet (1792 CUDA cores = 14 SMs, 56 tensor cores,
@@ -46,6 +47,7 @@ class DeviceProfile:
     tc_flops_per_clk_sm: int = 1024   # dense 16-bit tensor-core FLOP per clock per SM
     fma_flops_per_clk_sm: int = 256   # fp32 FMA FLOP per clock per SM (128 cores x 2)
     launch_us: float = 1.3      # per kernel launch inside a CUDA graph
+    graph_start_us: float = 0.0 # extra cost of a graph's first launch (the rest cost launch_us each)
     mem_latency_us: float = 0.6 # one dependent global-memory round trip
     memory_gb: float = 0.0
 
@@ -67,7 +69,8 @@ _ORIN = dict(name="Orin", capability=(8, 7), smem_per_block=163 * 1024, smem_per
 PROFILES: dict[str, DeviceProfile] = {p.key: p for p in (
     DeviceProfile(key="h100-sxm", name="NVIDIA H100 80GB HBM3", capability=(9, 0), sms=132,
                   smem_per_block=227 * 1024, smem_per_sm=228 * 1024, max_warps_per_sm=64, max_blocks_per_sm=32,
-                  l2_bytes=50 << 20, dram_gbps=3350.0, clock_ghz=1.83, tc_flops_per_clk_sm=4096, memory_gb=80),
+                  l2_bytes=50 << 20, dram_gbps=3350.0, clock_ghz=1.83, tc_flops_per_clk_sm=4096, memory_gb=80,
+                  launch_us=1.7, graph_start_us=2.8),
     DeviceProfile(key="h200", name="NVIDIA H200", capability=(9, 0), sms=132,
                   smem_per_block=227 * 1024, smem_per_sm=228 * 1024, max_warps_per_sm=64, max_blocks_per_sm=32,
                   l2_bytes=50 << 20, dram_gbps=4800.0, clock_ghz=1.83, tc_flops_per_clk_sm=4096, memory_gb=141),

@@ -1,54 +1,106 @@
 """Analytic cost model of a kernel path's config on a device profile (µs), used where we cannot measure.
 
-Each recorded launch (launches.py) becomes a `Work`: programs that do work, bytes and FLOPs per program,
-dependent memory round trips per program, and its warps / stages. Its time on a profile is
+Each recorded launch (launches.py) becomes a `Work`: programs that do work, per program the bytes it moves,
+the bytes it keeps in flight, its tensor-core and CUDA-core FLOPs, fp32 atomic bytes, dependent memory round
+trips and block-wide synchronisations (barriers, cross-warp reductions, pipeline waits), its warps and an
+estimate of its registers and shared memory. Its time on a profile is
 
-    launch cost + max(memory time, math time, latency time)
+    launch cost + the largest of five terms + OVERLAP x the sum of the other four
 
-- memory: the larger of all bytes over DRAM bandwidth and the busiest SM's bytes over what that SM can keep in
-  flight (resident warps x 32 threads x 16 B x loads in flight per thread, over the memory latency);
-- math: the larger of all FLOPs over the chip's peak and the busiest SM's FLOPs over one SM's rate (tensor
-  cores for tl.dot kernels, fp32 FMA for the register kernels);
-- latency: waves of resident programs on the busiest SM x dependent round trips per program x latency;
-- the busiest SM runs ceil(programs / SMs) programs (wave quantisation); occupancy (programs resident at once
-  per SM) comes from the compiled resource usage when given (shared memory, registers), else from the
-  estimates of space.py, and from the warp limit.
+- DRAM: the launch's unique bytes over the achievable bandwidth (DRAM_EFFICIENCY x peak);
+- atomics: all fp32 atomic-add bytes over ATOMIC_EFFICIENCY x that bandwidth (read-modify-write at the L2);
+- busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
+  (occupancy: warps, registers, shared memory). Its three terms are
+    chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock): the dependent part of a
+              program, which other resident programs cannot shorten;
+    math    = its programs' tensor-core FLOPs at TC_EFFICIENCY x peak plus CUDA-core FLOPs at FMA_EFFICIENCY x
+              peak (both shared by its resident programs);
+    feed    = its programs' bytes over what the SM keeps in flight (Little's law: resident programs' bytes in
+              flight over the latency);
+  (OVERLAP = 0: every term hides behind the largest, as in a roofline; 1: none overlaps).
+  A tensor-core K loop's per-step syncs grow with the warps beyond one per 16 rows of BLOCK_T: those warps
+  split the output columns instead, and each re-reads the whole x tile and joins every barrier (at 5-16 tokens
+  4 warps beat 8 on the H100; at 64 tokens they do not).
+- Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
+  largest register tile per thread. Over the 255-register limit the excess spills: it moves through local
+  memory once per loop iteration (bytes and one more round trip each).
 
-Each term grows with bytes and FLOPs and shrinks with SMs, bandwidth and clock, so more bytes are never
-predicted faster and more SMs never slower (tests/test_autotune.py checks both). Work per kernel follows the
-kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of the experts are active per
-token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T) experts. Kernels the model
-does not know count all their programs with their tensors' bytes spread evenly.
+Work per kernel follows the kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of
+the experts are active per token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T)
+experts. Kernels the model does not know count all their programs with their tensors' bytes spread evenly.
+
+Global constants (one set for every device; fitted by autotune/calibrate.py on the measured H100 cache, which
+reports the fit's in-sample and leave-one-geometry-out results; the values below are the fit on all 31 entries
+of autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json: 28/31 picks within 10% in-sample, 25/31 held out):
+
+    TC_EFFICIENCY     fraction of the tensor-core peak a Triton tile reaches
+    FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks, shuffles)
+    ATOMIC_EFFICIENCY fraction of the achievable DRAM bandwidth that fp32 atomic adds reach at the L2
+    SYNC_CYCLES       SM cycles of one block-wide synchronisation (barrier, cross-warp reduction, pipeline wait)
+    OVERLAP           share of the four non-dominant terms that does not hide behind the dominant one
+    REG_BASE          registers per thread besides the register tiles (addresses, masks, loop state)
+
+DRAM_EFFICIENCY is measured, not fitted: 2.97 TB/s copy bandwidth of 3.35 TB/s peak on the H100.
+Every term grows with bytes, FLOPs, round trips and programs and shrinks with SMs, bandwidth and clock, so more
+bytes are never predicted faster and more SMs never slower (tests/test_autotune.py checks both).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 ACTIVE_RATIO = 0.2
-TC_EFFICIENCY = 0.7     # fraction of the tensor-core peak a Triton tile reaches
-ATOMIC_COST = 2.0       # an fp32 atomic add moves its bytes about twice (read-modify-write at L2)
+DRAM_EFFICIENCY = 0.89      # measured: H100 copy bandwidth 2.97 TB/s of 3.35 TB/s
+REG_LIMIT = 255             # 32-bit registers a thread may hold
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The model's fitted global constants (see the module docstring)."""
+    tc_efficiency: float = 0.2975
+    fma_efficiency: float = 0.5
+    atomic_efficiency: float = 0.5
+    sync_cycles: float = 170.0
+    overlap: float = 0.42
+    reg_base: float = 108.8
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+CONSTANTS = Constants()
 
 
 @dataclass
 class Work:
     name: str
     programs: float          # programs that do work
-    bytes: float             # per program
-    flops: float             # per program
+    bytes: float             # per program, loads and stores through the SM
+    flops: float             # per program, on tensor cores (or all FLOPs when tensor_cores is False)
     rounds: float            # dependent global round trips per program
     warps: int
-    ilp: float = 2.0         # 16-byte loads in flight per thread
+    ilp: float = 2.0         # 16-byte loads in flight per thread (when `inflight` is not given)
     tensor_cores: bool = True
     smem: int = 0            # bytes per program (occupancy)
     regs: int | None = None  # per thread (occupancy)
     grid: int = 0            # programs launched (exiting ones cost a little each)
+    fma_flops: float = 0.0   # per program, on CUDA cores (besides `flops` when tensor_cores is True)
+    syncs: float = 0.0       # block-wide synchronisations per program
+    atomics: float = 0.0     # fp32 atomic-add bytes per program
+    dram: float | None = None   # unique bytes of the whole launch (None: programs x bytes)
+    inflight: float = 0.0    # bytes one program keeps in flight (0: warps x 32 x 16 B x ilp)
+    tile_regs: float = 0.0   # fp32 values per thread of the largest register tile (estimate without `regs`)
+    iters: float = 1.0       # loop iterations per program (a spill moves once per iteration)
 
 
 def _elem(dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else int(dtype)
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 def union_fraction(T: int, ratio: float = ACTIVE_RATIO) -> float:
@@ -60,70 +112,124 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
     eb = _elem(dtype)
     usage = usage or {}
     out = []
+    f = union_fraction(T)
+    act = n * f                                  # experts some token of the batch activates
     for ln in launches:
         c, o, P = ln.args, ln.options, ln.programs
         warps, stages = o.get("num_warps", 4), o.get("num_stages", 3)
+        threads = 32 * warps
         pipe = max(stages - 1, 1)
         name = ln.name
         if name == "_up_kernel":
-            rows, bk = c["ROWS"], c["BLOCK_K"]
-            kk = d
-            rb = de // rows
-            expert_p = n * rb
-            shared_p = P - expert_p
-            active = expert_p * union_fraction(T) + shared_p
-            w_bytes = rows * kk * eb
-            router = (T + 1) * d * eb + d * 4        # every program: its logit over the whole d, and mu
-            byts = (w_bytes + T * kk * eb + T * rows * 4) * active / P + router
-            flops = 2 * T * rows * kk * (active / P)
-            if c["USE_DOT"]:   # the logit and mu ride along in the pipelined K loop
-                rounds = 2 + math.ceil(kk / bk) / pipe
-                ilp = pipe * 2
-            else:   # one unpipelined round of slab loads per BLOCK_K step of the K range
-                rounds = 2 + math.ceil(kk / bk) + math.ceil(d / c.get("BLOCK_KR", bk))
-                ilp = max(1.0, rows * min(bk, d) * eb / (warps * 32 * 16))
-            out.append(Work(name, P, byts, flops, rounds, warps, min(ilp, 16), c["USE_DOT"], grid=P))
+            rows, bk, bt = c["ROWS"], c["BLOCK_K"], c["BLOCK_T"]
+            if c["USE_DOT"]:
+                # Every program streams its [rows, d] slab with x, its router row and wbar through a pipelined
+                # K loop (tensor cores for h and the logit, CUDA cores for mu); the padded BLOCK_T rows compute.
+                iters = math.ceil(d / bk)
+                byts = rows * d * eb + T * d * eb + d * eb + d * 4 + f * T * rows * 4
+                flops = 2 * bt * (rows + 16) * d
+                fma = 2 * bt * d
+                rounds = 2 + math.ceil(iters / pipe)
+                # A stage wait and mu's cross-warp sum per step. Warps split the tile by 16-row (mma) blocks of
+                # BLOCK_T first; past one warp per block they split the ROWS columns and each reads all of x.
+                syncs = (2 * iters + 2) * max(1.0, warps * 4 / bt)
+                inflight = pipe * (rows + T + 1) * bk * eb
+                tile = (bt * rows + bt * 16 + 1.5 * bt * bk) / threads   # accumulators and x in fp32 for mu
+                smem = pipe * (bt + rows + 16) * bk * eb
+                w = Work(name, P, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
+                         syncs=syncs, inflight=inflight, tile_regs=tile, smem=smem, iters=iters,
+                         dram=(n * de + 2 * ds + n) * d * eb + T * d * eb)
+            else:
+                # Decode: the logit (and mu) first over [BLOCK_T, BLOCK_KR] register tiles, then, for the active
+                # experts only, the [rows, BLOCK_K] slab and one cross-warp sum per token per step.
+                bkr = c.get("BLOCK_KR", bk)
+                it_r, it_s = math.ceil(d / bkr), math.ceil(d / bk)
+                byts = T * d * eb + d * eb + d * 4 + f * (rows * d * eb + T * rows * 4)
+                fma = 4 * bt * d + f * (2 * bt * rows * d + rows * d)
+                rounds = 1 + it_r + f * (it_s + 1)
+                syncs = 2 * it_r + 1 + f * it_s * bt
+                inflight = max(2 * bt * bkr * eb, f * rows * bk * eb)
+                tile = max(2.5 * bt * bkr, 1.5 * rows * bk) / threads
+                w = Work(name, P, byts, 0, rounds, warps, tensor_cores=False, grid=P, fma_flops=fma, syncs=syncs,
+                         inflight=inflight, tile_regs=tile, iters=it_r + f * it_s,
+                         dram=(act * de + 2 * ds + n) * d * eb + T * d * eb)
+            out.append(w)
         elif name == "_decode_down_kernel":
-            act = n * union_fraction(T)
-            bd, slots = c["BLOCK_D"], c["SLOTS"]
-            byts = bd * act * de * eb + T * act * de * 4 + bd * ds * eb + T * 2 * ds * 4 + T * n * 4
-            flops = 2 * T * bd * (act * de + ds)
-            rounds = 3 + 2 * math.ceil(act / slots)
-            ilp = max(1.0, bd * slots * de * eb / (warps * 32 * 16))
-            out.append(Work(name, P, byts, flops, rounds, warps, min(ilp, 16), False, grid=P))
+            bd, slots, bt = c["BLOCK_D"], c["SLOTS"], c["BLOCK_T"]
+            bds = c.get("BLOCK_DS", _pow2(ds))
+            r = math.ceil(max(act, 1) / slots)          # rounds of the loop over the active experts
+            per_round = bd * slots * de * eb + T * (slots * de * 4 + 8 * slots)
+            byts = T * 2 * ds * 4 + bd * ds * eb + T * n * 4 + r * per_round + T * bd * eb
+            fma = 2 * bt * bd * bds + r * (bt * (2 * bd * slots * de + 12 * slots * de) + bd * slots * de)
+            rounds = 3 + 2 * r
+            syncs = 3 + bt + r * 3 * bt                # compaction; shared sum; per token: norm, two sums
+            inflight = max(bd * slots * de * eb, bd * bds * eb)
+            tile = max(1.5 * bd * slots * de, bd * bds + bt * bds) / threads + bt * bd / threads
+            out.append(Work(name, P, byts, 0, rounds, warps, tensor_cores=False, grid=P, fma_flops=fma,
+                            syncs=syncs, inflight=inflight, tile_regs=tile, iters=r,
+                            dram=(act * de + ds) * d * eb + T * (n * de + 2 * ds + n) * 4 + T * d * eb))
         elif name == "_union_down_kernel":
+            bd, bt = c["BLOCK_D"], c["BLOCK_T"]
+            bds = c.get("BLOCK_DS", _pow2(ds))
             nd = ln.grid[0]
-            act = n * union_fraction(T)
-            bd = c["BLOCK_D"]
-            programs = nd * max(act, 1)
-            byts = (bd * de * eb + T * de * 4 + T * bd * 4 * ATOMIC_COST + T * n * 4
-                    + (bd * ds * eb + T * 2 * ds * 4 + T * bd * 8) / max(act, 1))
-            flops = 2 * T * bd * de + 2 * T * bd * ds / max(act, 1)
-            out.append(Work(name, programs, byts, flops, 6, warps, 2, True, grid=P))
+            # Per program: its expert's gates, then (active experts) the [bd, de] block of w_down and h, the
+            # NormSiLU, one dot and the atomic add; every program then bumps its feature block's arrival
+            # counter (acq_rel: its atomics must land first); the last one adds the shared expert and writes y.
+            byts = T * 4 + f * (bd * de * eb + T * de * 4 + T * 4 + de * 4) + (bd * bds * eb + T * 2 * bds * 4
+                                                                               + T * bd * 12) / n
+            flops = f * 2 * bt * bd * de + 2 * bt * bd * bds / n
+            fma = f * 12 * bt * de
+            atomics = f * T * bd * 4
+            rounds = 2 + 2 * f + 3 / n * nd            # gates, loads, counter; the tail once per feature block
+            syncs = 2 + f
+            tile = max(bd * de * 0.5 + 1.5 * bt * de + bt * bd, bd * bds * 0.5 + 1.5 * bt * bds + bt * bd) / threads
+            out.append(Work(name, P, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
+                            syncs=syncs, atomics=atomics, inflight=max(bd * de * eb, bd * bds * eb), tile_regs=tile,
+                            smem=bd * de * eb, dram=(act * de + ds) * d * eb + T * (n * de + 2 * ds + n) * 4))
         elif name == "_router_kernel":
-            bt, bn = c["BLOCK_T"], c["BLOCK_N"]
+            bt, bn, bk = c["BLOCK_T"], c["BLOCK_N"], c["BLOCK_K"]
+            iters = math.ceil(d / bk)
             byts = bt * d * eb + n * d * eb + d * 4 + bt * n * 8
-            out.append(Work(name, P, byts, 2 * bt * bn * d, 2 + math.ceil(d / c["BLOCK_K"]) / pipe, warps,
-                            pipe * 2, True, grid=P))
+            out.append(Work(name, P, byts, 2 * bt * bn * d, 2 + math.ceil(iters / pipe), warps, tensor_cores=True,
+                            grid=P, fma_flops=2 * bt * d, syncs=2 * iters + 4, inflight=pipe * (bt + bn) * bk * eb,
+                            tile_regs=(bt * bn + 1.5 * bt * bk) / threads, smem=pipe * (bt + bn) * bk * eb,
+                            iters=iters, dram=T * d * eb + n * d * eb + T * n * 8))
         elif name == "_group_kernel":
-            out.append(Work(name, P, T * 8, 0, 2 + math.ceil(T / c["BLOCK"]), warps, 2, False, grid=P))
+            iters = math.ceil(T / c["BLOCK"])
+            out.append(Work(name, P, T * 8, 0, 2 + 2 * iters, warps, 2, False, grid=P, syncs=2 * iters,
+                            fma_flops=4 * T))
         elif name in ("_grouped_up_kernel", "_grouped_down_kernel"):
             bm = c["BLOCK_M"]
             count = ACTIVE_RATIO * T
             tiles = n * max(1, math.ceil(count / bm))
-            fill = count / (bm * max(1, math.ceil(count / bm)))    # share of a tile's rows that are real tokens
-            rows = bm * fill
+            rows = count * n / tiles                   # real tokens per tile (the rest of BLOCK_M is padding)
             if name == "_grouped_up_kernel":
                 bk = c["BLOCK_K"]
-                byts = rows * d * eb + de * d * eb + rows * de * eb + rows * 8
+                iters = math.ceil(d / bk)
+                byts = rows * d * eb + de * d * eb + rows * (de * eb + 8) + bm * 4
                 flops = 2 * bm * de * d
-                rounds = 3 + math.ceil(d / bk) / pipe
+                fma = 14 * bm * de
+                rounds = 4 + math.ceil(iters / pipe)
+                inflight = pipe * (rows + de) * bk * eb
+                tile = (bm * de * 1.5) / threads
+                smem = pipe * (bm + de) * bk * eb
+                atomics = 0.0
+                dram = T * d * eb + n * de * d * eb + count * n * (de * eb + 8)
             else:
                 bd = c["BLOCK_D"]
-                byts = rows * de * eb + d * de * eb + rows * d * 4 * ATOMIC_COST
+                iters = math.ceil(d / bd)
+                byts = rows * de * eb + d * de * eb + bm * 4
                 flops = 2 * bm * de * d
-                rounds = 2 + math.ceil(d / bd) / pipe
-            out.append(Work(name, tiles, byts, flops, rounds, warps, pipe * 2, True, grid=P))
+                fma = 0.0
+                rounds = 3 + math.ceil(iters / pipe)
+                inflight = pipe * bd * de * eb
+                tile = (bm * de * 0.5 + 2 * bm * bd) / threads
+                smem = pipe * bd * de * eb + bm * de * eb
+                atomics = rows * d * 4
+                dram = n * de * d * eb + count * n * de * eb
+            out.append(Work(name, tiles, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
+                            syncs=2 * iters + 2, atomics=atomics, inflight=inflight, tile_regs=tile, smem=smem,
+                            iters=iters, dram=dram))
         else:
             tensors = [v for v in c.values() if isinstance(v, torch.Tensor)]
             total = sum(t.numel() * t.element_size() for t in tensors)
@@ -134,47 +240,76 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
     return out
 
 
-def _occupancy(w: Work, profile) -> int:
+def _regs(w: Work, k: Constants) -> float:
+    return w.regs if w.regs else k.reg_base + w.tile_regs
+
+
+def _occupancy(w: Work, profile, k: Constants = CONSTANTS) -> int:
     occ = min(profile.max_blocks_per_sm, profile.max_warps_per_sm // max(w.warps, 1))
     if w.smem:
         occ = min(occ, profile.smem_per_sm // w.smem)
-    if w.regs:
-        occ = min(occ, profile.regs_per_sm // (w.regs * 32 * w.warps))
+    if w.regs or w.tile_regs:
+        regs = min(_regs(w, k), REG_LIMIT)
+        occ = min(occ, int(profile.regs_per_sm // (math.ceil(regs / 8) * 8 * 32 * w.warps)))
     return max(occ, 1)
 
 
-def kernel_us(w: Work, profile) -> float:
+def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     """Predicted µs of one launch on `profile` (see the module docstring)."""
+    k = constants or CONSTANTS
     sms, lat = profile.sms, profile.mem_latency_us
     per_sm = math.ceil(w.programs / sms) if w.programs > 0 else 0
     if per_sm == 0:
         return profile.launch_us
-    resident = min(_occupancy(w, profile), per_sm)
-    inflight = resident * w.warps * 32 * 16 * w.ilp                       # bytes in flight per SM
-    t_mem = max(w.programs * w.bytes / (profile.dram_gbps * 1e3), per_sm * w.bytes / (inflight / lat))
-    rate = profile.tc_flops_per_clk_sm * TC_EFFICIENCY if w.tensor_cores else profile.fma_flops_per_clk_sm
-    sm_flops_per_us = rate * profile.clock_ghz * 1e3
-    t_math = max(w.programs * w.flops / (sm_flops_per_us * sms), per_sm * w.flops / sm_flops_per_us)
-    t_lat = math.ceil(per_sm / resident) * w.rounds * lat
-    return profile.launch_us + max(t_mem, t_math, t_lat)
+    bytes_, rounds = w.bytes, w.rounds
+    spill = max(0.0, _regs(w, k) - REG_LIMIT) if not w.regs else 0.0
+    if spill:   # the excess goes to local memory and back once per loop iteration
+        bytes_ += 8 * spill * 32 * w.warps * w.iters
+        rounds += w.iters
+    resident = min(_occupancy(w, profile, k), per_sm)
+    waves = math.ceil(per_sm / resident)
+    bw = profile.dram_gbps * 1e3 * DRAM_EFFICIENCY                        # bytes per µs
+    dram = w.dram if w.dram is not None else w.programs * w.bytes
+    t_dram = max(dram, 0.0) / bw
+    t_atomic = w.programs * w.atomics / (bw * k.atomic_efficiency)
+    clk = profile.clock_ghz * 1e3                                         # cycles per µs
+    chain = waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
+    tc_rate = profile.tc_flops_per_clk_sm * k.tc_efficiency * clk
+    fma_rate = profile.fma_flops_per_clk_sm * k.fma_efficiency * clk
+    if w.tensor_cores:
+        math_t = per_sm * (w.flops / tc_rate + w.fma_flops / fma_rate)
+    else:
+        math_t = per_sm * (w.flops + w.fma_flops) / fma_rate
+    inflight = w.inflight or w.warps * 32 * 16 * w.ilp
+    feed = per_sm * bytes_ / (resident * inflight / lat)
+    terms = (t_dram, t_atomic, chain, math_t, feed)
+    top = max(terms)
+    return profile.launch_us + top + k.overlap * (sum(terms) - top)
 
 
-def shared_expert_us(path: str, T: int, d: int, ds: int, dtype, profile) -> float:
+def shared_expert_us(path: str, T: int, d: int, ds: int, dtype, profile, constants: Constants | None = None) -> float:
     """The grouped path's shared expert: three cuBLAS GEMMs, an elementwise SwiGLU and two copies (torch)."""
     if path != "grouped":
         return 0.0
+    k = constants or CONSTANTS
     eb = _elem(dtype)
     flops = 6 * T * d * ds
     byts = 3 * d * ds * eb + T * d * (eb * 2 + 4 * 3) + T * ds * eb * 4
-    peak = profile.tc_flops_per_clk_sm * TC_EFFICIENCY * profile.clock_ghz * 1e3 * profile.sms
-    return 6 * profile.launch_us + max(flops / peak, byts / (profile.dram_gbps * 1e3))
+    peak = profile.tc_flops_per_clk_sm * k.tc_efficiency * profile.clock_ghz * 1e3 * profile.sms
+    return 6 * profile.launch_us + max(flops / peak, byts / (profile.dram_gbps * 1e3 * DRAM_EFFICIENCY))
 
 
 def predict(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype, profile,
-            usage: dict | None = None, launches=None) -> float:
-    """Predicted µs of the whole `path` launcher for `cfg` on `profile`."""
+            usage: dict | None = None, launches=None, constants: Constants | None = None) -> float:
+    """Predicted µs of the whole `path` launcher for `cfg` on `profile` (launches: a recorded list, to skip
+    recording it again; constants: other than the shipped CONSTANTS, e.g. while fitting them)."""
     from .launches import record
 
     launches = launches if launches is not None else record(path, cfg, T, d, n, de, ds, dtype)
     works = works_of(launches, T, d, n, de, ds, dtype, usage)
-    return sum(kernel_us(w, profile) for w in works) + shared_expert_us(path, T, d, ds, dtype, profile)
+    return (profile.graph_start_us + sum(kernel_us(w, profile, constants) for w in works)
+            + shared_expert_us(path, T, d, ds, dtype, profile, constants))
+
+
+def with_constants(**values) -> Constants:
+    return replace(CONSTANTS, **values)

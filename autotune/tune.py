@@ -315,7 +315,7 @@ def _validate(cache_path: str) -> None:
     import os
 
     from . import validate
-    report = validate.validate(cache_path)
+    report = validate.validate(cache_path, held_out=True)
     print(validate.format_table(report))
     out_dir = os.path.join(os.path.dirname(os.path.abspath(cache_path)), "validation")
     os.makedirs(out_dir, exist_ok=True)

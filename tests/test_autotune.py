@@ -317,6 +317,60 @@ def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
     assert "NO" in validate.format_table(report)
 
 
+def _synthetic_entries(truth):
+    """Entries for two geometries whose 'measured' µs come from the model itself with constants `truth`."""
+    from deco_kernels.autotune import calibrate
+
+    out = []
+    for geom in (GEOM, (1024, 57, 64, 128)):
+        for T, path in ((1, "small_batch"), (8, "small_batch"), (512, "grouped")):
+            cfgs = space.candidates(path, T, *geom, torch.bfloat16, H100, limit=12)
+            works = [model.works_of(record(path, c, T, *geom), T, *geom, torch.bfloat16) for c in cfgs]
+            us = [sum(model.kernel_us(w, H100, truth) for w in ws) for ws in works]
+            key = buckets.entry_key(path, *geom, torch.bfloat16, T)
+            out.append(calibrate.Entry(key, path, key.split("/")[1], T, cfgs, us, works))
+    return out
+
+
+def test_calibration_fit_never_worsens_the_objective():
+    from deco_kernels.autotune import calibrate
+
+    truth = model.with_constants(tc_efficiency=0.5, sync_cycles=400.0, overlap=0.1)
+    entries = _synthetic_entries(truth)
+    assert calibrate.judge(entries, H100, truth)["passed"] == len(entries)      # the truth picks every best
+    for start in (calibrate.START, model.with_constants(sync_cycles=20.0, overlap=0.9, reg_base=10.0)):
+        before = calibrate.judge(entries, H100, start)
+        k, after = calibrate.fit(entries, H100, start)
+        assert (after["passed"], -after["mean_log_ratio"]) >= (before["passed"], -before["mean_log_ratio"])
+        assert after == calibrate.judge(entries, H100, k)
+        for name, (lo, hi) in calibrate.BOUNDS.items():
+            assert lo <= getattr(k, name) <= hi
+
+
+def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
+    from deco_kernels.autotune import calibrate
+
+    entries = _synthetic_entries(model.CONSTANTS)
+    geoms = calibrate.geometries(entries)
+    assert len(geoms) == 2
+    for g in geoms:
+        train, test = calibrate.split(entries, g)
+        assert test and all(e.geometry == g for e in test)
+        assert train and all(e.geometry != g for e in train)
+        assert len(train) + len(test) == len(entries)
+    seen = []
+    real_fit = calibrate.fit
+
+    def spy(train, *a, **kw):
+        seen.append({e.geometry for e in train})
+        return real_fit(train, *a, sweeps=1, **{k: v for k, v in kw.items() if k != "sweeps"})
+    monkeypatch.setattr(calibrate, "fit", spy)
+    ho = calibrate.held_out(entries, H100)
+    assert [f["held_out"] for f in ho["folds"]] == geoms
+    assert seen == [set(geoms) - {g} for g in geoms]                 # each fit saw every geometry but its own
+    assert ho["judged"] == len(entries) and 0 <= ho["passed"] <= ho["judged"]
+
+
 # ---------------------------------------------------------------- shipped caches and the CLI
 
 def test_shipped_orin_caches_are_modelled_and_cover_the_presets():
