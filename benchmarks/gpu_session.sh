@@ -9,8 +9,9 @@
 # cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
-# benchmarks/compare_bench.py), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs), sweep and profile (tile
-# sweep and kernel profile); the last four are not in the default list.
+# benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/, quick), ddp
+# (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs), sweep and profile (tile sweep and kernel profile); the last
+# five are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
 # budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 declare -A LIMIT=([check]=150 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
-                  [bench_repeat]=300 [ddp]=240 [sweep]=300 [profile]=120)
+                  [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
 run_step() {
@@ -37,6 +38,8 @@ run_step() {
             && cp -r autotune/caches "$RES/tune_caches" ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
     bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
+    micro) DECO_BENCH_QUICK=1 python3 -m pytest -q -p no:cacheprovider benchmarks \
+             --benchmark-json="$RES/micro_ops.json" --benchmark-columns=median,rounds ;;
     parity) python3 benchmarks/train_parity.py --out "$RES/train_parity.json" ;;
     elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ${ELASTIC_ARGS:-} ;;
     ddp) torchrun --nproc_per_node="${DDP_GPUS:-2}" benchmarks/ddp_check.py --timeout 200 --out "$RES/ddp_check.json" ;;
