@@ -10,7 +10,7 @@
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/, quick), ddp
-# (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs), sweep and profile (tile sweep and kernel profile); the last
+# (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and profile (tile sweep and kernel profile); the last
 # five are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
 # budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
@@ -42,7 +42,7 @@ run_step() {
              --benchmark-json="$RES/micro_ops.json" --benchmark-columns=median,rounds ;;
     parity) python3 benchmarks/train_parity.py --out "$RES/train_parity.json" ;;
     elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ${ELASTIC_ARGS:-} ;;
-    ddp) torchrun --nproc_per_node="${DDP_GPUS:-2}" benchmarks/ddp_check.py --timeout 200 --out "$RES/ddp_check.json" ;;
+    ddp) torchrun --nproc_per_node="${DDP_GPUS:-2}" benchmarks/ddp_check.py --timeout "${DDP_TIMEOUT:-200}" --out "$RES/ddp_check.json" ;;
     sweep) for spec in ${SWEEP:-1.2b:8,64 0.1b:8}; do
              (cd benchmarks && python3 sweep_tiles.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " ") \
                --out "$RES/sweep_tiles_${spec%%:*}.json")
