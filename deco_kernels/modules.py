@@ -198,8 +198,7 @@ class DecoMoE(nn.Module):
     def _elastic_training_forward(self, x, knobs):
         """A training forward with EMoE-style elastic gates (DecoConfig's elastic_* flags, SPEC §4): the gates are
         sampled in torch from the fp32 router logits, the layer after the router runs on the module's backend
-        (sparse on Triton). Returns (y, g the gates used, the natural gates of the knobs); the gates of an elastic
-        call carry no gradient to the router (reference.elastic_training_gates says why)."""
+        (sparse on Triton). Returns (y, g the gates used, the natural gates of the knobs), all differentiable."""
         c = self.config
         weights = self.weights()
         r = ref.router_logits(x.reshape(-1, x.shape[-1]), weights.pop("w_router"))

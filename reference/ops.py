@@ -129,19 +129,11 @@ def elastic_training_gates(r: torch.Tensor, *, bias=0.0, threshold=0.0, max_acti
     Otherwise, and always when ``prob`` is 0 (nothing is drawn then), the gates are
     apply_knobs(r, bias, threshold, max_active). Random numbers come from ``generator`` (on its device), else
     from torch's global RNG: the draw and rho on the CPU (no device sync), the scores on r's device.
-
-    The gates of an elastic call carry no gradient to ``r``: their δ is recomputed from r at every call, so a
-    loss that wants smaller gates lowers every logit and the next δ makes up for it. Trained that way the
-    router's logits drift down step after step and the natural active ratio (δ = 0) collapses, with λ
-    already at its floor (measured: 0.05-0.1 against a target of 0.2 in benchmarks/elastic_experiment.py,
-    ~0.01 with a lower floor). The router learns from the plain calls and the entropy term; the experts,
-    gamma and router_scale learn from both.
     """
     if not 0 <= prob <= 1:
         raise ValueError(f"prob: expected a probability in [0, 1], got {prob!r}")
     if prob == 0 or _uniform((), generator).item() >= prob:
         return apply_knobs(r, bias, threshold, max_active)
-    r = r.detach()
     if budget_range is not None:
         lo, hi = budget_range
         rho = lo + (hi - lo) * _uniform((), generator).item()
