@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from deco_kernels import DecoConfig, DecoForCausalLM, SparsityController, __version__, calibrate
 from deco_kernels.benchmark import cuda_graph
@@ -395,13 +396,37 @@ def measure_point(model, val_windows, prompt, args) -> dict:
             "decode_mode": mode}
 
 
+@torch.no_grad()
+def routed_diagnostics(model: DecoForCausalLM, ids: torch.Tensor) -> list[dict]:
+    """Per DECO layer at the model's current knobs: how much of the layer's output the routed experts carry,
+    ||y - shared(x)|| / ||y|| on ``ids``, and the mean router_scale (a model that learned to switch its routed
+    experts off shows ~0 for both)."""
+    captured = {}
+    handles = [layer.register_forward_hook(lambda m, a, y: captured.__setitem__(m, (a[0], y)))
+               for layer in model.deco_layers()]
+    try:
+        model.eval()(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer in model.deco_layers():
+        x, y = captured[layer]
+        x, y = x.float(), y.float()
+        shared = (F.silu(x @ layer.ws_gate.float().T) * (x @ layer.ws_up.float().T)) @ layer.ws_down.float().T
+        out.append({"layer": layer.layer_idx, "routed_share": ((y - shared).norm() / y.norm()).item(),
+                    "router_scale_mean": layer.router_scale.float().mean().item()})
+    return out
+
+
 def sweep_model(model: DecoForCausalLM, calib: torch.Tensor, val_windows: torch.Tensor, prompt: torch.Tensor,
                 args) -> list[dict]:
     """The natural point (bias 0) and one point per budget multiplier (calibrated per-layer bias)."""
     model.eval().set_elastic(bias=0.0, threshold=0.0, max_active=None)
     _, calib_ratio = evaluate(model, calib, args.eval_batch)
     points = [{"label": "natural", "budget": None, "target_ratio": None, "calib_active_ratio": calib_ratio,
-               "bias": {i: 0.0 for i in model.elastic_state()}, **measure_point(model, val_windows, prompt, args)}]
+               "bias": {i: 0.0 for i in model.elastic_state()}, **measure_point(model, val_windows, prompt, args),
+               "routed": routed_diagnostics(model, val_windows[:args.eval_batch])}]
     for budget in args.budgets:
         target = budget * args.target
         if not 0 < target <= 1:
@@ -502,6 +527,10 @@ def sweep(args, training: dict | None = None) -> dict:
         for p in results[name]:
             print(f"  {name:8s} {p['label']:>8s}  active {p['measured_active_ratio']:.3f}  val {p['val_loss']:.4f}  "
                   f"decode {p['decode_latency_us']:.1f} us ({p['decode_mode']})", flush=True)
+        routed = results[name][0]["routed"]
+        print(f"  {name:8s} natural: routed experts' share of the layer output "
+              + ", ".join(f"{r['routed_share']:.3f}" for r in routed) + "; mean router_scale "
+              + ", ".join(f"{r['router_scale_mean']:.3f}" for r in routed), flush=True)
         print(f"  {name} sweep took {time.perf_counter() - t0:.1f}s", flush=True)
     analysis = analyse(results, args.wall_tolerance)
     out = Path(args.out)
