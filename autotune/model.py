@@ -18,12 +18,19 @@ estimate of its registers and shared memory. Its time on a profile is
     feed    = its programs' bytes over what the SM keeps in flight (Little's law: resident programs' bytes in
               flight over the latency);
   (OVERLAP = 0: every term hides behind the largest, as in a roofline; 1: none overlaps).
+  The register-FMA (decode) kernels loop over the batch's tokens inside each K step: every token is one more
+  dependent round trip (its loads wait for the previous token's barrier) and one cross-warp sum, whose shuffle
+  trees (one per row a thread holds) cost SHUFFLE_COST FMA issue slots per shuffle (an SM shuffles 32 lanes
+  per clock and issues 128 FMA lanes: a hardware ratio, not fitted). So at T=2-4, ROWS=16 (BLOCK_K=1024 under
+  the FMA_SLAB cap: two K steps at d > 1024) pays twice the per-token rounds of ROWS=4-8 (one step) and,
+  with warps along K, more shuffles per row.
   A tensor-core K loop's per-step syncs grow with the warps beyond one per 16 rows of BLOCK_T: those warps
   split the output columns instead, and each re-reads the whole x tile and joins every barrier (at 5-16 tokens
   4 warps beat 8 on the H100; at 64 tokens they do not).
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
   largest register tile per thread. Over the 255-register limit the excess spills: it moves through local
-  memory once per loop iteration (bytes and one more round trip each).
+  memory once per loop iteration, or once per token per iteration in the decode kernels that reuse the tile for
+  every token (bytes and one more round trip each).
 
 Work per kernel follows the kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of
 the experts are active per token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T)
@@ -31,10 +38,12 @@ experts. Kernels the model does not know count all their programs with their ten
 
 Global constants (one set for every device; fitted by autotune/calibrate.py on the measured H100 cache, which
 reports the fit's in-sample and leave-one-geometry-out results; the values below are the fit on all 31 entries
-of autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json: 28/31 picks within 10% in-sample, 25/31 held out):
+of autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json: 28/31 picks within 10% in-sample (worst 1.194), 28/31
+held out (worst 1.231); FMA_EFFICIENCY and REG_BASE sit at the upper ends of calibrate.BOUNDS):
 
     TC_EFFICIENCY     fraction of the tensor-core peak a Triton tile reaches
-    FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks, shuffles)
+    FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks; the
+                      reductions' shuffles are counted as work, SHUFFLE_COST each)
     ATOMIC_EFFICIENCY fraction of the achievable DRAM bandwidth that fp32 atomic adds reach at the L2
     SYNC_CYCLES       SM cycles of one block-wide synchronisation (barrier, cross-warp reduction, pipeline wait)
     OVERLAP           share of the four non-dominant terms that does not hide behind the dominant one
@@ -54,17 +63,18 @@ import torch
 ACTIVE_RATIO = 0.2
 DRAM_EFFICIENCY = 0.89      # measured: H100 copy bandwidth 2.97 TB/s of 3.35 TB/s
 REG_LIMIT = 255             # 32-bit registers a thread may hold
+SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 32 lanes per clock, FMAs 128)
 
 
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
     tc_efficiency: float = 0.2975
-    fma_efficiency: float = 0.5
+    fma_efficiency: float = 1.0
     atomic_efficiency: float = 0.5
     sync_cycles: float = 170.0
-    overlap: float = 0.42
-    reg_base: float = 108.8
+    overlap: float = 0.3
+    reg_base: float = 128.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -141,17 +151,24 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                          dram=(n * de + 2 * ds + n) * d * eb + T * d * eb)
             else:
                 # Decode: the logit (and mu) first over [BLOCK_T, BLOCK_KR] register tiles, then, for the active
-                # experts only, the [rows, BLOCK_K] slab and one cross-warp sum per token per step.
+                # experts only, the [rows, BLOCK_K] slab and one cross-warp sum per token per K step. Each token
+                # is a dependent round: its x row loads after the previous token's sum (loads do not cross its
+                # barrier). A sum is a 5-level shuffle tree per row a thread holds: 16-byte vectors put 256
+                # columns on a warp, so min(warps, BLOCK_K / 256) warps lie along K and each thread holds ROWS /
+                # (the other warps) rows. The fp32 slab serves every token, so a spilled part reloads per token.
                 bkr = c.get("BLOCK_KR", bk)
                 it_r, it_s = math.ceil(d / bkr), math.ceil(d / bk)
+                steps = it_s * bt
+                wk = min(warps, max(1, bk // 256))
+                shuffles = warps * max(1.0, rows * wk / warps) * 5 * steps   # warp instructions per program
                 byts = T * d * eb + d * eb + d * 4 + f * (rows * d * eb + T * rows * 4)
-                fma = 4 * bt * d + f * (2 * bt * rows * d + rows * d)
-                rounds = 1 + it_r + f * (it_s + 1)
-                syncs = 2 * it_r + 1 + f * it_s * bt
+                fma = 4 * bt * d + f * (2 * bt * rows * d + rows * d + shuffles * 64 * SHUFFLE_COST)
+                rounds = 1 + it_r + f * (steps + 1)
+                syncs = 2 * it_r + 1 + f * steps
                 inflight = max(2 * bt * bkr * eb, f * rows * bk * eb)
                 tile = max(2.5 * bt * bkr, 1.5 * rows * bk) / threads
                 w = Work(name, P, byts, 0, rounds, warps, tensor_cores=False, grid=P, fma_flops=fma, syncs=syncs,
-                         inflight=inflight, tile_regs=tile, iters=it_r + f * it_s,
+                         inflight=inflight, tile_regs=tile, iters=it_r + f * steps,
                          dram=(act * de + 2 * ds + n) * d * eb + T * d * eb)
             out.append(w)
         elif name == "_decode_down_kernel":
@@ -161,12 +178,12 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
             per_round = bd * slots * de * eb + T * (slots * de * 4 + 8 * slots)
             byts = T * 2 * ds * 4 + bd * ds * eb + T * n * 4 + r * per_round + T * bd * eb
             fma = 2 * bt * bd * bds + r * (bt * (2 * bd * slots * de + 12 * slots * de) + bd * slots * de)
-            rounds = 3 + 2 * r
+            rounds = 3 + r * (1 + bt)                  # per round the w gather, then each token's h, g, mu
             syncs = 3 + bt + r * 3 * bt                # compaction; shared sum; per token: norm, two sums
             inflight = max(bd * slots * de * eb, bd * bds * eb)
             tile = max(1.5 * bd * slots * de, bd * bds + bt * bds) / threads + bt * bd / threads
             out.append(Work(name, P, byts, 0, rounds, warps, tensor_cores=False, grid=P, fma_flops=fma,
-                            syncs=syncs, inflight=inflight, tile_regs=tile, iters=r,
+                            syncs=syncs, inflight=inflight, tile_regs=tile, iters=r * bt,
                             dram=(act * de + ds) * d * eb + T * (n * de + 2 * ds + n) * 4 + T * d * eb))
         elif name == "_union_down_kernel":
             bd, bt = c["BLOCK_D"], c["BLOCK_T"]
