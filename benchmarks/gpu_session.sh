@@ -9,7 +9,8 @@
 # cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
-# benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/, quick), ddp
+# benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
+# MICRO_QUICK=0), ddp
 # (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and profile (tile sweep and kernel profile); the last
 # five are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
@@ -38,7 +39,7 @@ run_step() {
             && cp -r autotune/caches "$RES/tune_caches" ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
     bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
-    micro) DECO_BENCH_QUICK=1 python3 -m pytest -q -p no:cacheprovider benchmarks \
+    micro) DECO_BENCH_QUICK=${MICRO_QUICK:-1} python3 -m pytest -q -p no:cacheprovider benchmarks \
              --benchmark-json="$RES/micro_ops.json" --benchmark-columns=median,rounds ;;
     parity) python3 benchmarks/train_parity.py --out "$RES/train_parity.json" ;;
     elastic) python3 benchmarks/elastic_experiment.py all --out "$RES/elastic" ${ELASTIC_ARGS:-} ;;
