@@ -10,9 +10,8 @@
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
-# MICRO_QUICK=0), ddp
-# (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and profile (tile sweep and kernel profile); the last
-# five are not in the default list.
+# MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
+# profile (tile sweep and kernel profile); the last five are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
 # budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
