@@ -51,9 +51,10 @@ def _layer_panels(result: dict, key: str, names, ylabel: str, title: str, path: 
         for name, (xs, ys) in _layer_series(rows, preset, key).items():
             if name in names:
                 ax.plot(xs, ys, "o-", color=COLORS.get(name), label=name)
-        if any("graph_" + key in r for r in rows):  # T > graph_max_tokens again under CUDA graphs
+        graphed = {n for r in rows for n in r.get("graph_" + key, {})}  # timed under graphs beyond the bucket
+        if graphed:
             for name, (xs, ys) in _layer_series(rows, preset, key, graphs_only=True).items():
-                if name in names:
+                if name in names and name in graphed:
                     ax.plot(xs, ys, "x--", color=COLORS.get(name), alpha=0.7, label=f"{name} (all in graphs)")
         if unit_line:
             ax.axhline(1.0, color="black", lw=1, ls="--", label="dense twin")
@@ -65,10 +66,11 @@ def _layer_panels(result: dict, key: str, names, ylabel: str, title: str, path: 
         ax.set_title(preset)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{title} — {_device(result)}; T <= {result.get('graph_max_tokens', 8)} under CUDA graphs",
-                 fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(f"{title} — {_device(result)}\nsolid: T <= {result.get('graph_max_tokens', 8)} under CUDA graphs, "
+                 "larger T eager; dashed: every T under CUDA graphs", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
