@@ -176,8 +176,9 @@ def spread_windows(data: torch.Tensor, count: int, seq_len: int) -> torch.Tensor
 # Models and training
 # ---------------------------------------------------------------------------------------------------------
 def model_config(args, elastic: bool) -> DecoConfig:
+    budgets = None if args.no_budget_range else tuple(args.elastic_range)
     flags = dict(elastic_prob=args.elastic_prob, elastic_pool_multiplier=args.elastic_pool,
-                 elastic_budget_range=tuple(args.elastic_range)) if elastic else {}
+                 elastic_budget_range=budgets) if elastic else {}
     return DecoConfig(vocab_size=VOCAB, num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
                       head_dim=args.d_model // args.heads, d_ff=args.d_ff, num_experts=args.experts,
                       expert_dim=args.expert_dim, shared_dim=args.shared_dim, max_seq_len=args.seq_len,
@@ -652,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float)
     p.add_argument("--steps", type=int, help="steps per model (default: sized from --train-seconds)")
     p.add_argument("--elastic-range", type=float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--no-budget-range", action="store_true",
+                   help="elastic model: co-activation sampling only, no random budgets")
     p.add_argument("--budgets", type=float, nargs="+", help="multipliers of --target to sweep")
     return p
 
