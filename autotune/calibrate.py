@@ -43,13 +43,15 @@ class Entry:
     works: list = field(default_factory=list)   # model.Work lists per candidate (recorded once)
 
 
-def load_entries(cache_path: str) -> tuple[list[Entry], dict]:
+def load_entries(cache_path: str, compiled: bool = False) -> tuple[list[Entry], dict]:
     """The entries of a measured cache with >= 2 measured candidates that the launcher can record, and the
-    cache's device description."""
+    cache's device description. With compiled, the Works carry the compiled resource usage of each candidate's
+    kernels for the device's arch (validate.usage_cache: compiled once, then read from its file)."""
     from .launches import record
-    from .validate import parse_key
+    from .validate import parse_key, usage_cache
 
     data = load(cache_path, check_versions=False)
+    uc = usage_cache(cache_path, data, compiled)
     out = []
     for key, e in sorted(data["entries"].items()):
         path, d, n, de, ds, dtype, bucket = parse_key(key)
@@ -59,7 +61,8 @@ def load_entries(cache_path: str) -> tuple[list[Entry], dict]:
             if c.get("us") is None:
                 continue
             try:
-                ws = model.works_of(record(path, c["config"], T, d, n, de, ds, dtype), T, d, n, de, ds, dtype)
+                launches = record(path, c["config"], T, d, n, de, ds, dtype)
+                ws = model.works_of(launches, T, d, n, de, ds, dtype, uc.usage(launches) if uc else None)
             except Exception:  # noqa: BLE001 - a config the current launcher rejects cannot be modelled
                 continue
             configs.append(c["config"])
@@ -67,6 +70,8 @@ def load_entries(cache_path: str) -> tuple[list[Entry], dict]:
             works.append(ws)
         if len(us) >= 2:
             out.append(Entry(key, path, key.split("/")[1], T, configs, us, works))
+    if uc:
+        uc.save()
     return out, data["device"]
 
 
@@ -137,10 +142,10 @@ def held_out(entries: list[Entry], profile, start=None, tolerance: float = 0.10)
                 worst_ratio=max((r["ratio"] for r in rows), default=None), folds=folds, rows=rows)
 
 
-def calibrate(cache_path: str, profile=None, tolerance: float = 0.10) -> dict:
+def calibrate(cache_path: str, profile=None, tolerance: float = 0.10, compiled: bool = False) -> dict:
     """The shipped constants' result, the in-sample fit (what to ship) and the leave-one-geometry-out judgement
-    (both fits from START)."""
-    entries, device = load_entries(cache_path)
+    (both fits from START); with compiled, on the compiled resource usage (load_entries)."""
+    entries, device = load_entries(cache_path, compiled)
     profile = profile or devices.profile_for(device)
     shipped = judge(entries, profile, model.CONSTANTS, tolerance)
     k, res = fit(entries, profile, tolerance=tolerance)
@@ -156,8 +161,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="a measured tune cache (JSON)")
     p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--compiled-usage", action="store_true",
+                   help="compile every measured candidate for the device's arch (cached) and give the model its "
+                        "registers, shared memory and spills instead of the estimates")
     args = p.parse_args(argv)
-    r = calibrate(args.cache, tolerance=args.tolerance)
+    r = calibrate(args.cache, tolerance=args.tolerance, compiled=args.compiled_usage)
     print(json.dumps({k: v for k, v in r.items() if k != "held_out_rows"}, indent=1))
     return 0
 

@@ -8,14 +8,21 @@ compiled kernel's metadata. Registers and spills come from `cuobjdump -res-usage
 `ptxas -v` on the PTX (both ship with Triton's NVIDIA backend); when neither runs, the PTX's `.local`
 declarations are the spill proxy and registers are left unknown (`regs_source` says which was used).
 Under TRITON_INTERPRET=1 the kernels are interpreter objects, which cannot be compiled: run without it.
+
+UsageCache keeps compile results in a JSON file keyed by binary_key: what the compiled binary depends on.
+A layer's d, N and T are runtime arguments of every kernel (deco_kernels/triton: only the tile sizes, DE and
+the feature flags are tl.constexpr), so they enter the binary only through Triton's specialisation of runtime
+ints (== 1, divisible by 16); one binary serves many geometries and token counts.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 import torch
 
@@ -37,15 +44,16 @@ def _jit_function(kernel):
 
 
 def signature_of(launch):
-    """(signature, constexprs, attrs) of a recorded launch, as triton.compile's ASTSource takes them."""
-    from .launches import _constexpr_names
+    """(signature, constexprs, attrs) of a recorded launch, as triton.compile's ASTSource takes them. Runtime
+    arguments are specialised as Triton's launcher does: an int equal to 1 becomes a constant, and ints and
+    pointers get a 16-divisibility hint (so T=1 compiles the binary a T=1 call runs)."""
+    from .launches import _arg_names, _constexpr_names
 
-    fn = _jit_function(launch.kernel)
-    constexpr = _constexpr_names(fn)
+    constexpr = _constexpr_names(launch.kernel)
     sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
+    for i, name in enumerate(_arg_names(launch.kernel)):
         v = launch.args.get(name)
-        if name in constexpr or v is None:
+        if name in constexpr or v is None or (type(v) is int and v == 1):
             sig[name] = "constexpr"
             consts[name] = v
         elif isinstance(v, torch.Tensor):
@@ -145,3 +153,88 @@ def check_fits(usage: dict, profile) -> str | None:
     if usage["spills"]:
         return f"spills {usage['spills']} B to local memory"
     return None
+
+
+def binary_key(launch, capability) -> str:
+    """What the binary compiled for `launch` depends on: kernel, constexprs, the runtime arguments'
+    specialisation (types, divisibility, ints equal to 1), num_warps/num_stages, the arch and Triton's version."""
+    import triton
+
+    sig, consts, attrs = signature_of(launch)
+    return json.dumps(dict(kernel=launch.name, constexprs={k: str(v) for k, v in consts.items()},
+                           signature={k: v for k, v in sig.items() if v != "constexpr"},
+                           divisible_by_16=sorted(i for (i,) in attrs),
+                           num_warps=launch.options.get("num_warps", 4),
+                           num_stages=launch.options.get("num_stages", 3),
+                           arch=f"sm_{capability[0]}{capability[1]}", triton=triton.__version__), sort_keys=True)
+
+
+class UsageCache:
+    """compile_launch results on disk (a JSON file keyed by binary_key), so a re-run does not recompile.
+
+    usage(launches) gives {kernel name: result} as model.works_of takes it, compiling only the launches whose
+    binary the file lacks; kernels that fail to compile are remembered with their error and left out. A file
+    that cannot be read is ignored with a warning (everything is recompiled) and replaced on save(), which
+    writes atomically (a temporary file in the same folder, then os.replace)."""
+
+    FORMAT = 1
+
+    def __init__(self, path: str, capability, compile_fn=None):
+        self.path, self.capability = path, tuple(capability)
+        self.compile_fn = compile_fn or compile_launch
+        self.entries = self._load()
+        self.hits = self.compiled = 0
+        self.unavailable = None      # why nothing can be compiled here (then misses stay unknown)
+        self._dirty = False
+
+    def _load(self) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("format") != self.FORMAT or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"not a format-{self.FORMAT} usage cache")
+            return data["entries"]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            warnings.warn(f"{self.path}: unreadable compile-usage cache ({e}); recompiling", stacklevel=3)
+            return {}
+
+    def usage(self, launches) -> dict:
+        out = {}
+        for ln in launches:
+            key = binary_key(ln, self.capability)
+            if key in self.entries:
+                self.hits += 1
+            elif self.unavailable:
+                continue
+            else:
+                try:
+                    self.entries[key] = self.compile_fn(ln, self.capability)
+                except CompileUnavailable as e:
+                    self.unavailable = str(e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is remembered as such
+                    self.entries[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                self.compiled += 1
+                self._dirty = True
+            if "error" not in self.entries[key]:
+                out[ln.name] = self.entries[key]
+        return out
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".usage-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(format=self.FORMAT, entries=dict(sorted(self.entries.items()))), f, indent=1)
+                f.write("\n")
+            os.chmod(tmp, 0o644)     # mkstemp's 0600 would make a shipped file private
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self._dirty = False

@@ -39,7 +39,13 @@ class Launch:
 def _constexpr_names(kernel) -> set:
     params = getattr(kernel, "params", None)
     if params is None:   # InterpretedFunction keeps the JIT parameters on .fn's wrapper in some versions
-        params = getattr(getattr(kernel, "fn", None), "params", [])
+        params = getattr(getattr(kernel, "fn", None), "params", None)
+    if params is None:   # ... or only the Python function: read its annotations
+        import inspect
+
+        import triton.language as tl
+        return {name for name, p in inspect.signature(kernel.fn).parameters.items()
+                if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
     return {p.name for p in params if getattr(p, "is_constexpr", False)}
 
 

@@ -46,6 +46,10 @@ def add_parser(sub) -> None:
     p.add_argument("--validate-cache", default=None, metavar="FILE",
                    help="only print and write (next to FILE, in validation/) the model-vs-measured table of a "
                         "measured cache; no GPU needed")
+    p.add_argument("--compiled-usage", action="store_true",
+                   help="with --validate-cache: compile every measured candidate for the cache device's arch "
+                        "(cached in validation/<fingerprint>.usage.json) and model its compiled registers, shared "
+                        "memory and spills instead of the estimates")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=main)
 
@@ -199,7 +203,7 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
 
 
 class _Compiler:
-    """Compile-only checks with a memo per (kernel, constexprs, options): shared by entries and profiles."""
+    """Compile-only checks with a memo per binary (compile.binary_key): shared by entries and profiles."""
 
     def __init__(self):
         self.memo = {}
@@ -213,8 +217,7 @@ class _Compiler:
         if self.unavailable:
             return usage
         for ln in record(path, cfg, task["T"], *task["geom"], dtype):
-            key = (ln.name, capability, tuple(sorted((k, str(v)) for k, v in ln.constexprs().items())),
-                   tuple(sorted(ln.options.items())))
+            key = C.binary_key(ln, capability)
             if key not in self.memo:
                 try:
                     self.memo[key] = C.compile_launch(ln, capability)
@@ -311,11 +314,11 @@ def format_table(table: list[dict], modelled: bool) -> str:
     return "\n".join(lines)
 
 
-def _validate(cache_path: str) -> None:
+def _validate(cache_path: str, compiled: bool = False) -> None:
     import os
 
     from . import validate
-    report = validate.validate(cache_path, held_out=True)
+    report = validate.validate(cache_path, held_out=True, compiled=compiled)
     print(validate.format_table(report))
     out_dir = os.path.join(os.path.dirname(os.path.abspath(cache_path)), "validation")
     os.makedirs(out_dir, exist_ok=True)
@@ -326,7 +329,7 @@ def _validate(cache_path: str) -> None:
 
 def main(args) -> int:
     if args.validate_cache:
-        _validate(args.validate_cache)
+        _validate(args.validate_cache, args.compiled_usage)
         return 0
     dtype = DTYPES[args.dtype]
     out_dir = args.out or user_cache_dir()

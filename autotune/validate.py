@@ -6,12 +6,20 @@ lowest predicted µs on the device's profile (devices.profile_for the cache's de
 its measured µs over the best measured µs is the ratio, and the entry passes when ratio <= 1 + tolerance.
 Entries with fewer than two measured candidates are listed but not judged. The in-sample count uses the shipped
 constants, which were fitted on this very data (calibrate.py); the held-out count (validate(..., held_out=True),
-what `deco-kernels tune --validate-cache` prints) refits them leaving each layer geometry out in turn. Caveat: the tuner measures the
-model's top candidates first (interleaved with random ones), so a small budget favours the model.
+what `deco-kernels tune --validate-cache` prints) refits them leaving each layer geometry out in turn.
+
+With compiled=True (`--compiled-usage`), each measured candidate's kernels are compiled for the cache device's
+arch with the local Triton (compile.UsageCache, kept in validation/<fingerprint>.usage.json) and the model takes
+the compiled registers, shared memory and spills instead of its estimates; the local Triton may differ from the
+one that measured (the report says both). It is off by default: on the H100 cache it does not improve the
+held-out result (see model.py).
+Caveat: the tuner measures the model's top candidates first (interleaved with random ones), so a small budget
+favours the model.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from . import devices, model
@@ -30,11 +38,40 @@ def parse_key(key: str):
     return path, int(d), int(n), int(de), int(ds), getattr(torch, _DTYPES[dt]), bucket
 
 
-def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: bool = False) -> dict:
+def usage_cache(cache_path: str, data: dict, compiled: bool = True):
+    """The compile-usage cache of a measured cache's device (compile.UsageCache at validation/<fingerprint>.usage
+    .json next to it, for the device's arch), or None when compiled is False (the model estimates registers)."""
+    if not compiled:
+        return None
+    from .compile import UsageCache
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(cache_path)), "validation")
+    return UsageCache(os.path.join(folder, f"{data['device']['fingerprint']}.usage.json"),
+                      data["device"]["capability"])
+
+
+def usage_summary(uc, data: dict) -> dict:
+    import triton
+
+    if uc is None:
+        return dict(compiled=False)
+    return dict(compiled=uc.unavailable is None or uc.hits > 0, file=os.path.basename(uc.path), hits=uc.hits,
+                new_compiles=uc.compiled, unavailable=uc.unavailable, compiled_with_triton=triton.__version__,
+                measured_with_triton=data.get("versions", {}).get("triton"),
+                arch="sm_{}{}".format(*data["device"]["capability"]))
+
+
+def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: bool = False,
+             compiled: bool = False) -> dict:
     """The model-vs-measured table of a measured cache; with held_out, also the leave-one-geometry-out result
-    of refitting the model's constants (calibrate.py) under report["summary"]["held_out"]."""
+    of refitting the model's constants (calibrate.py) under report["summary"]["held_out"]. With compiled, every
+    measured candidate's kernels are compiled for the device's arch (cached, see usage_cache) and the model
+    takes their registers, shared memory and spills instead of its estimates."""
+    from .launches import record
+
     data = load(cache_path, check_versions=False)
     profile = profile or devices.profile_for(data["device"])
+    uc = usage_cache(cache_path, data, compiled)
     rows = []
     for key, entry in sorted(data["entries"].items()):
         path, d, n, de, ds, dtype, bucket = parse_key(key)
@@ -42,7 +79,10 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
         measured = [c for c in entry.get("candidates", []) if c.get("us") is not None]
         for c in measured:
             try:
-                c["model_now"] = model.predict(path, c["config"], T, d, n, de, ds, dtype, profile)
+                launches = record(path, c["config"], T, d, n, de, ds, dtype)
+                usage = uc.usage(launches) if uc else None
+                c["model_now"] = model.predict(path, c["config"], T, d, n, de, ds, dtype, profile, usage=usage,
+                                               launches=launches)
             except Exception:  # noqa: BLE001 - a config the current launcher rejects cannot be modelled
                 c["model_now"] = None
         scored = [c for c in measured if c["model_now"] is not None]
@@ -54,14 +94,17 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
                        default_us=entry.get("default_us"), ratio=pick["us"] / best["us"],
                        passed=pick["us"] <= (1 + tolerance) * best["us"], pick=pick["config"])
         rows.append(row)
+    if uc:
+        uc.save()
     judged = [r for r in rows if "ratio" in r]
     summary = dict(device=data["device"], profile=profile.key, tolerance=tolerance, entries=len(rows),
                    judged=len(judged), passed=sum(r["passed"] for r in judged),
-                   worst_ratio=max((r["ratio"] for r in judged), default=None), constants=model.CONSTANTS.to_json())
+                   worst_ratio=max((r["ratio"] for r in judged), default=None), constants=model.CONSTANTS.to_json(),
+                   usage=usage_summary(uc, data))
     if held_out:
         from . import calibrate
 
-        entries, _ = calibrate.load_entries(cache_path)
+        entries, _ = calibrate.load_entries(cache_path, compiled=compiled)
         ho = calibrate.held_out(entries, profile, tolerance=tolerance)
         summary["held_out"] = {k: v for k, v in ho.items() if k != "rows"}
         for r in rows:
@@ -75,6 +118,14 @@ def format_table(report: dict) -> str:
     s = report["summary"]
     lines = [f"model vs measured on {s['device']['name']} (profile {s['profile']}): {s['passed']}/{s['judged']} "
              f"entries within {s['tolerance']:.0%} of the measured best (in-sample: the shipped constants)"]
+    u = s.get("usage", {})
+    if u.get("compiled"):
+        lines.append(f"registers and shared memory compiled for {u['arch']} with Triton {u['compiled_with_triton']} "
+                     f"(measured with Triton {u['measured_with_triton']}); {u['new_compiles']} new compiles, "
+                     f"{u['hits']} cache hits ({u['file']})")
+    elif u:
+        lines.append("registers and shared memory: the model's estimates"
+                     + (f" (cannot compile here: {u['unavailable']})" if u.get("unavailable") else ""))
     ho = s.get("held_out")
     if ho:
         lines.append(f"held out (constants refitted without the entry's geometry, leave-one-geometry-out): "

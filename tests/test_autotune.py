@@ -371,6 +371,78 @@ def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
     assert ho["judged"] == len(entries) and 0 <= ho["passed"] <= ho["judged"]
 
 
+def test_usage_cache_hits_misses_atomic_write_and_corrupt_file(tmp_path, monkeypatch):
+    from deco_kernels.autotune import compile as C
+
+    calls = []
+
+    def fake_compile(ln, capability):
+        calls.append((ln.name, capability))
+        if ln.name == "_union_down_kernel":
+            raise ValueError("out of resources")          # a config that does not compile
+        return dict(shared=1024, regs=64, spills=0, num_warps=ln.options.get("num_warps", 4))
+
+    cfg = space.default_config("small_batch", 8, torch.bfloat16)
+    launches = record("small_batch", cfg, 8, *GEOM)
+    names = {ln.name for ln in launches}
+    path = tmp_path / "validation" / "dev.usage.json"
+    uc = C.UsageCache(str(path), (9, 0), fake_compile)
+    first = uc.usage(launches)
+    assert uc.compiled == len(launches) and uc.hits == 0 and len(calls) == len(launches)
+    assert set(first) == names - {"_union_down_kernel"}     # the failed kernel is left to the model's estimate
+    # d and N are runtime arguments: another geometry with the same tiles and divisibility is the same binary
+    assert uc.usage(record("small_batch", cfg, 8, 1024, 57, 64, 128)) == first and len(calls) == len(launches)
+    uc.save()
+    assert sorted(os.listdir(path.parent)) == ["dev.usage.json"]          # no temporary file left behind
+    again = C.UsageCache(str(path), (9, 0), lambda *a: pytest.fail("recompiled a cached binary"))
+    assert again.usage(launches) == first and again.hits == len(launches) and again.compiled == 0
+    assert C.UsageCache(str(path), (8, 7), fake_compile).usage(launches) and calls[-1][1] == (8, 7)  # arch: a miss
+
+    # A write that dies half-way leaves the old file whole.
+    before = path.read_text()
+    uc = C.UsageCache(str(path), (8, 0), fake_compile)
+    uc.usage(launches)
+
+    def broken_dump(obj, f, **kw):
+        f.write('{"format": 1, "entr')
+        raise OSError("disk full")
+    monkeypatch.setattr(C.json, "dump", broken_dump)
+    with pytest.raises(OSError):
+        uc.save()
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(os.listdir(path.parent)) == ["dev.usage.json"]
+
+    # A corrupt file is ignored with a warning: everything recompiles and the next save replaces it.
+    path.write_text('{"format": 1, "entries": {"trunc')
+    calls.clear()
+    with pytest.warns(UserWarning, match="unreadable"):
+        uc = C.UsageCache(str(path), (9, 0), fake_compile)
+    assert uc.usage(launches) == first and len(calls) == len(launches)
+    uc.save()
+    assert json.loads(path.read_text())["format"] == C.UsageCache.FORMAT
+
+    # Where nothing can be compiled, the usage is empty (the model estimates) and nothing is written.
+    def unavailable(ln, capability):
+        raise C.CompileUnavailable("no compiler here")
+    empty = tmp_path / "empty.usage.json"
+    uc = C.UsageCache(str(empty), (9, 0), unavailable)
+    assert uc.usage(launches) == {} and uc.unavailable == "no compiler here"
+    uc.save()
+    assert not empty.exists()
+
+
+def test_compiled_usage_replaces_the_estimates():
+    cfg = space.default_config("small_batch", 1, torch.bfloat16)
+    launches = record("small_batch", cfg, 1, *GEOM)
+    usage = {ln.name: dict(shared=0, regs=32, spills=0) for ln in launches}
+    spilled = {ln.name: dict(shared=0, regs=255, spills=512) for ln in launches}
+    lean, heavy = (model.predict("small_batch", cfg, 1, *GEOM, torch.bfloat16, H100, usage=u, launches=launches)
+                   for u in (usage, spilled))
+    assert heavy > lean                                   # spills and fewer resident programs never help
+    for w in model.works_of(launches, 1, *GEOM, torch.bfloat16, spilled):
+        assert w.regs == 255 and w.spills == 512
+
+
 # ---------------------------------------------------------------- shipped caches and the CLI
 
 def test_shipped_orin_caches_are_modelled_and_cover_the_presets():
