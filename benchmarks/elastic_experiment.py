@@ -14,7 +14,10 @@ two) and writes raw bytes ``train.bin`` / ``val.bin`` and ``meta.json`` into the
 
 train: two models from the same seed, on the same batches, for the same number of steps, each with a
 SparsityController driving the active ratio to the target (0.2): "plain" (no elastic flags) and "elastic"
-(``elastic_prob``, ``elastic_pool_multiplier``, ``elastic_budget_range``; SPEC §4). Precision: bf16 parameters
+(``elastic_prob``, ``elastic_pool_multiplier``, ``elastic_budget_range``; SPEC §4) that also keeps its ratio
+on the target from both sides with a per-layer router offset (``--offset-step``, DecoConfig.offset_step; without
+it the elastic routers drift far below the target, to ~5% active: results/h200/elastic_variants/). The plain
+model is the paper's recipe (λ alone). Precision: bf16 parameters
 and activations (the Triton kernels run bf16), with fp32 master weights in the optimizer (AdamW); no autocast.
 On a GPU backend "auto" trains both models on the Triton sparse training path (the elastic model samples its
 gates in torch and runs the layer after the router on Triton). ``--steps`` fixes the step
@@ -71,7 +74,7 @@ RESULT_NAME = "elastic_experiment"
 DEFAULTS = dict(
     layers=4, d_model=256, heads=4, d_ff=640, experts=24, expert_dim=32, shared_dim=128,  # 2*N*de + 3*ds = 3*d_ff
     target=0.2, lam0=1e-3, lam_mult=1.02,
-    elastic_prob=0.5, elastic_pool=2.0, elastic_range=(0.5, 3.0),
+    elastic_prob=0.5, elastic_pool=2.0, elastic_range=(0.5, 3.0), offset_step=0.01,
     seq_len=256, batch=32, steps=None, train_seconds=120.0, max_steps=20000, lr=2e-3, warmup=100,
     weight_decay=0.1, grad_clip=1.0, log_every=10, eval_every=250, eval_windows=32,
     val_windows=256, eval_batch=64, calib_windows=16, calib_tol=0.005,
@@ -178,7 +181,7 @@ def spread_windows(data: torch.Tensor, count: int, seq_len: int) -> torch.Tensor
 def model_config(args, elastic: bool) -> DecoConfig:
     budgets = None if args.no_budget_range else tuple(args.elastic_range)
     flags = dict(elastic_prob=args.elastic_prob, elastic_pool_multiplier=args.elastic_pool,
-                 elastic_budget_range=budgets) if elastic else {}
+                 elastic_budget_range=budgets, offset_step=args.offset_step) if elastic else {}
     return DecoConfig(vocab_size=VOCAB, num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
                       head_dim=args.d_model // args.heads, d_ff=args.d_ff, num_experts=args.experts,
                       expert_dim=args.expert_dim, shared_dim=args.shared_dim, max_seq_len=args.seq_len,
@@ -416,7 +419,8 @@ def routed_diagnostics(model: DecoForCausalLM, ids: torch.Tensor) -> list[dict]:
         x, y = x.float(), y.float()
         shared = (F.silu(x @ layer.ws_gate.float().T) * (x @ layer.ws_up.float().T)) @ layer.ws_down.float().T
         out.append({"layer": layer.layer_idx, "routed_share": ((y - shared).norm() / y.norm()).item(),
-                    "router_scale_mean": layer.router_scale.float().mean().item()})
+                    "router_scale_mean": layer.router_scale.float().mean().item(),
+                    "router_offset": layer.router_offset_value})
     return out
 
 
@@ -645,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     ints = ("layers", "d_model", "heads", "d_ff", "experts", "expert_dim", "shared_dim", "seq_len", "batch",
             "max_steps", "warmup", "log_every", "eval_every", "eval_windows", "val_windows", "eval_batch",
             "calib_windows", "decode_context", "decode_reps")
-    floats = ("target", "lam0", "lam_mult", "elastic_prob", "elastic_pool", "train_seconds", "lr",
+    floats = ("target", "lam0", "lam_mult", "elastic_prob", "elastic_pool", "offset_step", "train_seconds", "lr",
               "weight_decay", "grad_clip", "calib_tol", "wall_tolerance")
     for name in ints:
         p.add_argument("--" + name.replace("_", "-"), type=int)

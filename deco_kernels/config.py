@@ -14,7 +14,7 @@ class DecoConfig:
     ``max_active``.
 
     EMoE-style elastic training for ReLU routing (SPEC §4, last paragraph; a proposal, not from the paper's
-    code). It acts in training mode on backend "torch" only, and is off by default:
+    code). It acts in training mode (backends "torch" and "triton") and is off by default:
 
     - ``elastic_prob`` q in [0, 1]: the probability that a training forward of a DECO layer is an elastic
       one (one draw per layer and forward); 0 turns elastic training off.
@@ -28,6 +28,14 @@ class DecoConfig:
     q > 0 needs at least one of the two (m > 1, or a budget range). The entropy loss and the adaptive λ
     (SparsityController) are unchanged; the layers count their natural gates for λ, so elastic steps do
     not bias the ratio the controller regulates. See reference.elastic_training_gates.
+
+    Two-sided ratio control, off by default (``offset_step`` = 0: SPEC §2 alone):
+
+    - ``offset_step`` s >= 0: each DecoMoE gets a ``router_offset`` (a persistent scalar buffer added to its
+      router logits before the knobs: g = relu(r + router_offset + bias)), and SparsityController.step moves
+      it by s * (target - A_l) / target per optimizer step, A_l that layer's active ratio. λ only pushes the
+      ratio down; under elastic training the routers drift below the target (the sampled gates' δ makes the
+      elastic forwards indifferent to the level of r, and nothing pulls it back up), and the offset does.
     """
 
     vocab_size: int = 73448
@@ -55,6 +63,8 @@ class DecoConfig:
     elastic_prob: float = 0.0
     elastic_pool_multiplier: float = 2.0
     elastic_budget_range: tuple[float, float] | None = None
+    # two-sided ratio control through a per-layer router offset (class docstring), off by default
+    offset_step: float = 0.0
     lr: float = 1e-3
     backend: str = "auto"
 
@@ -82,6 +92,9 @@ class DecoConfig:
                     or not 0 < budget[0] <= budget[1] < float("inf")):
                 raise ValueError(f"elastic_budget_range: expected None or (lo, hi) with 0 < lo <= hi, got {budget!r}")
             self.elastic_budget_range = (float(budget[0]), float(budget[1]))  # a JSON round trip gives a list
+        s = self.offset_step
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < float("inf"):
+            raise ValueError(f"offset_step: expected a finite number >= 0, got {s!r}")
         if q > 0 and m == 1 and budget is None:
             raise ValueError("elastic_prob: elastic training needs elastic_pool_multiplier > 1 or an "
                              f"elastic_budget_range; with m = 1 and no range, elastic_prob={q} would do nothing")

@@ -131,7 +131,9 @@ def _bisect_layer(layer: DecoMoE, x: torch.Tensor, knob: str, target: float, tol
     """Bisection of one layer's ``knob`` on its input x. Returns (value, iterations, feasible): the first
     value whose ratio is within tol of target, else the closest one seen; feasible is False when even the
     knob's extreme value leaves the ratio below target - tol."""
-    r = ref.router_logits(x.reshape(-1, x.shape[-1]), layer.w_router)
+    # The logits as the layer's forward shifts them (router_offset, DecoConfig.offset_step); the knob found is
+    # the user-facing one on top of that shift.
+    r = ref.router_logits(x.reshape(-1, x.shape[-1]), layer.w_router) + layer.router_offset_value
     knobs = layer.elastic_state()
     if isinstance(knobs["bias"], torch.Tensor):
         knobs["bias"] = knobs["bias"].to(r.device)

@@ -85,13 +85,20 @@ class SwiGLU(nn.Module):
         return ops.dense_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+def _sync_router_offset(module, incompatible_keys) -> None:
+    """After load_state_dict: the float mirror of router_offset follows the loaded buffer (one host read)."""
+    module.router_offset_value = float(module.router_offset)
+
+
 class DecoMoE(nn.Module):
     """One DECO FFN layer (SPEC §1) owning exactly the canonical parameters
     w_router [N, d], router_scale [N], w_up [N*de, d], gamma [de], w_down [d, N*de], ws_gate, ws_up [ds, d]
     and ws_down [d, ds].
 
     Elastic knobs (SPEC §4), plain attributes read on every forward: ``bias`` (number or tensor [N]),
-    ``threshold``, ``max_active``; set them with :meth:`set_elastic` to have them validated. ``backend`` picks
+    ``threshold``, ``max_active``; set them with :meth:`set_elastic` to have them validated. With
+    ``config.offset_step`` > 0 the layer also has ``router_offset`` (DecoConfig), added to the bias by every
+    forward (:meth:`knobs`) and moved by the SparsityController. ``backend`` picks
     the ops backend ("auto" takes a differentiable one whenever autograd needs the layer's gradients).
     After each forward: ``active_ratio`` (detached 0-d, fraction of gates > 0) and, in training mode,
     ``reg_loss`` (the entropy loss of SPEC §2, differentiable through the gates; None in eval). In training
@@ -120,6 +127,13 @@ class DecoMoE(nn.Module):
         self.register_buffer("sparsity_lambda", torch.tensor(float(c.lambda0)), persistent=False)
         self.active_count = torch.zeros((), dtype=torch.int64)
         self.gate_count = torch.zeros((), dtype=torch.int64)
+        # Two-sided ratio control (DecoConfig.offset_step): a learned-by-controller shift of the router logits,
+        # in the state_dict only when enabled (so checkpoints without it load), mirrored as a float so that
+        # forwards never read the device.
+        self.router_offset_value = 0.0
+        if c.offset_step > 0:
+            self.register_buffer("router_offset", torch.zeros((), dtype=torch.float32))
+            self.register_load_state_dict_post_hook(_sync_router_offset)
         self.bias, self.threshold, self.max_active = c.router_bias, c.router_threshold, c.max_active
         self.backend, self.activation = c.backend, c.activation
         self.active_ratio: torch.Tensor | None = None
@@ -143,6 +157,9 @@ class DecoMoE(nn.Module):
         self.active_count, self.gate_count = fn(self.active_count), fn(self.gate_count)
         if self.sparsity_lambda.dtype not in (torch.float32, torch.float64):
             self.sparsity_lambda = lam.to(self.sparsity_lambda.device, torch.float32)
+        offset = getattr(self, "router_offset", None)
+        if offset is not None and offset.dtype != torch.float32:  # a logit shift, kept in fp32 like λ
+            self.router_offset = torch.tensor(self.router_offset_value, device=offset.device)
         return self
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -164,6 +181,20 @@ class DecoMoE(nn.Module):
             self.max_active = max_active
         return self
 
+    def set_router_offset(self, value: float) -> None:
+        """Set router_offset (DecoConfig.offset_step > 0 only; SparsityController.step calls this)."""
+        if self.config.offset_step <= 0:
+            raise ValueError("value: this layer has no router_offset (DecoConfig.offset_step is 0)")
+        self.router_offset_value = float(value)
+        self.router_offset.fill_(self.router_offset_value)
+
+    def knobs(self, device=None) -> dict:
+        """The knobs a forward applies: the elastic ones, with router_offset added to the bias."""
+        bias = self.bias.to(device) if isinstance(self.bias, torch.Tensor) and device is not None else self.bias
+        if self.router_offset_value:
+            bias = bias + self.router_offset_value
+        return dict(bias=bias, threshold=self.threshold, max_active=self.max_active)
+
     def elastic_state(self) -> dict:
         """{"bias", "threshold", "max_active"}: the knobs as set (a tensor bias is copied)."""
         state = {k: getattr(self, k) for k in ELASTIC_KNOBS}
@@ -175,8 +206,7 @@ class DecoMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> y [..., d] in x's dtype; updates active_ratio, reg_loss and the counters."""
-        bias = self.bias.to(x.device) if isinstance(self.bias, torch.Tensor) else self.bias
-        knobs = dict(bias=bias, threshold=self.threshold, max_active=self.max_active)
+        knobs = self.knobs(x.device)
         if self.training and self.config.elastic_prob > 0:
             y, g, natural = self._elastic_training_forward(x, knobs)
         else:

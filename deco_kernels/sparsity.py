@@ -3,7 +3,8 @@
 The DecoMoE layers count active gates and all gates on the device during training forwards (no host sync);
 :meth:`SparsityController.step` reads those counters once, sums them over data-parallel ranks when
 torch.distributed is initialised (the authors' code forgot this, so each rank drifted on its own ratio),
-updates λ with reference.update_lambda and writes it into every layer.
+updates λ with reference.update_lambda and writes it into every layer. With DecoConfig.offset_step > 0 it
+also moves each layer's router_offset toward the target by that layer's own ratio (two-sided control).
 """
 from __future__ import annotations
 
@@ -46,18 +47,22 @@ class SparsityController:
         """Update λ from the gates counted since the last step and reset the counters. Returns A, the global
         fraction of active gates, or None (λ unchanged) when no gate was counted on any rank. Under
         torch.distributed this is a collective: every rank calls it once per optimizer step."""
-        counts = torch.stack([torch.stack([m.active_count, m.gate_count]) for m in self.layers]).sum(dim=0)
+        counts = torch.stack([torch.stack([m.active_count, m.gate_count]) for m in self.layers])  # [L, 2]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
-        active, total = counts.tolist()  # the one host sync per optimizer step
+        per_layer = counts.tolist()  # the one host sync per optimizer step
         for m in self.layers:
             m.reset_counters()
+        active, total = (sum(c[i] for c in per_layer) for i in (0, 1))
         if total == 0:
             return None
         ratio = active / total
         self.lam = ref.update_lambda(self.lam, ratio, self.target, self.multiplier, self.lam0)
         self.last_active_ratio = ratio
         self._write_lambda()
+        for m, (a, n) in zip(self.layers, per_layer):
+            if m.config.offset_step > 0 and n > 0 and self.target > 0:
+                m.set_router_offset(m.router_offset_value + m.config.offset_step * (self.target - a / n) / self.target)
         return ratio
 
     def _write_lambda(self) -> None:

@@ -80,6 +80,49 @@ def test_bad_arguments():
         SparsityController(DecoMoE(TINY), target=1.5)
 
 
+OFFSET = DecoConfig.preset("tiny", backend="torch", offset_step=0.1)
+
+
+def test_router_offset_moves_toward_the_target_from_both_sides():
+    torch.manual_seed(0)
+    model, ids = DecoForCausalLM(OFFSET).train(), torch.randint(0, OFFSET.vocab_size, (2, 6))
+    c = SparsityController(model, target=0.2, multiplier=M, lam0=LAM0)
+    model.set_elastic(bias=100.0)  # A = 1: each offset falls by 0.1 * (0.2 - 1) / 0.2
+    model(ids)
+    c.step()
+    model.set_elastic(bias=-100.0)  # A = 0: each rises by 0.1
+    model(ids)
+    c.step()
+    for layer in model.deco_layers():
+        assert layer.router_offset_value == pytest.approx(-0.4 + 0.1)
+        assert layer.router_offset.item() == pytest.approx(layer.router_offset_value)
+
+
+def test_router_offset_shifts_the_logits_and_survives_a_round_trip():
+    torch.manual_seed(0)
+    model, ids = DecoForCausalLM(OFFSET).eval(), torch.randint(0, OFFSET.vocab_size, (2, 6))
+    for layer in model.deco_layers():
+        layer.set_router_offset(100.0)
+    out = model(ids)
+    assert out.active_ratio.item() == 1.0  # every logit + 100 > 0
+    state = model.state_dict()
+    assert all(state[f"layers.{layer.layer_idx}.mlp.router_offset"].item() == 100.0 for layer in model.deco_layers())
+    again = DecoForCausalLM(OFFSET)
+    again.load_state_dict(state)
+    assert all(layer.router_offset_value == 100.0 for layer in again.deco_layers())
+    again.to(torch.bfloat16)
+    assert all(layer.router_offset.dtype == torch.float32 for layer in again.deco_layers())
+
+
+def test_router_offset_is_off_by_default():
+    model = DecoForCausalLM(TINY)
+    assert not any("router_offset" in k for k in model.state_dict())  # checkpoints without it still load
+    with pytest.raises(ValueError, match="offset_step"):
+        next(model.deco_layers()).set_router_offset(1.0)
+    with pytest.raises(ValueError, match="offset_step"):
+        DecoConfig.preset("tiny", offset_step=-1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Two gloo ranks on the CPU
 # ---------------------------------------------------------------------------------------------------------
@@ -105,14 +148,14 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
-        layer = DecoMoE(TINY).train()
+        layer = DecoMoE(OFFSET).train()
         layer.set_elastic(bias=BIAS[rank])
         controller = SparsityController(layer, target=0.2, multiplier=M, lam0=LAM0)
         controller.load_state_dict({"lam": 1.0})
         layer(torch.randn(TOKENS[rank], TINY.d_model))
         ratio = controller.step()
         result = {"ratio": ratio, "lam": controller.lam, "buffer": layer.sparsity_lambda.item(),
-                  "local": layer.active_ratio.item()}
+                  "local": layer.active_ratio.item(), "offset": layer.router_offset.item()}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -126,6 +169,7 @@ def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
     for r in results:
         assert r["ratio"] == pytest.approx(0.1)
         assert r["lam"] == pytest.approx(1.0 / M) and r["buffer"] == pytest.approx(1.0 / M)
+        assert r["offset"] == pytest.approx(0.1 * (0.2 - 0.1) / 0.2)  # from the global ratio, on both ranks
 
 
 def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
