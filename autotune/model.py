@@ -8,7 +8,9 @@ estimate of its registers and shared memory. Its time on a profile is
     launch cost + the largest of five terms + OVERLAP x the sum of the other four
 
 - DRAM: the launch's unique bytes over the achievable bandwidth (DRAM_EFFICIENCY x peak);
-- atomics: all fp32 atomic-add bytes over ATOMIC_EFFICIENCY x that bandwidth (read-modify-write at the L2);
+- atomics: the fp32 atomic-add bytes of the busiest SM's programs over its share (1 / SMs) of ATOMIC_EFFICIENCY x
+  that bandwidth (read-modify-write at the L2, where the accumulator stays; each SM sends its own reductions, so
+  a last partial wave of programs paces them as it does the math: 133 programs on 132 SMs take two rounds);
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
   (occupancy: warps, registers, shared memory). Its three terms are
     chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock): the dependent part of a
@@ -27,8 +29,11 @@ estimate of its registers and shared memory. Its time on a profile is
   A tensor-core K loop's per-step syncs grow with the warps beyond one per 16 rows of BLOCK_T: those warps
   split the output columns instead, and each re-reads the whole x tile and joins every barrier (at 5-16 tokens
   4 warps beat 8 on the H100; at 64 tokens they do not).
+- Shared memory: the compiled size when given, else the kernel's pipelined tiles: num_stages - 1 buffers of a
+  K loop's operands, one more on sm_90 where the dot has a multiple of 64 rows and runs as an asynchronous
+  warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both).
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
-  largest register tile per thread. Spilled bytes (compiled, else the excess over the 255-register limit) move
+  largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts show). Spilled bytes (compiled, else the excess over the 255-register limit) move
   through local memory and back once per loop iteration, or once per token per iteration in the decode kernels
   that reuse the tile for every token: one more round trip each, and in the feed term at a thread's own rate
   (ILP 16-byte loads in flight per thread), not at the rate of the program's bulk tile loads.
@@ -39,12 +44,12 @@ experts. Kernels the model does not know count all their programs with their ten
 
 Global constants (one set for every device; fitted by autotune/calibrate.py on the measured H100 cache, which
 reports the fit's in-sample and leave-one-geometry-out results; the values below are the fit on all 31 entries
-of autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json with the estimated registers: 29/31 picks within 10%
-in-sample (worst 1.136), 29/31 held out (worst 1.196)). With every measured candidate's compiled registers,
-shared memory and spills (sm_90, Triton 3.9; the cache was measured with Triton 3.6; `calibrate --compiled-usage`)
-the refit gets 30/31 in-sample (worst 1.273) but 27/31 held out (worst 1.273): the compiled usage fixes the
-small_batch t2-4 and grouped d1792 t2049+ picks in-sample but does not generalise better, so the shipped constants
-and the default validation use the estimates:
+of autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json with the estimated registers: 31/31 picks within 10%
+in-sample (worst 1.099), 30/31 held out (worst 1.119, grouped d1792 t513-2048)). The fit lands on atomics at about
+twice the DRAM rate (ATOMIC_EFFICIENCY 2.0: ~6 TB/s, an L2 rate) and TC_EFFICIENCY 0.7. With every measured
+candidate's compiled registers, shared memory and spills (sm_90, Triton 3.9; the cache was measured with Triton
+3.6; `calibrate --compiled-usage`) the refit gets 29/31 in-sample (worst 1.273) and 26/31 held out (worst 1.273),
+so the shipped constants and the default validation use the estimates:
 
     TC_EFFICIENCY     fraction of the tensor-core peak a Triton tile reaches
     FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks; the
@@ -74,12 +79,12 @@ SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 3
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
-    tc_efficiency: float = 0.2975
+    tc_efficiency: float = 0.7
     fma_efficiency: float = 0.5
-    atomic_efficiency: float = 0.5
-    sync_cycles: float = 170.0
-    overlap: float = 0.3
-    reg_base: float = 80.0
+    atomic_efficiency: float = 2.0
+    sync_cycles: float = 200.0
+    overlap: float = 0.255
+    reg_base: float = 94.4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -99,6 +104,7 @@ class Work:
     ilp: float = 2.0         # 16-byte loads in flight per thread (when `inflight` is not given)
     tensor_cores: bool = True
     smem: int = 0            # bytes per program (occupancy)
+    wgmma_smem: int = 0      # one more pipeline stage's bytes, held where the dot runs as a Hopper wgmma
     regs: int | None = None  # per thread (occupancy)
     grid: int = 0            # programs launched (exiting ones cost a little each)
     fma_flops: float = 0.0   # per program, on CUDA cores (besides `flops` when tensor_cores is True)
@@ -117,6 +123,13 @@ def _elem(dtype) -> int:
 
 def _pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _wgmma(rows: int, warps: int) -> bool:
+    """Whether Triton lowers a tl.dot with `rows` output rows to an sm_90 warpgroup MMA (rows a multiple of 64,
+    whole warpgroups); it reads its operands from shared memory while it runs, so the K loop's pipeliner keeps
+    num_stages buffers instead of num_stages - 1 (compiled sm_90 kernels in validation/*.usage.json show both)."""
+    return rows % 64 == 0 and warps % 4 == 0
 
 
 def union_fraction(T: int, ratio: float = ACTIVE_RATIO) -> float:
@@ -154,6 +167,7 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                 smem = pipe * (bt + rows + 16) * bk * eb
                 w = Work(name, P, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
                          syncs=syncs, inflight=inflight, tile_regs=tile, smem=smem, iters=iters,
+                         wgmma_smem=(bt + rows) * bk * eb if _wgmma(bt, warps) else 0,
                          dram=(n * de + 2 * ds + n) * d * eb + T * d * eb)
             else:
                 # Decode: the logit (and mu) first over [BLOCK_T, BLOCK_KR] register tiles, then, for the active
@@ -216,6 +230,7 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
             out.append(Work(name, P, byts, 2 * bt * bn * d, 2 + math.ceil(iters / pipe), warps, tensor_cores=True,
                             grid=P, fma_flops=2 * bt * d, syncs=2 * iters + 4, inflight=pipe * (bt + bn) * bk * eb,
                             tile_regs=(bt * bn + 1.5 * bt * bk) / threads, smem=pipe * (bt + bn) * bk * eb,
+                            wgmma_smem=(bt + bn) * bk * eb if _wgmma(bt, warps) else 0,
                             iters=iters, dram=T * d * eb + n * d * eb + T * n * 8))
         elif name == "_group_kernel":
             iters = math.ceil(T / c["BLOCK"])
@@ -234,8 +249,9 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                 fma = 14 * bm * de
                 rounds = 4 + math.ceil(iters / pipe)
                 inflight = pipe * (rows + de) * bk * eb
-                tile = (bm * de * 1.5) / threads
+                tile = bm * de / threads
                 smem = pipe * (bm + de) * bk * eb
+                stage = (bm + de) * bk * eb
                 atomics = 0.0
                 dram = T * d * eb + n * de * d * eb + count * n * (de * eb + 8)
             else:
@@ -246,13 +262,16 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                 fma = 0.0
                 rounds = 3 + math.ceil(iters / pipe)
                 inflight = pipe * bd * de * eb
-                tile = (bm * de * 0.5 + 2 * bm * bd) / threads
-                smem = pipe * bd * de * eb + bm * de * eb
+                tile = (bm * de * 0.5 + bm * bd) / threads
+                # Besides the w_down stages: the activation tile, and the scratch through which the fp32
+                # product changes from the MMA's layout to the atomics' one (the rows the warps' MMA tiles cover).
+                smem = pipe * bd * de * eb + bm * de * eb + min(bm, 16 * warps) * bd * 4
+                stage = bd * de * eb
                 atomics = rows * d * 4
                 dram = n * de * d * eb + count * n * de * eb
             out.append(Work(name, tiles, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
                             syncs=2 * iters + 2, atomics=atomics, inflight=inflight, tile_regs=tile, smem=smem,
-                            iters=iters, dram=dram))
+                            wgmma_smem=stage if _wgmma(bm, warps) else 0, iters=iters, dram=dram))
         else:
             tensors = [v for v in c.values() if isinstance(v, torch.Tensor)]
             total = sum(t.numel() * t.element_size() for t in tensors)
@@ -260,6 +279,7 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
         u = usage.get(name)
         if u is not None:
             out[-1].smem, out[-1].regs, out[-1].spills = u.get("shared", 0), u.get("regs"), u.get("spills") or 0
+            out[-1].wgmma_smem = 0
     return out
 
 
@@ -269,8 +289,9 @@ def _regs(w: Work, k: Constants) -> float:
 
 def _occupancy(w: Work, profile, k: Constants = CONSTANTS) -> int:
     occ = min(profile.max_blocks_per_sm, profile.max_warps_per_sm // max(w.warps, 1))
-    if w.smem:
-        occ = min(occ, profile.smem_per_sm // w.smem)
+    smem = w.smem + (w.wgmma_smem if tuple(profile.capability) >= (9, 0) else 0)
+    if smem:
+        occ = min(occ, profile.smem_per_sm // smem)
     if w.regs or w.tile_regs:
         regs = min(_regs(w, k), REG_LIMIT)
         occ = min(occ, int(profile.regs_per_sm // (math.ceil(regs / 8) * 8 * 32 * w.warps)))
@@ -293,7 +314,7 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     bw = profile.dram_gbps * 1e3 * DRAM_EFFICIENCY                        # bytes per µs
     dram = w.dram if w.dram is not None else w.programs * w.bytes
     t_dram = max(dram, 0.0) / bw
-    t_atomic = w.programs * w.atomics / (bw * k.atomic_efficiency)
+    t_atomic = per_sm * sms * w.atomics / (bw * k.atomic_efficiency)     # the busiest SM's, at its 1/sms share
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
     chain = waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
     tc_rate = profile.tc_flops_per_clk_sm * k.tc_efficiency * clk

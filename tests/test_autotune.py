@@ -272,6 +272,50 @@ def test_cost_model_more_bytes_or_flops_is_never_faster():
             times = [model.kernel_us(_work(**{field: v}), prof) for v in values]
             assert times == sorted(times), (prof.key, field, times)
     assert model.kernel_us(_work(bytes=1e7), ORIN) > model.kernel_us(_work(bytes=1e5), ORIN)
+    for prof in (H100, ORIN):
+        for p in (1, 132, 133, 1000):
+            times = [model.kernel_us(_work(atomics=v, programs=p), prof) for v in (0, 1e4, 1e5, 1e6)]
+            assert times == sorted(times), (prof.key, p, times)
+        for v in (1e4, 1e6):
+            times = [model.kernel_us(_work(atomics=v, programs=p), prof) for p in (1, 132, 133, 1000)]
+            assert times == sorted(times), (prof.key, v, times)
+
+
+def test_atomics_are_paced_by_the_busiest_sm():
+    # 133 programs put two on one SM: its reductions take twice those of a full first wave
+    k = model.with_constants(overlap=0.0)
+    one, two = (model.kernel_us(_work(programs=p, atomics=1e6, bytes=1e3, flops=1e3), H100, k) for p in (132, 133))
+    assert (two - H100.launch_us) == pytest.approx(2 * (one - H100.launch_us), rel=1e-6)
+
+
+def test_wgmma_keeps_one_more_stage_on_hopper_only():
+    import dataclasses
+
+    def up_work(**kw):
+        cfg = dict(space.default_config("grouped", 2048, torch.bfloat16), **kw)
+        ws = model.works_of(record("grouped", cfg, 2048, *GEOM), 2048, *GEOM, torch.bfloat16)
+        return next(w for w in ws if w.name == "_grouped_up_kernel")
+
+    for bm in (32, 64, 128):
+        up = up_work(block_m=bm, up_stages=3, block_k=128)
+        assert (up.wgmma_smem > 0) == (bm >= 64)
+        assert model._occupancy(up, H100) <= model._occupancy(dataclasses.replace(up, wgmma_smem=0), H100)
+        assert model._occupancy(up, ORIN) == model._occupancy(dataclasses.replace(up, wgmma_smem=0), ORIN)
+    # the estimate is the compiled sm_90 shared memory of every grouped up-projection the H100 cache measured
+    path = os.path.join(lookup.SHIPPED_DIR, "validation", "nvidia-h100-80gb-hbm3_sm90_132sm.usage.json")
+    with open(path) as f:
+        entries = json.load(f)["entries"]
+    checked = 0
+    for key, u in entries.items():
+        k = json.loads(key)
+        if k["kernel"] != "_grouped_up_kernel" or k["constexprs"]["DE"] != str(GEOM[2]):
+            continue
+        c = k["constexprs"]
+        up = up_work(block_m=int(c["BLOCK_M"]), block_k=int(c["BLOCK_K"]), up_warps=k["num_warps"],
+                     up_stages=k["num_stages"])
+        assert up.smem + up.wgmma_smem == u["shared"], (k, u)
+        checked += 1
+    assert checked > 20
 
 
 def test_cost_model_more_sms_bandwidth_or_clock_is_never_slower():
