@@ -74,7 +74,7 @@ RESULT_NAME = "elastic_experiment"
 DEFAULTS = dict(
     layers=4, d_model=256, heads=4, d_ff=640, experts=24, expert_dim=32, shared_dim=128,  # 2*N*de + 3*ds = 3*d_ff
     target=0.2, lam0=1e-3, lam_mult=1.02,
-    elastic_prob=0.5, elastic_pool=2.0, elastic_range=(0.5, 3.0), offset_step=0.01,
+    elastic_prob=0.5, elastic_pool=2.0, elastic_range=(0.5, 3.0), offset_step=0.1,
     seq_len=256, batch=32, steps=None, train_seconds=120.0, max_steps=20000, lr=2e-3, warmup=100,
     weight_decay=0.1, grad_clip=1.0, log_every=10, eval_every=250, eval_windows=32,
     val_windows=256, eval_batch=64, calib_windows=16, calib_tol=0.005,
