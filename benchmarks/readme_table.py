@@ -38,7 +38,8 @@ def layer_table(result: dict) -> str:
     names = ["dense_twin"] + (["torch"] if any("torch" in r.get("us", {}) for r in rows) else []) + kernels
     graphs = any("graph_us" in r for r in rows)
     graph_max = result.get("graph_max_tokens", 8)
-    lines = [f"One layer, ~20% of experts active; µs are medians; T <= {graph_max} under CUDA graphs, larger T "
+    timing = f"µs: {result['timing']}" if "timing" in result else "µs are medians"
+    lines = [f"One layer, ~20% of experts active; {timing}; T <= {graph_max} under CUDA graphs, larger T "
              "eagerly (host launch cost included)"
              + (f"; the last columns time every T under CUDA graphs (the kernels' own time)." if graphs else "."),
              "",

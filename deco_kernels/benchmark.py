@@ -12,8 +12,8 @@ Three parts, each writing its figures and their floors into one JSON (plots: ``d
   ratio from ~5% to ~60%, against the dense twin's constant time.
 
 Floors: at small T the bytes that must be read over the measured copy bandwidth, at large T the FLOPs over the
-measured bf16 matmul rate. Times are medians of ``triton.testing.do_bench`` (which flushes L2 between
-repetitions); T <= GRAPH_MAX_T runs under CUDA graphs; larger T runs eagerly (``us``, what a caller without
+measured bf16 matmul rate. Times come from ``triton.testing.do_bench`` (which flushes L2 between
+repetitions; GpuTimer: the median under CUDA graphs, the least of five medians eagerly); T <= GRAPH_MAX_T runs under CUDA graphs; larger T runs eagerly (``us``, what a caller without
 graphs sees, host launch cost included) and again under a CUDA graph (``graph_us``, the kernels' own time; the
 torch reference, which synchronises with the host, only eagerly). Every case that fails is recorded with its error text and
 the run goes on. The floor arithmetic and the case selection are plain functions, tested on the CPU.
@@ -204,22 +204,28 @@ def cuda_graph(fn):
 
 
 class GpuTimer:
-    """Median µs of a call: ``timer(fn, graph)``; under a CUDA graph when ``graph``. ``rep_ms`` is do_bench's
-    time budget per measurement (shorter in quick mode)."""
+    """µs of a call: ``timer(fn, graph)``. Under a CUDA graph (``graph``) the median of do_bench over
+    ``rep_ms``. Eagerly, the least of ``eager_repeats`` such medians over ``rep_ms / eager_repeats`` each: an
+    eager call's time includes the host's launch work, and other load on the host only ever adds to it, so
+    the minimum is the figure that repeats (timeit's rule; one median moved by up to 2x between runs)."""
 
-    def __init__(self, rep_ms: int = 200, warmup_ms: int = 25):
-        self.rep_ms, self.warmup_ms = rep_ms, warmup_ms
+    def __init__(self, rep_ms: int = 200, warmup_ms: int = 25, eager_repeats: int = 5):
+        self.rep_ms, self.warmup_ms, self.eager_repeats = rep_ms, warmup_ms, eager_repeats
+
+    def describe(self) -> str:
+        return (f"CUDA graphs: median of do_bench over {self.rep_ms} ms; eager: least of {self.eager_repeats} "
+                f"medians over {self.rep_ms / self.eager_repeats:g} ms each")
 
     def __call__(self, fn, graph: bool) -> float:
         from triton.testing import do_bench
         if graph:
             g, _ = cuda_graph(fn)
-            run = g.replay
-        else:
-            fn()  # compile and warm before do_bench's own estimate
-            torch.cuda.synchronize()
-            run = fn
-        return do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median") * 1e3
+            return do_bench(g.replay, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median") * 1e3
+        fn()  # compile and warm before do_bench's own estimate
+        torch.cuda.synchronize()
+        rep = max(1, round(self.rep_ms / self.eager_repeats))
+        return min(do_bench(fn, warmup=self.warmup_ms, rep=rep, return_mode="median")
+                   for _ in range(self.eager_repeats)) * 1e3
 
 
 def device_ceilings() -> tuple[float, float]:
@@ -653,11 +659,11 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULT_FILE
     result = json.loads(path.read_text()) if path.exists() else {}
-    result.update(environment=env, dtype="bfloat16", graph_max_tokens=GRAPH_MAX_T)
-    result.setdefault("errors", [])
     torch.backends.cuda.matmul.allow_tf32 = False
     names = kernel_backends("cuda")
     timer = GpuTimer(rep_ms=100 if quick else 200)
+    result.update(environment=env, dtype="bfloat16", graph_max_tokens=GRAPH_MAX_T, timing=timer.describe())
+    result.setdefault("errors", [])
     started = time.perf_counter()
     try:
         bw, flops = device_ceilings()
