@@ -13,7 +13,7 @@
 # MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
 # profile (tile sweep and kernel profile); the last five are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
-# budget; SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
+# budget, TUNE_ARGS more tune arguments (e.g. --kernels small_batch); SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
 OUT=${OUT:-/tmp/deco_out}
 RES=${RES:-/tmp/deco_results}
@@ -34,7 +34,7 @@ run_step() {
     host) python3 benchmarks/host_overhead.py ;;
     tests) python3 -m pytest -q $TIMEOUT_FLAG -m gpu ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
-    tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate \
+    tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate ${TUNE_ARGS:-} \
             && cp -r autotune/caches "$RES/tune_caches" ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
     bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
