@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from deco_kernels import DecoConfig, DecoForCausalLM, SparsityController, __version__, calibrate
-from deco_kernels.benchmark import cuda_graph
+from deco_kernels.benchmark import cuda_graph, source_digest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "shakespeare"
@@ -619,11 +619,9 @@ def environment(device) -> dict:
         env["cuda"] = torch.version.cuda
     else:
         env["device"] = f"CPU ({platform.processor() or platform.machine()})"
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+    # Not `git rev-parse HEAD`: a device's copy of the tree can carry a stale .git (it named the session's first
+    # commit for runs of later code); the sources' digest names the code itself.
+    env["source_sha256"] = source_digest()
     return env
 
 

@@ -21,6 +21,7 @@ the run goes on. The floor arithmetic and the case selection are plain functions
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -262,10 +263,26 @@ def launch_floor_us(kernels: int, timer) -> float:
     return timer(run, True)
 
 
+def source_digest(root=None) -> str:
+    """sha256 over the library's Python sources (deco_kernels/, with reference/ and autotune/ inside the
+    installed package or beside it in a checkout): relative path and bytes of every *.py, in path order. It names
+    the code that produced a result even where no up-to-date git checkout exists (a device's copy of the tree);
+    compare it with this function run on a checkout of the commit in question."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    installed = (root / "deco_kernels" / "reference").is_dir()  # a wheel: the three live inside the package
+    folders = ("deco_kernels",) if installed else ("deco_kernels", "reference", "autotune")
+    files = sorted(p for folder in folders if (root / folder).is_dir()
+                   for p in (root / folder).rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def environment() -> dict:
-    """GPU name, compute capability, SMs, library versions and the UTC date."""
+    """GPU name, compute capability, SMs, library versions, the sources' digest and the UTC date."""
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(), source_sha256=source_digest())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,

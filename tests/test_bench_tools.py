@@ -328,3 +328,16 @@ def test_floor_ratio_is_not_a_typed_constant():
     small = bench.model_floor(DecoConfig.preset("0.1b"), 0.2, 128, 2, 1e12)["floor_ratio"]
     large = bench.model_floor(DecoConfig.preset("1.2b"), 0.2, 128, 2, 1e12)["floor_ratio"]
     assert 1 < small < large < 1 / 0.2 and not math.isclose(small, large)
+
+
+def test_source_digest_names_the_code(tmp_path):
+    for folder in ("deco_kernels", "reference", "autotune"):
+        (tmp_path / folder / "__pycache__").mkdir(parents=True)
+        (tmp_path / folder / "a.py").write_text(f"x = '{folder}'\n")
+    first = bench.source_digest(tmp_path)
+    (tmp_path / "deco_kernels" / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"\0")
+    (tmp_path / "notes.txt").write_text("not code")
+    assert bench.source_digest(tmp_path) == first  # caches and other files do not count
+    (tmp_path / "autotune" / "a.py").write_text("x = 'changed'\n")
+    assert bench.source_digest(tmp_path) != first
+    assert len(bench.environment()["source_sha256"]) == 64
