@@ -1,27 +1,36 @@
-"""Fit the cost model's few global constants (model.Constants) on a measured tune cache, and judge them honestly.
+"""Fit the cost model's few global constants (model.Constants) on measured tune caches, and judge them honestly.
 
-    python -m deco_kernels.autotune.calibrate autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json
+    python -m deco_kernels.autotune.calibrate            # the shipped measured caches (FIT_CACHES), jointly
+    python -m deco_kernels.autotune.calibrate autotune/caches/nvidia-h200_sm90_132sm.json   # one cache alone
 
+The constants are global, one set for every device (the profiles carry what differs), so they are fitted on
+the entries of every measured cache at once, each entry modelled on its own device's profile.
 The judged quantity is the one validate.py reports: for each entry with at least two measured candidates, is
 the model's pick (lowest predicted µs among the measured candidates) within `tolerance` of the measured best?
 The fit maximises the number of such entries, ties broken by the mean log of pick / best, by coordinate search
 over a log grid of each constant around the current values (a few sweeps; deterministic).
 
-Held-out: leave-one-geometry-out. For each layer geometry of the cache the constants are fitted on the
-entries of the other geometries only and judged on that geometry's entries; the held-out pass count sums these
-four (or however many geometries there are) judgements. This is the number to quote; the in-sample count
-(fitted and judged on everything) is an upper bound. The shipped model.CONSTANTS are the fit on all entries.
+Held-out: leave-one-geometry-out across all the caches given. For each layer geometry the constants are fitted
+on the entries of the other geometries only, on every device, and judged on that geometry's entries on every
+device (a geometry measured on two GPUs goes out on both: its other device's entries would otherwise leak its
+shape into the fit); the held-out pass count sums these judgements. This is the number to quote; the in-sample
+count (fitted and judged on everything) is an upper bound. The shipped model.CONSTANTS are the fit on all
+entries of FIT_CACHES.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 
 from . import devices, model
 from .buckets import representative_t
 from .cache import load
+
+# The measured caches (in autotune/caches) the shipped constants are fitted on, jointly.
+FIT_CACHES = ("nvidia-h100-80gb-hbm3_sm90_132sm.json", "nvidia-h200_sm90_132sm.json")
 
 # Where every fit starts (round first guesses, not fitted): the shipped constants are fit(all entries, START).
 # The fp32 atomics resolve in the L2, where the accumulators they add into stay (T x d x 4 bytes), so their first
@@ -43,16 +52,31 @@ class Entry:
     configs: list
     us: list                 # measured µs per candidate
     works: list = field(default_factory=list)   # model.Work lists per candidate (recorded once)
+    profile: devices.DeviceProfile | None = None  # the device it was measured on (None: the profile judged with)
+    cache: str = ""          # the measured cache it comes from (its path)
+
+    @property
+    def device(self) -> str:
+        return self.profile.key if self.profile else ""
 
 
-def load_entries(cache_path: str, compiled: bool = False) -> tuple[list[Entry], dict]:
+def fit_cache_paths() -> list[str]:
+    """The shipped measured caches the constants are fitted on (FIT_CACHES in autotune/caches)."""
+    from .lookup import SHIPPED_DIR
+
+    return [os.path.join(SHIPPED_DIR, f) for f in FIT_CACHES]
+
+
+def load_entries(cache_path: str, compiled: bool = False, profile=None) -> tuple[list[Entry], dict]:
     """The entries of a measured cache with >= 2 measured candidates that the launcher can record, and the
-    cache's device description. With compiled, the Works carry the compiled resource usage of each candidate's
-    kernels for the device's arch (validate.usage_cache: compiled once, then read from its file)."""
+    cache's device description; each entry carries `profile` (default: devices.profile_for the cache's device).
+    With compiled, the Works carry the compiled resource usage of each candidate's kernels for the device's
+    arch (validate.usage_cache: compiled once, then read from its file)."""
     from .launches import record
     from .validate import parse_key, usage_cache
 
     data = load(cache_path, check_versions=False)
+    profile = profile or devices.profile_for(data["device"])
     uc = usage_cache(cache_path, data, compiled)
     out = []
     for key, e in sorted(data["entries"].items()):
@@ -71,21 +95,32 @@ def load_entries(cache_path: str, compiled: bool = False) -> tuple[list[Entry], 
             us.append(c["us"])
             works.append(ws)
         if len(us) >= 2:
-            out.append(Entry(key, path, key.split("/")[1], T, configs, us, works))
+            out.append(Entry(key, path, key.split("/")[1], T, configs, us, works, profile, cache_path))
     if uc:
         uc.save()
     return out, data["device"]
 
 
-def judge(entries: list[Entry], profile, constants=None, tolerance: float = 0.10) -> dict:
-    """{"passed", "judged", "mean_log_ratio", "worst_ratio", "rows": [{key, ratio, passed, pick}]} of the model's
-    picks with `constants` (the path's other costs are the same for every candidate: they do not rank)."""
+def load_caches(cache_paths, compiled: bool = False) -> list[Entry]:
+    """The entries of several measured caches (load_entries each, on its own device's profile)."""
+    out = []
+    for p in dict.fromkeys(os.path.abspath(p) for p in cache_paths):
+        out += load_entries(p, compiled)[0]
+    return out
+
+
+def judge(entries: list[Entry], profile=None, constants=None, tolerance: float = 0.10) -> dict:
+    """{"passed", "judged", "mean_log_ratio", "worst_ratio", "rows": [{key, device, ratio, passed, pick}]} of the
+    model's picks with `constants`, each entry on its own profile (else `profile`; the path's other costs are the
+    same for every candidate: they do not rank)."""
     rows = []
     for e in entries:
-        pred = [sum(model.kernel_us(w, profile, constants) for w in ws) for ws in e.works]
+        prof = e.profile or profile
+        pred = [sum(model.kernel_us(w, prof, constants) for w in ws) for ws in e.works]
         pick = min(range(len(pred)), key=lambda i: (pred[i], i))
         ratio = e.us[pick] / min(e.us)
-        rows.append(dict(key=e.key, ratio=ratio, passed=ratio <= 1 + tolerance, pick=e.configs[pick]))
+        rows.append(dict(key=e.key, device=prof.key, cache=e.cache, ratio=ratio, passed=ratio <= 1 + tolerance,
+                         pick=e.configs[pick]))
     judged = len(rows)
     return dict(passed=sum(r["passed"] for r in rows), judged=judged,
                 mean_log_ratio=sum(math.log(r["ratio"]) for r in rows) / max(judged, 1),
@@ -96,7 +131,7 @@ def _score(result: dict) -> tuple:
     return (-result["passed"], result["mean_log_ratio"])
 
 
-def fit(entries: list[Entry], profile, start=None, sweeps: int = 3, tolerance: float = 0.10):
+def fit(entries: list[Entry], profile=None, start=None, sweeps: int = 3, tolerance: float = 0.10):
     """Coordinate search from `start` (default START): (best constants, their judge result)."""
     best = start or START
     best_res = judge(entries, profile, best, tolerance)
@@ -129,8 +164,9 @@ def split(entries: list[Entry], held: str) -> tuple[list[Entry], list[Entry]]:
     return [e for e in entries if e.geometry != held], [e for e in entries if e.geometry == held]
 
 
-def held_out(entries: list[Entry], profile, start=None, tolerance: float = 0.10) -> dict:
-    """Leave-one-geometry-out: fit on the others, judge the held-out geometry; summed over geometries."""
+def held_out(entries: list[Entry], profile=None, start=None, tolerance: float = 0.10) -> dict:
+    """Leave-one-geometry-out: fit on the others (every device), judge the held-out geometry (every device);
+    summed over geometries."""
     folds, rows = [], []
     for g in geometries(entries):
         train, test = split(entries, g)
@@ -138,36 +174,58 @@ def held_out(entries: list[Entry], profile, start=None, tolerance: float = 0.10)
         res = judge(test, profile, k, tolerance)
         folds.append(dict(held_out=g, constants=k.to_json(), train_passed=train_res["passed"],
                           train_judged=train_res["judged"], passed=res["passed"], judged=res["judged"],
-                          worst_ratio=res["worst_ratio"]))
+                          worst_ratio=res["worst_ratio"], by_device=by_device(res)))
         rows += res["rows"]
     return dict(passed=sum(f["passed"] for f in folds), judged=sum(f["judged"] for f in folds),
                 worst_ratio=max((r["ratio"] for r in rows), default=None), folds=folds, rows=rows)
 
 
-def calibrate(cache_path: str, profile=None, tolerance: float = 0.10, compiled: bool = False) -> dict:
+def by_device(result: dict) -> dict:
+    """{device: {"passed", "judged", "worst_ratio"}} of a judge / held_out result's rows."""
+    out = {}
+    for r in result["rows"]:
+        d = out.setdefault(r["device"], dict(passed=0, judged=0, worst_ratio=None))
+        d["passed"] += r["passed"]
+        d["judged"] += 1
+        d["worst_ratio"] = max(d["worst_ratio"] or 0.0, r["ratio"])
+    return out
+
+
+def calibrate(cache_paths=None, profile=None, tolerance: float = 0.10, compiled: bool = False) -> dict:
     """The shipped constants' result, the in-sample fit (what to ship) and the leave-one-geometry-out judgement
-    (both fits from START); with compiled, on the compiled resource usage (load_entries)."""
-    entries, device = load_entries(cache_path, compiled)
-    profile = profile or devices.profile_for(device)
-    shipped = judge(entries, profile, model.CONSTANTS, tolerance)
-    k, res = fit(entries, profile, tolerance=tolerance)
-    ho = held_out(entries, profile, tolerance=tolerance)
-    return dict(profile=profile.key, tolerance=tolerance, shipped=dict(constants=model.CONSTANTS.to_json(),
-                passed=shipped["passed"], judged=shipped["judged"], worst_ratio=shipped["worst_ratio"]),
-                fitted=dict(constants=k.to_json(), passed=res["passed"], judged=res["judged"],
-                            worst_ratio=res["worst_ratio"]),
-                held_out={key: v for key, v in ho.items() if key != "rows"}, held_out_rows=ho["rows"])
+    (both fits from START) on the entries of `cache_paths` (a path or a list; default fit_cache_paths()), jointly,
+    each with its counts per device; with compiled, on the compiled resource usage (load_entries). profile:
+    force one profile for a single cache (default: each cache's device)."""
+    if isinstance(cache_paths, str):
+        cache_paths = [cache_paths]
+    cache_paths = list(cache_paths or fit_cache_paths())
+    if profile is not None:
+        if len(cache_paths) != 1:
+            raise ValueError("calibrate: a forced profile applies to one cache only")
+        entries = load_entries(cache_paths[0], compiled, profile)[0]
+    else:
+        entries = load_caches(cache_paths, compiled)
+    shipped = judge(entries, None, model.CONSTANTS, tolerance)
+    k, res = fit(entries, None, tolerance=tolerance)
+    ho = held_out(entries, None, tolerance=tolerance)
+
+    def summary(r):
+        return dict(passed=r["passed"], judged=r["judged"], worst_ratio=r["worst_ratio"], by_device=by_device(r))
+    return dict(caches=[os.path.basename(p) for p in cache_paths], tolerance=tolerance,
+                shipped=dict(constants=model.CONSTANTS.to_json(), **summary(shipped)),
+                fitted=dict(constants=k.to_json(), **summary(res)),
+                held_out=dict(folds=ho["folds"], **summary(ho)), held_out_rows=ho["rows"])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cache", help="a measured tune cache (JSON)")
+    p.add_argument("cache", nargs="*", help="measured tune caches (JSON), fitted jointly; default: FIT_CACHES")
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--compiled-usage", action="store_true",
                    help="compile every measured candidate for the device's arch (cached) and give the model its "
                         "registers, shared memory and spills instead of the estimates")
     args = p.parse_args(argv)
-    r = calibrate(args.cache, tolerance=args.tolerance, compiled=args.compiled_usage)
+    r = calibrate(args.cache or None, tolerance=args.tolerance, compiled=args.compiled_usage)
     print(json.dumps({k: v for k, v in r.items() if k != "held_out_rows"}, indent=1))
     return 0
 

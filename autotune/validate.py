@@ -5,8 +5,10 @@ Among the candidates an entry measured (the cache keeps all of them), the model'
 lowest predicted µs on the device's profile (devices.profile_for the cache's device, or the profile given);
 its measured µs over the best measured µs is the ratio, and the entry passes when ratio <= 1 + tolerance.
 Entries with fewer than two measured candidates are listed but not judged. The in-sample count uses the shipped
-constants, which were fitted on this very data (calibrate.py); the held-out count (validate(..., held_out=True),
-what `deco-kernels tune --validate-cache` prints) refits them leaving each layer geometry out in turn.
+constants, which were fitted on this very data and the other measured caches (calibrate.FIT_CACHES); the
+held-out count (validate(..., held_out=True), what `deco-kernels tune --validate-cache` prints) refits them,
+jointly on this cache and the shipped measured caches as calibrate.py does, leaving each layer geometry out in
+turn on every device, and counts this cache's entries.
 
 With compiled=True (`--compiled-usage`), each measured candidate's kernels are compiled for the cache device's
 arch with the local Triton (compile.UsageCache, kept in validation/<fingerprint>.usage.json) and the model takes
@@ -62,9 +64,11 @@ def usage_summary(uc, data: dict) -> dict:
 
 
 def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: bool = False,
-             compiled: bool = False) -> dict:
+             compiled: bool = False, fit_caches=None) -> dict:
     """The model-vs-measured table of a measured cache; with held_out, also the leave-one-geometry-out result
-    of refitting the model's constants (calibrate.py) under report["summary"]["held_out"]. With compiled, every
+    of refitting the model's constants (calibrate.py) under report["summary"]["held_out"], fitted jointly on
+    this cache and `fit_caches` (default: the shipped measured caches, calibrate.fit_cache_paths(); [] for
+    this cache alone) and counted on this cache's entries (all_caches: on all of them). With compiled, every
     measured candidate's kernels are compiled for the device's arch (cached, see usage_cache) and the model
     takes their registers, shared memory and spills instead of its estimates."""
     from .launches import record
@@ -104,11 +108,22 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
     if held_out:
         from . import calibrate
 
-        entries, _ = calibrate.load_entries(cache_path, compiled=compiled)
-        ho = calibrate.held_out(entries, profile, tolerance=tolerance)
-        summary["held_out"] = {k: v for k, v in ho.items() if k != "rows"}
+        fit_with = calibrate.fit_cache_paths() if fit_caches is None else list(fit_caches)
+        here = os.path.abspath(cache_path)
+        entries = calibrate.load_entries(here, compiled, profile)[0]
+        others = [p for p in dict.fromkeys(os.path.abspath(p) for p in fit_with) if p != here]
+        entries += calibrate.load_caches(others, compiled)
+        ho = calibrate.held_out(entries, None, tolerance=tolerance)
+        mine = [h for h in ho["rows"] if h["cache"] == here]
+        summary["held_out"] = dict(
+            passed=sum(h["passed"] for h in mine), judged=len(mine),
+            worst_ratio=max((h["ratio"] for h in mine), default=None),
+            fitted_on=[os.path.basename(p) for p in [here] + others],
+            all_caches=dict(passed=ho["passed"], judged=ho["judged"], worst_ratio=ho["worst_ratio"],
+                            by_device=calibrate.by_device(ho)),
+            folds=ho["folds"])
         for r in rows:
-            for h in ho["rows"]:
+            for h in mine:
                 if h["key"] == r["key"]:
                     r.update(held_out_ratio=h["ratio"], held_out_passed=h["passed"], held_out_pick=h["pick"])
     return dict(summary=summary, rows=rows)
@@ -128,8 +143,9 @@ def format_table(report: dict) -> str:
                      + (f" (cannot compile here: {u['unavailable']})" if u.get("unavailable") else ""))
     ho = s.get("held_out")
     if ho:
-        lines.append(f"held out (constants refitted without the entry's geometry, leave-one-geometry-out): "
-                     f"{ho['passed']}/{ho['judged']} within {s['tolerance']:.0%}, worst ratio {ho['worst_ratio']:.3f}")
+        lines.append(f"held out (constants refitted without the entry's geometry on any device, leave-one-geometry-"
+                     f"out, fitted on {', '.join(ho.get('fitted_on', []))}): {ho['passed']}/{ho['judged']} within "
+                     f"{s['tolerance']:.0%}, worst ratio {ho['worst_ratio']:.3f}")
     lines.append(f"{'entry':58} {'n':>3} {'best µs':>9} {'model pick µs':>13} {'ratio':>6} ok"
                  + ("  held-out ratio" if ho else ""))
     for r in report["rows"]:

@@ -415,6 +415,62 @@ def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
     assert ho["judged"] == len(entries) and 0 <= ho["passed"] <= ho["judged"]
 
 
+def test_joint_fit_models_each_entry_on_its_device_and_holds_a_geometry_out_on_every_device(monkeypatch):
+    import dataclasses
+
+    from deco_kernels.autotune import calibrate
+
+    h200 = devices.PROFILES["h200"]
+    truth = model.with_constants(tc_efficiency=0.5, sync_cycles=400.0, overlap=0.1)
+    entries = []
+    for prof in (H100, h200):
+        for e in _synthetic_entries(truth):
+            us = [sum(model.kernel_us(w, prof, truth) for w in ws) for ws in e.works]
+            entries.append(dataclasses.replace(e, us=us, profile=prof, cache=prof.key + ".json"))
+    res = calibrate.judge(entries, None, truth)
+    assert res["passed"] == len(entries)                          # each entry judged on its own profile
+    assert {r["device"] for r in res["rows"]} == {"h100-sxm", "h200"}
+    assert calibrate.by_device(res) == {p.key: dict(passed=len(entries) // 2, judged=len(entries) // 2,
+                                                    worst_ratio=1.0) for p in (H100, h200)}
+    seen = []
+    real_fit = calibrate.fit
+
+    def spy(train, *a, **kw):
+        seen.append({(e.geometry, e.device) for e in train})
+        return real_fit(train, *a, sweeps=1, **{k: v for k, v in kw.items() if k != "sweeps"})
+    monkeypatch.setattr(calibrate, "fit", spy)
+    ho = calibrate.held_out(entries)
+    geoms = calibrate.geometries(entries)
+    # each fold trains on both devices' entries of every other geometry and none of the held-out one
+    assert seen == [{(g2, d) for g2 in geoms if g2 != g for d in ("h100-sxm", "h200")} for g in geoms]
+    assert ho["judged"] == len(entries)
+    assert all(set(f["by_device"]) == {"h100-sxm", "h200"} for f in ho["folds"])
+
+
+def test_shipped_constants_are_the_joint_fit_on_the_measured_caches():
+    from deco_kernels.autotune import calibrate
+
+    paths = calibrate.fit_cache_paths()
+    assert all(os.path.exists(p) for p in paths) and len(paths) >= 2
+    for p in paths:      # what the validation tables (deco-kernels tune --validate-cache) say in-sample
+        with open(os.path.join(os.path.dirname(p), "validation", os.path.basename(p))) as f:
+            s = json.load(f)["summary"]
+        assert s["constants"] == model.CONSTANTS.to_json()
+        assert sorted(s["held_out"]["fitted_on"]) == sorted(os.path.basename(q) for q in paths)
+
+
+def test_grouped_warps_beyond_the_row_tile_split_columns_and_wait_more():
+    def work(kernel, **kw):
+        cfg = dict(space.default_config("grouped", 512, torch.bfloat16), **kw)
+        ws = model.works_of(record("grouped", cfg, 512, *GEOM), 512, *GEOM, torch.bfloat16)
+        return next(w for w in ws if w.name == kernel)
+
+    for kernel, warps in (("_grouped_down_kernel", "down_warps"), ("_grouped_up_kernel", "up_warps")):
+        base = work(kernel, block_m=128, **{warps: 4})
+        assert work(kernel, block_m=128, **{warps: 8}).syncs == base.syncs      # 8 warps x 16 rows = 128
+        assert work(kernel, block_m=32, **{warps: 8}).syncs == 2 * work(kernel, block_m=32, **{warps: 4}).syncs
+
+
 def test_usage_cache_hits_misses_atomic_write_and_corrupt_file(tmp_path, monkeypatch):
     from deco_kernels.autotune import compile as C
 
