@@ -93,20 +93,117 @@ def test_n1_and_wide_shared(triton_device):
     check(x, w)
 
 
+# Tensor-core configs: every key of ffn.small_batch_config(T, use_dot=True).
+def dot_cfg(**kw):
+    return {**dict(use_dot=True, rows=64, block_k=16, split_k=3, up_warps=4, up_stages=2, block_d=32, group=4,
+                   down_warps=4, down_stages=2), **kw}
+
+
 @pytest.mark.parametrize("T, cfg", [
     (2, dict(use_dot=False, rows=8, up_warps=4, block_d=16, slots=4, down_warps=4)),
     (7, dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=8, down_warps=4)),  # FMA kernels at 5-8 tokens
-    (9, dict(use_dot=True, rows=16, block_k=16, up_warps=4, up_stages=2, block_d=32, down_warps=4)),
+    (9, dot_cfg(rows=16, split_k=1, group=1)),
     # 40 columns are 2.5 K steps of 16 and 1.25 feature blocks of 32: tails everywhere.
-    (9, dict(use_dot=True, rows=32, block_k=16, up_warps=4, up_stages=2, block_d=16, down_warps=4)),
-], ids=["fma-rows8", "fma-T7", "dot-rows16", "dot-rows32"])
+    (9, dot_cfg(rows=32, block_d=16)),
+    # split_k 4 of 40 columns in chunks of 16: the last chunk is empty (its programs write zero partials).
+    (9, dot_cfg(split_k=4, group=3)),
+    (9, dot_cfg(split_k=2, block_k=32, group=16)),                        # one group holds all 13 experts
+    (9, dot_cfg(split_k=8, group=2, down_stages=3)),                      # more chunks than K steps
+], ids=["fma-rows8", "fma-T7", "dot-rows16", "dot-rows32", "dot-empty-chunk", "dot-one-group", "dot-split8"])
 def test_small_batch_tile_configs(triton_device, monkeypatch, T, cfg):
-    """Any config the autotuner may pick gives the same layer: row blocks, K steps, feature blocks."""
+    """Any config the autotuner may pick gives the same layer: row blocks, K steps and chunks, feature blocks,
+    expert groups."""
     monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")  # no tuned cache may stand in for the config under test
     monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: cfg)
     x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=13, active=0.4)
     check(x, w)
     check(x, w, max_active=2)
+
+
+# The split-K up kernel and the expert-group down kernel at their edges: N = 13 experts in groups of 4 (the
+# last group holds one), d = 40 in 3 K-chunks of 16 columns (the last one half full), de = 16, ds = 24.
+@pytest.mark.parametrize("T", [5, 8, 17, 64])
+@pytest.mark.parametrize("active", [0.3, "none", "all", "one"])
+def test_split_k_expert_groups(triton_device, monkeypatch, T, active):
+    monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: dot_cfg(rows=16))
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T, active=active, hot_expert=12)
+    g_ref = check(x, w)
+    check(x, w)  # again: the scratch accumulator and arrival counters were left at zero
+    if active == "one":   # the lone expert of the last group takes every token
+        assert bool((g_ref[:, 12] > 0).all()) and not bool((g_ref[:, :12] > 0).any())
+
+
+@pytest.mark.parametrize("T", [8, 64])
+@pytest.mark.parametrize("knobs", [
+    "bias-vector", dict(threshold=0.5), dict(bias=0.3), dict(max_active=1), dict(max_active=3),
+    dict(bias=0.2, threshold=0.2, max_active=2),
+], ids=["bias-vector", "threshold", "bias+", "max1", "max3", "all-knobs"])
+def test_split_k_expert_groups_knobs(triton_device, monkeypatch, T, knobs):
+    monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: dot_cfg(split_k=4, group=3))
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T + 1, active=0.4)
+    if knobs == "bias-vector":
+        knobs = dict(bias=torch.linspace(-0.5, 0.5, 13, device=triton_device))
+    check(x, w, **knobs)
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("T, cached", [
+    # A tune cache written for the previous kernels (H100, 1.2b, t5-8): no split_k, group or down_stages.
+    (8, dict(block_d=256, block_k=256, down_warps=4, rows=32, up_stages=2, up_warps=4, use_dot=True)),
+    (17, dict(block_d=128, block_k=128, down_warps=8, rows=64, up_stages=4, up_warps=8, use_dot=True)),
+    # An FMA entry of the t5-8 bucket stays an FMA config at T=7 (the dot defaults are not mixed in).
+    (7, dict(use_dot=False, rows=8, up_warps=4, block_d=16, slots=8, down_warps=4)),
+], ids=["dot-t5-8", "dot-t17-64", "fma-t5-8"])
+def test_cached_config_without_new_keys(triton_device, monkeypatch, T, cached):
+    """A cached config lacking the keys of newer kernels takes them from small_batch_config's defaults of its
+    own regime; its own keys keep their meaning and the cached dict is not modified."""
+    frozen = dict(cached)
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: cached)
+    up, down = _LaunchSpy(triton_ffn._up_kernel), _LaunchSpy(triton_ffn._union_down_kernel)
+    monkeypatch.setattr(triton_ffn, "_up_kernel", up)
+    monkeypatch.setattr(triton_ffn, "_union_down_kernel", down)
+    x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=21, active=0.4)
+    check(x, w)
+    assert cached == frozen
+    (launch,) = up.launches
+    assert launch["USE_DOT"] == cached["use_dot"] and launch["ROWS"] == min(cached["rows"], 32)  # de = 32
+    assert launch["num_warps"] == cached["up_warps"]
+    if not cached["use_dot"]:
+        assert launch["SPLIT_K"] == 1 and not down.launches
+        return
+    default = triton_ffn.small_batch_config(T, x.dtype, True)
+    (dl,) = down.launches
+    assert launch["SPLIT_K"] == default["split_k"] and launch["BLOCK_K"] == cached["block_k"]
+    assert launch["num_stages"] == cached["up_stages"]
+    assert dl["GROUP"] == default["group"] and dl["num_stages"] == default["down_stages"]
+    assert dl["BLOCK_D"] == cached["block_d"] and dl["num_warps"] == cached["down_warps"]
+
+
+def test_small_batch_config_keys():
+    """The defaults of each regime carry every key its launcher reads; T picks the regime unless told."""
+    dot_keys = {"use_dot", "rows", "block_k", "split_k", "up_warps", "up_stages", "block_d", "group", "down_warps",
+                "down_stages"}
+    fma_keys = {"use_dot", "rows", "up_warps", "block_d", "slots", "down_warps"}
+    for T in (5, 8, 16, 17, 64):
+        assert set(triton_ffn.small_batch_config(T)) == dot_keys
+        assert set(triton_ffn.small_batch_config(T, torch.bfloat16, False)) == fma_keys
+    for T in (1, 4):
+        assert set(triton_ffn.small_batch_config(T)) == fma_keys
+        assert set(triton_ffn.small_batch_config(T, torch.float32, True)) == dot_keys
 
 
 def test_wbar_cache_refreshes_when_weights_change(triton_device):

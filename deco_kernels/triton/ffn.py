@@ -96,56 +96,85 @@ def _group_gates(gt):
     return tokens, counts
 
 
-def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: bool | None = None) -> dict:
     """Default tile config of the small-batch path for T tokens (a tuned cache, deco_kernels.autotune, wins).
 
-    use_dot: tensor cores (and the atomic union down kernel), else register FMAs (and the decode down kernel).
-    rows: up-projection rows per program; block_k: K step of the tensor-core up-projection; block_d: output
-    features per down program; slots: active experts per round of the decode down kernel's loop."""
-    if T <= FMA_MAX_T:
+    use_dot: tensor cores (split-K up kernel and the expert-group union down kernel), else register FMAs (and
+    the decode down kernel); None picks by T, True / False give the defaults of that regime at T (used to fill
+    the keys a cached config lacks). rows: up-projection rows per program; block_k: K step of the tensor-core
+    up-projection; split_k: K-chunks of d, each its own up program; block_d: output features per down program;
+    group: experts per union down program; slots: active experts per round of the decode down kernel's loop."""
+    if use_dot is None:
+        use_dot = T > FMA_MAX_T
+    if not use_dot:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
-    return dict(use_dot=True, rows=64, block_k=64 if wide else 256, up_warps=4, up_stages=3, block_d=256,
-                down_warps=4)
+    # H100 at 1.2b (132 SMs, d=1792, N=102): whole-expert programs (rows=64, one wgmma-sized tile) in 4 chunks
+    # of d give ~420 up programs, ~3 per SM, each 2 x 49 KB stages of shared memory (block_k 128, 3 stages): one
+    # wave with 4 warps each instead of 0.39. The down kernel's programs: 14 feature blocks of 128 x 26 groups
+    # of 4 experts = 364, each with a [T, 128] fp32 accumulator (16 registers per thread at 4 warps) and two
+    # experts' w_down blocks in flight. From 17 tokens up every program carries 4x the token rows and each down
+    # program re-reads every chunk's partial h: fewer chunks (2), 8 warps, groups of 8 (half the atomics,
+    # which dominated the old kernel at T=64) and 2 stages, as the partial h tiles also pass through shared
+    # memory.
+    if T <= 16:
+        return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=4, up_warps=4, up_stages=3,
+                    block_d=128, group=4, down_warps=4, down_stages=3)
+    return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=2, up_warps=8, up_stages=3,
+                block_d=128, group=8, down_warps=8, down_stages=2)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or config_for("small_batch", x.device, T, x.dtype, d, n, de, ds) or small_batch_config(T, x.dtype)
+    use_dot = bool(cfg.get("use_dot", T > FMA_MAX_T))
+    # A config cached for an older kernel may lack keys this one reads (split_k, group, down_stages): they take
+    # the defaults of the config's own regime, and the keys it has keep their meaning.
+    cfg = {**small_batch_config(T, x.dtype, use_dot), **cfg}
     dev = x.device
-    use_dot = cfg["use_dot"]
-    h = _empty(T, n * de, device=dev, dtype=torch.float32)
-    hs = _empty(T, 2 * ds, device=dev, dtype=torch.float32)  # the shared expert's gate and up columns
-    mu = _empty(T, device=dev, dtype=torch.float32)
+    f32 = torch.float32
+    split = int(cfg["split_k"]) if use_dot else 1
+    rows = min(cfg["rows"], de)  # row blocks never straddle two experts
+    # Without a dot the whole [rows, d] slab (and the router row) is one load, capped to stay in registers.
+    block_k = cfg["block_k"] if use_dot else min(pow2(d), max(16, FMA_SLAB // rows))
+    k_chunk = cdiv(cdiv(d, split), block_k) * block_k if use_dot else d   # a chunk past d leaves zero partials
+    block_t = max(16, pow2(T)) if use_dot else pow2(T)
+    # The up kernel's partial sums over the split K-chunks (one chunk in decode).
+    h = _empty(split, T, n * de, device=dev, dtype=f32)
+    hs = _empty(split, T, 2 * ds, device=dev, dtype=f32)  # the shared expert's gate and up columns
     # max_active needs every logit of a token at once: then the router kernel runs first (gates and mu).
     gates_given = max_active is not None
+    if gates_given or not use_dot:
+        r, mu = g, _empty(T, device=dev, dtype=f32)   # decode's up kernel writes g and mu itself
+    else:
+        r, mu = _empty(split, T, n, device=dev, dtype=f32), _empty(split, T, device=dev, dtype=f32)
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
-    block_t = max(16, pow2(T)) if use_dot else pow2(T)
-    rows = min(cfg["rows"], de)  # row blocks never straddle two experts
-    d_pow2 = pow2(d)
-    # Without a dot the whole [rows, d] slab (and the router row) is one load, capped to stay in registers.
-    block_k = cfg["block_k"] if use_dot else min(d_pow2, max(16, FMA_SLAB // rows))
-    _up_kernel[(n * (de // rows) + cdiv(ds, rows),)](
-        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_v if bias_v is not None else g, g, h, hs,
-        mu, T, n, d, ds, x.stride(0), bias_s, float(threshold),
-        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot,
+    bias_ptr = bias_v if bias_v is not None else g
+    programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
+    _up_kernel[(programs,)](
+        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, h, hs, r, mu,
+        T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
+        DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
-    common = (T, n, d, ds, y.stride(0), NORM_EPS)
+    weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], BLOCK_DS=max(16, pow2(ds)),
                 num_warps=cfg["down_warps"])
-    weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     if not use_dot:
-        _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, *common,
-                                                               BLOCK_N=max(16, pow2(n)),
-                                                               SLOTS=cfg["slots"], **meta)
+        _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, T, n, d, ds, y.stride(0),
+                                                        NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"],
+                                                        **meta)
         return
-    grid = (cdiv(d, cfg["block_d"]), n)
-    _union_down_kernel[grid](h, hs, mu, g, *weights, _zeroed(dev, torch.float32, T * d),
-                             _zeroed(dev, torch.int32, grid[0]), y, *common, PREC=_precision(x.dtype), **meta)
+    group = int(cfg["group"])
+    grid = (cdiv(d, cfg["block_d"]), cdiv(n, group))
+    _union_down_kernel[grid](h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
+                             _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s,
+                             float(threshold), NORM_EPS, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None,
+                             SPLIT_K=split, GROUP=group, BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype),
+                             num_stages=cfg["down_stages"], **meta)
 
 
 def grouped_config(T: int) -> dict:

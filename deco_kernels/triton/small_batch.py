@@ -1,32 +1,53 @@
 """Decode and small batches (T <= SMALL_BATCH_MAX): two launches over the union of the batch's active experts.
 
-Both launches are bound by latency, not bytes or FLOPs, so each program issues its weight loads in as few
-rounds as it can. With max_active set, the gates come from the router kernel (a third launch) because the
-top-k needs every logit of a token at once.
+Both launches are bound by latency, not bytes or FLOPs (SPEC §5): the layer's weights are a few tens of MB,
+so the time goes to how many programs keep loads in flight and how many dependent round trips each one runs.
+With max_active set, the gates come from the router kernel (a third launch) because the top-k needs every
+logit of a token at once.
+
+Decode (T <= ffn.FMA_MAX_T, register FMAs, USE_DOT off):
 
 `_up_kernel`, one program per (expert, block of ROWS rows of its up-projection) plus the shared expert's row
-blocks (whose gate and up columns go to hs raw; the down kernels apply silu). An expert program computes its
-own router logits and mu = x.wbar (a d-long dot: no router launch) and writes the raw up-projection
-h [T, ROWS] in fp32 when some token activates the expert. Splitting experts into DE/ROWS row blocks keeps
-~N/5 * DE/ROWS programs busy at T=1 instead of ~N/5 (SPEC §5). The NormSiLU needs all DE rows of an expert,
-so it runs in the down kernels. Decode (a few tokens) multiplies in registers: the logit first, one round of
-loads, then the whole [ROWS, d] slab in one more round only for an active expert. Larger batches use tensor
-cores in a pipelined K loop (USE_DOT) that carries the logit and mu along (no serial prologue; every slab is
-read, most experts are active for some token anyway).
+blocks. An expert program computes its router logits and mu = x.wbar first (one round of loads, no router
+launch), writes its gates (and program 0 mu), and only for an expert some token activates loads the whole
+[ROWS, d] slab in one more round and writes h [T, ROWS] in fp32. Row blocks keep ~N/5 * DE/ROWS programs busy
+at T=1 instead of ~N/5.
 
-`_decode_down_kernel` (a few tokens, register FMAs), one program per block of BLOCK_D output features, which
-it owns for every active expert, so there is no cross-program reduction: it compacts the active experts
-from the gates in registers (cumsum, no host sync), applies NormSiLU + the scaled gate to their h,
-multiplies by the [BLOCK_D, SLOTS, DE] gather of w_down (rows of 2*DE contiguous bytes in the canonical
-layout), adds the shared expert and writes y.
+`_decode_down_kernel`, one program per block of BLOCK_D output features, which it owns for every active
+expert, so there is no cross-program reduction: it compacts the active experts from the gates in registers
+(cumsum, no host sync), applies NormSiLU + the scaled gate to their h, multiplies by the [BLOCK_D, SLOTS, DE]
+gather of w_down, adds the shared expert and writes y.
 
-`_union_down_kernel` (tensor cores), one program per (block of BLOCK_D output features, expert; an expert no
-token activates skips the work, no compaction needed): NormSiLU of its expert's h, then [T, DE] @ the
-expert's [BLOCK_D, DE] block of w_down^T, added into an fp32 accumulator with atomics; the last program of a
-feature block to arrive (an arrival counter) adds the shared expert, writes y and re-zeroes the accumulator
-and the counter (so CUDA graphs replay it). Many small independent programs instead of a long loop each: at
-these sizes the loop's round trips set the time. The order of the atomic adds varies, so results can
-differ between runs in the last bits of fp32.
+Small batches (5-64 tokens, tensor cores, USE_DOT): split-K up, expert-group down.
+
+Measured on the H100 at 1.2b, T=8, the previous design (one up program per whole expert; one down program per
+(feature block, expert)) was slower than the dense twin (55 vs 40 µs): the up kernel ran 104 programs
+(0.39 waves, 6% occupancy, DRAM at 25%), the down kernel 714 short programs at 255 registers, each a chain of
+dependent round trips ending in its own fp32 atomics onto the shared accumulator (at T=64 those atomics, 102
+experts deep, were most of its 56 µs). Now:
+
+`_up_kernel`, one program per (expert, row block, K-chunk of k_chunk columns, a multiple of BLOCK_K), plus
+(shared expert row block, K-chunk) programs, scheduled first because they stream twice the bytes, and one mu
+program per K-chunk. Each runs a pipelined tensor-core K loop over its chunk only and stores fp32 PARTIAL sums
+indexed by the chunk s: the raw up-projection hp [SPLIT_K, T, N*DE], the expert's router logit
+rp [SPLIT_K, T, N] (same tiles of x, one extra [16, BLOCK_K] operand), the shared expert's gate and up columns
+hsp [SPLIT_K, T, 2*DS], and mu = x.wbar mup [SPLIT_K, T] (CUDA-core FMAs, in its own programs so the expert
+programs stay lean). No gates, branches or atomics: SPLIT_K times more programs, each SPLIT_K times shorter,
+deterministic. Every expert's slab is read (the gates are not known yet; at T >= 8 most experts are active
+for some token anyway). With max_active (GATES_GIVEN) the router kernel already wrote g and mu: an expert
+program loads its gates first and skips an expert no token activates.
+
+`_union_down_kernel`, one program per (block of BLOCK_D output features, group of GROUP experts). It sums
+its group's partial logits and mu over the chunks and applies the knobs -> gates [BLOCK_T, GROUP] (the
+programs of feature block 0 write them to g, the layer's returned gates; with GATES_GIVEN it reads g and
+mu). Then a plain loop over the group, which Triton software-pipelines because the w_down address depends
+only on the loop index (an expert no token activates is masked off, its loads are not issued): sum the
+expert's SPLIT_K partial h tiles, NormSiLU + scaled gate, tl.dot with its [BLOCK_D, DE] block of w_down into
+a register accumulator [BLOCK_T, BLOCK_D]. After the loop ONE fp32 atomic add of the accumulator into a
+shared scratch accumulator (GROUP times fewer than one per expert); the last program of a feature block to
+arrive (an arrival counter) sums the shared expert's partials, adds silu(gate) * up @ ws_down^T, writes y
+and re-zeroes the accumulator and the counter (so CUDA graphs replay it). Only the order of those fp32
+atomic adds across groups varies from run to run: results can differ between runs in the last bits of fp32.
 """
 import triton
 import triton.language as tl
@@ -35,24 +56,26 @@ from ._jit import gate_knobs, norm_silu_gate, router_dot
 
 
 @triton.jit
-def _rows_times_x(x_ptr, w_ptr, row0, row_end, T, D, stride_xt,
+def _rows_times_x(x_ptr, w_ptr, row0, row_end, k_lo, k_hi, T, D, stride_xt,
                   USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    """x[:T] @ w[row0:row0+ROWS, :]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens >= T read as 0).
+    """x[:T, k_lo:k_hi] @ w[row0:row0+ROWS, k_lo:k_hi]^T -> [BLOCK_T, ROWS] fp32 (rows >= row_end and tokens
+    >= T read as 0; w has D columns).
 
-    Without a dot, BLOCK_K covers d (one iteration): the slab is loaded once and reused for every token."""
-    h, _, _ = _rows_and_router(x_ptr, w_ptr, x_ptr, x_ptr, 0, row0, row_end, T, D, stride_xt, False, USE_DOT, PREC,
-                               BLOCK_T, ROWS, BLOCK_K)
+    Without a dot, BLOCK_K covers the columns (one iteration): the slab is loaded once and reused for every
+    token."""
+    h, _ = _rows_and_router(x_ptr, w_ptr, x_ptr, 0, row0, row_end, k_lo, k_hi, T, D, stride_xt, False, USE_DOT,
+                            PREC, BLOCK_T, ROWS, BLOCK_K)
     return h
 
 
 @triton.jit
-def _rows_and_router(x_ptr, w_ptr, wr_ptr, wbar_ptr, e64, row0, row_end, T, D, stride_xt, ROUTER: tl.constexpr,
+def _rows_and_router(x_ptr, w_ptr, wr_ptr, e64, row0, row_end, k_lo, k_hi, T, D, stride_xt, ROUTER: tl.constexpr,
                      USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-    """(h, r, mu): h = x[:T] @ w[row0:row0+ROWS, :]^T [BLOCK_T, ROWS] fp32 and, with ROUTER (tensor cores only),
-    expert e's router logits r [BLOCK_T] and mu = x.wbar [BLOCK_T] from the same tiles of x in the same K loop
-    (r and mu are zeros without ROUTER)."""
+    """(h, r) over the columns k_lo:k_hi: h = x[:T] @ w[row0:row0+ROWS]^T [BLOCK_T, ROWS] fp32 and, with ROUTER
+    (tensor cores only), expert e's router logits r [BLOCK_T] from the same tiles of x in the same K loop
+    (zeros without ROUTER)."""
     ts = tl.arange(0, BLOCK_T)
     ts64 = ts.to(tl.int64)
     rs = row0 + tl.arange(0, ROWS)
@@ -61,10 +84,9 @@ def _rows_and_router(x_ptr, w_ptr, wr_ptr, wbar_ptr, e64, row0, row_end, T, D, s
     r16 = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
     racc = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
-    mu = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
+        kmask = ks < k_hi
         w = tl.load(w_ptr + rs64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:
             x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :],
@@ -74,25 +96,39 @@ def _rows_and_router(x_ptr, w_ptr, wr_ptr, wbar_ptr, e64, row0, row_end, T, D, s
                 wr = tl.load(wr_ptr + e64 * D + r16[:, None] * 0 + ks[None, :],
                              mask=(r16 == 0)[:, None] & kmask[None, :], other=0.0)
                 racc += router_dot(x, wr)
-                mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
         else:
             wf = w.to(tl.float32)
             for t in tl.static_range(BLOCK_T):
                 xt = tl.load(x_ptr + t * tl.cast(stride_xt, tl.int64) + ks, mask=kmask & (ks * 0 + t < T), other=0.0)
                 ht = tl.sum(wf * xt.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(ts[:, None] == t, acc + ht[None, :], acc)
-    return acc, tl.sum(racc, axis=1), mu
+    return acc, tl.sum(racc, axis=1)
 
 
 @triton.jit
-def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, T, D, DS, stride_xt,
+def _x_dot_wbar(x_ptr, wbar_ptr, k_lo, k_hi, T, stride_xt, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mu over the columns k_lo:k_hi: x[:T] . wbar [BLOCK_T] fp32 (CUDA-core FMAs; wbar is fp32)."""
+    ts = tl.arange(0, BLOCK_T)
+    mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < k_hi
+        x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + ks[None, :],
+                    mask=(ts < T)[:, None] & kmask[None, :], other=0.0)
+        mu += tl.sum(x.to(tl.float32) * tl.load(wbar_ptr + ks, mask=kmask, other=0.0)[None, :], axis=1)
+    return mu
+
+
+@triton.jit
+def _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, row0, k_lo, k_hi, T, D, DS, stride_xt,
                  USE_DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """The shared expert's gate and up pre-activations, hs[:, row0:row0+ROWS] and hs[:, DS+row0:DS+row0+ROWS]
-    (fp32; the down kernels apply silu)."""
+    """The shared expert's gate and up pre-activations over the columns k_lo:k_hi, hs[:, row0:row0+ROWS] and
+    hs[:, DS+row0:DS+row0+ROWS] (fp32; the down kernels apply silu)."""
     ts = tl.arange(0, BLOCK_T)
-    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
-    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+    gate = _rows_times_x(x_ptr, wsg_ptr, row0, DS, k_lo, k_hi, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
+                         BLOCK_K)
+    up = _rows_times_x(x_ptr, wsu_ptr, row0, DS, k_lo, k_hi, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
     cols = row0 + tl.arange(0, ROWS)
     out = hs_ptr + ts.to(tl.int64)[:, None] * (2 * DS) + cols[None, :]
     mask = (ts < T)[:, None] & (cols < DS)[None, :]
@@ -111,16 +147,21 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
-def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
-    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32) and the
-    [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do not depend on the gates,
-    so the down kernels issue these loads first, overlapping the compaction's."""
+def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32, its gate and up
+    columns summed over the SPLIT_K partial buffers hs [SPLIT_K, T, 2*DS]) and the [BLOCK_D, BLOCK_DS] block of
+    ws_down for the program's output features. They do not depend on the gates, so the decode down kernel
+    issues these loads first, overlapping the compaction's."""
     ss = tl.arange(0, BLOCK_DS)
     smask = ss < DS
     mask = tmask[:, None] & smask[None, :]
-    ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
-    gate = tl.load(ptrs, mask=mask, other=0.0)
-    up = tl.load(ptrs + DS, mask=mask, other=0.0)
+    gate = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
+    up = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        ptrs = hs_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * (2 * DS) + ss[None, :]
+        gate += tl.load(ptrs, mask=mask, other=0.0)
+        up += tl.load(ptrs + DS, mask=mask, other=0.0)
     ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
     return gate * tl.sigmoid(gate) * up, ws
 
@@ -164,59 +205,67 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt, BLOCK_T:
 
 
 @triton.jit
-def _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB: tl.constexpr, BLOCK_T: tl.constexpr, T):
-    """The first row block of each expert writes its gates, program 0 writes mu (every program computed both)."""
-    ts = tl.arange(0, BLOCK_T)
-    tmask = ts < T
-    if pid % RB == 0:
-        tl.store(g_ptr + ts.to(tl.int64) * N + e, g, mask=tmask)
-    if pid == 0:
-        tl.store(mu_ptr + ts, mu, mask=tmask)
-
-
-@triton.jit
-def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, mu_ptr,
-               T, N, D, DS, stride_xt, bias, threshold,
+def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, r_ptr, mu_ptr,
+               T, N, D, DS, stride_xt, k_chunk, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_KR: tl.constexpr):
+               SPLIT_K: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr):
+    """Programs, in launch order: the shared expert's (row block, K-chunk) programs, then (tensor cores without
+    GATES_GIVEN) one mu program per K-chunk, then the (expert, row block, K-chunk) programs. Chunk s covers the
+    columns s*k_chunk .. (s+1)*k_chunk of d; every output is a partial sum indexed by s (h [SPLIT_K, T, N*DE],
+    hs [SPLIT_K, T, 2*DS], r [SPLIT_K, T, N], mu [SPLIT_K, T]). Decode (USE_DOT off) has SPLIT_K = 1 and
+    writes the gates g and mu itself."""
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
     RB: tl.constexpr = DE // ROWS
     NDE = N * DE
-    if pid < N * RB:
-        e = pid // RB
-        row0 = e * DE + (pid % RB) * ROWS
+    s = pid % SPLIT_K
+    k_lo = s * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, D)
+    part64 = s.to(tl.int64) * T + ts64          # this chunk's rows of the partial buffers
+    n_shared = tl.cdiv(DS, ROWS) * SPLIT_K
+    n_mu = SPLIT_K if USE_DOT and not GATES_GIVEN else 0
+    if pid < n_shared:  # first: these stream twice the bytes of an expert program
+        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr + s.to(tl.int64) * T * (2 * DS), (pid // SPLIT_K) * ROWS,
+                     k_lo, k_hi, T, D, DS, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+    elif pid < n_shared + n_mu:
+        tl.store(mu_ptr + part64, _x_dot_wbar(x_ptr, wbar_ptr, k_lo, k_hi, T, stride_xt, BLOCK_T, BLOCK_K),
+                 mask=tmask)
+    else:
+        q = (pid - n_shared - n_mu) // SPLIT_K  # (expert, row block) index
+        e = q // RB
+        row0 = e * DE + (q % RB) * ROWS
         cols = row0 + tl.arange(0, ROWS)
-        h_out = h_ptr + ts64[:, None] * NDE + cols[None, :]
+        h_out = h_ptr + part64[:, None] * NDE + cols[None, :]
         if GATES_GIVEN:  # the router kernel wrote the gates and mu
             g = tl.load(g_ptr + ts64 * N + e, mask=tmask, other=0.0)
             if tl.max(g, axis=0) > 0:
-                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, k_lo, k_hi, T, D, stride_xt, USE_DOT, PREC, BLOCK_T,
+                                  ROWS, BLOCK_K)
                 tl.store(h_out, h, mask=tmask[:, None])
         elif USE_DOT:
-            # Several tokens: most experts are active for some token, so the logits and mu ride along in the
-            # up-projection's pipelined K loop instead of a dependent loop of their own before it.
-            h, r, mu = _rows_and_router(x_ptr, wup_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), row0, NDE, T, D,
-                                        stride_xt, True, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
-            g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB, BLOCK_T, T)
-            if tl.max(g, axis=0) > 0:
-                tl.store(h_out, h, mask=tmask[:, None])
+            # The gates need the whole K sum: partial logits ride along in the pipelined K loop, the down
+            # kernel sums them. Every slab is read.
+            h, r = _rows_and_router(x_ptr, wup_ptr, wr_ptr, e.to(tl.int64), row0, NDE, k_lo, k_hi, T, D,
+                                    stride_xt, True, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+            tl.store(h_out, h, mask=tmask[:, None])
+            if q % RB == 0:
+                tl.store(r_ptr + part64 * N + e, r, mask=tmask)
         else:
             # Decode: the logit first (one round of loads), so inactive experts read none of their slab.
             r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, BLOCK_T,
                                          BLOCK_KR)
             g = _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC)
-            _write_gates_and_mu(g_ptr, mu_ptr, g, mu, e, N, pid, RB, BLOCK_T, T)
+            if q % RB == 0:
+                tl.store(g_ptr + ts64 * N + e, g, mask=tmask)
+            if q == 0:
+                tl.store(mu_ptr + ts, mu, mask=tmask)
             if tl.max(g, axis=0) > 0:
-                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS, BLOCK_K)
+                h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, 0, D, T, D, stride_xt, USE_DOT, PREC, BLOCK_T, ROWS,
+                                  BLOCK_K)
                 tl.store(h_out, h, mask=tmask[:, None])
-    else:
-        _shared_rows(x_ptr, wsg_ptr, wsu_ptr, hs_ptr, (pid - N * RB) * ROWS, T, D, DS, stride_xt, USE_DOT, PREC,
-                     BLOCK_T, ROWS, BLOCK_K)
 
 
 @triton.jit
@@ -234,7 +283,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, 1, BLOCK_T, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
@@ -263,12 +312,16 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 
 
 @triton.jit
-def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, acc_ptr, counter_ptr,
-                       y_ptr, T, N, D, DS, stride_yt, eps,
-                       DE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DS: tl.constexpr):
+def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr,
+                       acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt, bias, threshold, eps,
+                       DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
+                       SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """Program (feature block, group of GROUP experts). Without GATES_GIVEN r [SPLIT_K, T, N] and
+    mu [SPLIT_K, T] are the up kernel's partial logits and mu; with it, r is unused and mu [T] and g come from
+    the router kernel. h and hs are the partial sums of the up kernel."""
     pid_d = tl.program_id(0)
-    e = tl.program_id(1)
+    e0 = tl.program_id(1) * GROUP
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
@@ -277,21 +330,57 @@ def _union_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_pt
     cols64 = cols.to(tl.int64)
     out_mask = tmask[:, None] & cmask[None, :]
     acc_off = ts64[:, None] * D + cols[None, :]
-    e64 = e.to(tl.int64)
-    g = tl.load(g_ptr + ts64 * N + e64, mask=tmask, other=0.0)
-    if tl.max(g, axis=0) > 0:
-        ks = e64 * DE + tl.arange(0, DE)
-        w = tl.load(wd_ptr + cols64[:, None] * (N * DE) + ks[None, :], mask=cmask[:, None], other=0.0)
-        h = tl.load(h_ptr + ts64[:, None] * (N * DE) + ks[None, :], mask=tmask[:, None], other=0.0)
-        gs = g * tl.load(scale_ptr + e64).to(tl.float32)
-        a = norm_silu_gate(h, tl.load(mu_ptr + ts, mask=tmask, other=0.0),
-                           tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32), gs, eps, DE).to(w.dtype)
-        tl.atomic_add(acc_ptr + acc_off, tl.dot(a, tl.trans(w), input_precision=PREC), mask=out_mask, sem="relaxed")
-    # Every expert's program arrives, active or not; the last of a block of features to arrive adds the shared
+    NDE = tl.cast(N, tl.int64) * DE
+    gi = tl.arange(0, BLOCK_G)
+    es = e0 + gi
+    emask = (gi < GROUP) & (es < N)
+    gmask = tmask[:, None] & emask[None, :]
+
+    # The group's gates [BLOCK_T, BLOCK_G] and mu [BLOCK_T].
+    if GATES_GIVEN:
+        gates = tl.load(g_ptr + ts64[:, None] * N + es[None, :], mask=gmask, other=0.0)
+        mu = tl.load(mu_ptr + ts, mask=tmask, other=0.0)
+    else:
+        r = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
+        mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            part64 = s * tl.cast(T, tl.int64) + ts64
+            r += tl.load(r_ptr + part64[:, None] * N + es[None, :], mask=gmask, other=0.0)
+            mu += tl.load(mu_ptr + part64, mask=tmask, other=0.0)
+        if HAS_BIAS_VEC:
+            b = tl.load(bias_ptr + es, mask=emask, other=0.0)[None, :]
+        else:
+            b = bias
+        gates = tl.where(gmask, gate_knobs(r, b, threshold), 0.0)
+        if pid_d == 0:
+            tl.store(g_ptr + ts64[:, None] * N + es[None, :], gates, mask=gmask)
+    gs = gates * tl.load(scale_ptr + es, mask=emask, other=0.0).to(tl.float32)[None, :]
+    active = (tl.max(gates, axis=0) > 0).to(tl.int32)      # [BLOCK_G]: some token activates the expert
+    gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+
+    # A plain loop: the w_down address depends only on i, so Triton pipelines its loads; an expert no token
+    # activates is masked off (its loads are not issued, its activations are zero).
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for i in range(GROUP):
+        dk = tl.arange(0, DE)
+        live = dk * 0 + tl.sum(tl.where(gi == i, active, 0), axis=0) > 0   # [DE], all equal
+        ks = (e0 + i).to(tl.int64) * DE + dk
+        w = tl.load(wd_ptr + cols64[:, None] * NDE + ks[None, :], mask=cmask[:, None] & live[None, :], other=0.0)
+        hmask = tmask[:, None] & live[None, :]
+        h = tl.zeros([BLOCK_T, DE], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            h += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + ks[None, :], mask=hmask,
+                         other=0.0)
+        gs_i = tl.sum(tl.where(gi[None, :] == i, gs, 0.0), axis=1)
+        a = norm_silu_gate(h, mu, gamma, gs_i, eps, DE)
+        acc += tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PREC)
+    if tl.max(active, axis=0) > 0:
+        tl.atomic_add(acc_ptr + acc_off, acc, mask=out_mask, sem="relaxed")
+    # Every group's program arrives, active or not; the last of a block of features to arrive adds the shared
     # expert, writes y and leaves the accumulator and its counter at zero for the next call (CUDA graphs).
     tl.debug_barrier()
-    if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == N - 1:
-        hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+    if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K, BLOCK_T, BLOCK_DS)
         out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
         out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
         tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
