@@ -2,8 +2,9 @@
 
 Regimes (kept in step with ffn.small_batch_config): small_batch with T <= 4 multiplies in registers (use_dot
 False: rows, up_warps, block_d, slots, down_warps); small_batch with 5 <= T <= 64 uses tensor cores (use_dot
-True: rows, block_k, up_warps, up_stages, block_d, down_warps); grouped is the prefill path. Keys are
-treated generically: a config is a dict, the launcher reads what it knows.
+True: rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); grouped is the
+prefill path. Keys are treated generically: a config is a dict, the launcher reads what it knows (and fills
+the small-batch keys a config lacks from the defaults of its regime).
 
 The estimates are conservative first cuts that need no compiler; the exact check is compile.py (modelled
 devices) or the runner catching an out-of-resources error (measured devices). Triton's pipeliner keeps
@@ -19,8 +20,11 @@ REGS_BUDGET = 255     # 32-bit registers a thread may hold: one tile estimated a
 
 SMALL_FMA = dict(use_dot=[False], rows=[2, 4, 8, 16], up_warps=[2, 4, 8], block_d=[8, 16, 32],
                  slots=[8, 16, 32], down_warps=[4, 8])
-SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], up_warps=[4, 8],
-                 up_stages=[2, 3, 4], block_d=[64, 128, 256], down_warps=[4, 8])
+SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], split_k=[1, 2, 3, 4, 6],
+                 up_warps=[4, 8], up_stages=[2, 3, 4], block_d=[64, 128, 256], group=[2, 4, 8, 16],
+                 down_warps=[4, 8], down_stages=[1, 2, 3])
+# Keys only the tensor-core regime reads: dropped from FMA candidates built on a tensor-core default.
+DOT_ONLY = ("block_k", "up_stages", "split_k", "group", "down_stages")
 GROUPED = dict(router_block_t=[16, 32, 64], block_m=[32, 64, 128], block_k=[32, 64, 128], up_warps=[4, 8],
                up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8], down_stages=[2, 3, 4])
 
@@ -61,10 +65,14 @@ def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, ele
             stages = max(cfg.get("up_stages", 1) - 1, 1)
             smem = stages * ((bt + rows) * bk + (bt + 16) * bkr) * elem_bytes
             regs = max(bt * rows, bt * 16 + bt * bkr // 8) // (32 * cfg["up_warps"])
-            # fp32 accumulator [bt, block_d] plus the [block_d, de] and [bt, de] operands in elem_bytes
-            down = (bt * cfg["block_d"] + (cfg["block_d"] + bt) * de * elem_bytes // 4) // (32 * cfg["down_warps"])
+            # Down: fp32 accumulator [bt, block_d], the [block_d, de] and [bt, de] operands in elem_bytes and the
+            # expert's split_k partial h tiles [bt, de] fp32; the pipelined loop over the group buffers the
+            # w_down block and the partial h tiles (counted for every stage: the compiled kernels on sm_90 hold
+            # up to num_stages copies plus scratch).
+            split, bd = cfg.get("split_k", 1), cfg["block_d"]
+            down = (bt * bd + (bd + bt) * de * elem_bytes // 4 + split * bt * de) // (32 * cfg["down_warps"])
             regs = max(regs, down)
-            smem = max(smem, cfg["block_d"] * de * elem_bytes)
+            smem = max(smem, max(cfg.get("down_stages", 1), 1) * (bd * de * elem_bytes + split * bt * de * 4))
         else:
             bk = min(_pow2(d), max(16, FMA_SLAB // rows))
             regs = rows * bk // (32 * cfg["up_warps"])
@@ -105,7 +113,7 @@ def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profi
     for combo in combos:
         cfg = {**base, **combo}
         if not cfg.get("use_dot", True):
-            for k in ("block_k", "up_stages"):
+            for k in DOT_ONLY:
                 cfg.pop(k, None)
         f = _freeze(cfg)
         if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile) is not None:

@@ -23,8 +23,9 @@ from deco_kernels.triton import ffn
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
              dict(down_warps=[4, 8])]
-SMALL_DOT = [dict(rows=[32, 64], block_k=[128, 256]),
-             dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128, 256], down_warps=[4, 8])]
+SMALL_DOT = [dict(split_k=[1, 2, 3, 4, 6], block_k=[64, 128, 256]), dict(rows=[32, 64]),
+             dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(group=[2, 4, 8, 16], block_d=[64, 128, 256]),
+             dict(down_warps=[4, 8], down_stages=[1, 2, 3])]
 GROUPED = [dict(router_block_t=[16, 32, 64]),
            dict(block_m=[64, 128], block_k=[64, 128]),
            dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]

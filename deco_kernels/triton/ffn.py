@@ -109,19 +109,23 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
     if not use_dot:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
     wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
-    # H100 at 1.2b (132 SMs, d=1792, N=102): whole-expert programs (rows=64, one wgmma-sized tile) in 4 chunks
-    # of d give ~420 up programs, ~3 per SM, each 2 x 49 KB stages of shared memory (block_k 128, 3 stages): one
-    # wave with 4 warps each instead of 0.39. The down kernel's programs: 14 feature blocks of 128 x 26 groups
-    # of 4 experts = 364, each with a [T, 128] fp32 accumulator (16 registers per thread at 4 warps) and two
-    # experts' w_down blocks in flight. From 17 tokens up every program carries 4x the token rows and each down
-    # program re-reads every chunk's partial h: fewer chunks (2), 8 warps, groups of 8 (half the atomics,
-    # which dominated the old kernel at T=64) and 2 stages, as the partial h tiles also pass through shared
-    # memory.
+    # Reasoned for the H100 at 1.2b (132 SMs, d=1792, N=102; registers and shared memory from compiling for
+    # sm_90), where the previous kernels ran 0.39 waves of up programs and register-bound down programs.
+    # Up: whole experts (rows=64) in 4 K-chunks of 512 (block_k 128) = ~420 programs of 4 warps, 104 registers
+    # and 48 KB of shared memory each (3 stages): 4 fit per SM, so all run at once, each with two 16 KB w_up
+    # tiles in flight. Down: 14 feature blocks of 128 x (26 groups of 4 experts + the shared expert) = 378
+    # programs of 4 warps at ~137 registers and 66 KB (3 per SM: one wave), two experts' w_down blocks in flight.
+    # From 17 tokens each program carries 4x the token rows and every down program re-reads all chunks' partial
+    # h ([T, 64] fp32 per expert and chunk, more bytes than its w_down block at T=64): 2 chunks, 8 warps,
+    # groups of 8 (8x fewer fp32 atomic adds than one per expert, which dominated the old kernel at T=64), 2
+    # stages. That down kernel holds ~138 registers (one program per SM); block_d 64 halves them at twice the
+    # partial-h reads: for the sweep to settle.
+    # fp32 tiles are twice the registers: narrower feature blocks keep the down kernel from spilling.
     if T <= 16:
         return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=4, up_warps=4, up_stages=3,
-                    block_d=128, group=4, down_warps=4, down_stages=3)
+                    block_d=64 if wide else 128, group=4, down_warps=4, down_stages=3)
     return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=2, up_warps=8, up_stages=3,
-                block_d=128, group=8, down_warps=8, down_stages=2)
+                block_d=32 if wide else 128, group=8, down_warps=8, down_stages=2)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -161,20 +165,19 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
-    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], BLOCK_DS=max(16, pow2(ds)),
-                num_warps=cfg["down_warps"])
+    meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"])
     if not use_dot:
         _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, T, n, d, ds, y.stride(0),
                                                         NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"],
-                                                        **meta)
+                                                        BLOCK_DS=max(16, pow2(ds)), **meta)
         return
     group = int(cfg["group"])
-    grid = (cdiv(d, cfg["block_d"]), cdiv(n, group))
+    grid = (cdiv(d, cfg["block_d"]), 1 + cdiv(n, group))   # the shared expert, then the groups of experts
     _union_down_kernel[grid](h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
                              _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s,
                              float(threshold), NORM_EPS, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None,
                              SPLIT_K=split, GROUP=group, BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype),
-                             num_stages=cfg["down_stages"], **meta)
+                             BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
 
 
 def grouped_config(T: int) -> dict:

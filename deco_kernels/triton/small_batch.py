@@ -147,23 +147,41 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
-def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_DS: tl.constexpr):
-    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32, its gate and up
-    columns summed over the SPLIT_K partial buffers hs [SPLIT_K, T, 2*DS]) and the [BLOCK_D, BLOCK_DS] block of
-    ws_down for the program's output features. They do not depend on the gates, so the decode down kernel
-    issues these loads first, overlapping the compaction's."""
+def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32) and the
+    [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do not depend on the gates,
+    so the decode down kernel issues these loads first, overlapping the compaction's."""
     ss = tl.arange(0, BLOCK_DS)
     smask = ss < DS
     mask = tmask[:, None] & smask[None, :]
-    gate = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
-    up = tl.zeros([BLOCK_T, BLOCK_DS], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        ptrs = hs_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * (2 * DS) + ss[None, :]
-        gate += tl.load(ptrs, mask=mask, other=0.0)
-        up += tl.load(ptrs + DS, mask=mask, other=0.0)
+    ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
+    gate = tl.load(ptrs, mask=mask, other=0.0)
+    up = tl.load(ptrs + DS, mask=mask, other=0.0)
     ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
     return gate * tl.sigmoid(gate) * up, ws
+
+
+@triton.jit
+def _shared_expert_out(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The shared expert's output silu(gate) * up @ ws_down^T [BLOCK_T, BLOCK_D] (fp32) for the program's
+    features, its gate and up columns summed over the SPLIT_K partial buffers hs [SPLIT_K, T, 2*DS]. A loop
+    over BLOCK_S hidden columns at a time (pipelined like the experts' loop): all 2 * SPLIT_K partial tiles of
+    the whole width at once would not fit in registers."""
+    out = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, DS, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        smask = ss < DS
+        mask = tmask[:, None] & smask[None, :]
+        gate = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
+        up = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            ptrs = hs_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * (2 * DS) + ss[None, :]
+            gate += tl.load(ptrs, mask=mask, other=0.0)
+            up += tl.load(ptrs + DS, mask=mask, other=0.0)
+        ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
+        out += tl.dot((gate * tl.sigmoid(gate) * up).to(ws.dtype), tl.trans(ws), input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -283,7 +301,7 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, 1, BLOCK_T, BLOCK_DS)
+    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
@@ -312,31 +330,20 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
 
 
 @triton.jit
-def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr,
-                       acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt, bias, threshold, eps,
-                       DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
-                       SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
-    """Program (feature block, group of GROUP experts). Without GATES_GIVEN r [SPLIT_K, T, N] and
-    mu [SPLIT_K, T] are the up kernel's partial logits and mu; with it, r is unused and mu [T] and g come from
-    the router kernel. h and hs are the partial sums of the up kernel."""
-    pid_d = tl.program_id(0)
-    e0 = tl.program_id(1) * GROUP
+def _group_gates(r_ptr, mu_ptr, bias_ptr, g_ptr, e0, pid_d, T, N, bias, threshold, GATES_GIVEN: tl.constexpr,
+                 HAS_BIAS_VEC: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """(gates [BLOCK_T, BLOCK_G], mu [BLOCK_T]) of experts e0 .. e0+GROUP-1 (0 past N and for padded tokens):
+    the up kernel's partial logits r [SPLIT_K, T, N] and mu [SPLIT_K, T] summed and the knobs applied (the
+    programs of feature block 0 write the gates to g), or with GATES_GIVEN g and mu [T] as the router kernel
+    wrote them."""
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    cols64 = cols.to(tl.int64)
-    out_mask = tmask[:, None] & cmask[None, :]
-    acc_off = ts64[:, None] * D + cols[None, :]
-    NDE = tl.cast(N, tl.int64) * DE
     gi = tl.arange(0, BLOCK_G)
     es = e0 + gi
     emask = (gi < GROUP) & (es < N)
     gmask = tmask[:, None] & emask[None, :]
-
-    # The group's gates [BLOCK_T, BLOCK_G] and mu [BLOCK_T].
     if GATES_GIVEN:
         gates = tl.load(g_ptr + ts64[:, None] * N + es[None, :], mask=gmask, other=0.0)
         mu = tl.load(mu_ptr + ts, mask=tmask, other=0.0)
@@ -354,35 +361,71 @@ def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr,
         gates = tl.where(gmask, gate_knobs(r, b, threshold), 0.0)
         if pid_d == 0:
             tl.store(g_ptr + ts64[:, None] * N + es[None, :], gates, mask=gmask)
-    gs = gates * tl.load(scale_ptr + es, mask=emask, other=0.0).to(tl.float32)[None, :]
-    active = (tl.max(gates, axis=0) > 0).to(tl.int32)      # [BLOCK_G]: some token activates the expert
-    gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+    return gates, mu
 
-    # A plain loop: the w_down address depends only on i, so Triton pipelines its loads; an expert no token
-    # activates is masked off (its loads are not issued, its activations are zero).
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for i in range(GROUP):
-        dk = tl.arange(0, DE)
-        live = dk * 0 + tl.sum(tl.where(gi == i, active, 0), axis=0) > 0   # [DE], all equal
-        ks = (e0 + i).to(tl.int64) * DE + dk
-        w = tl.load(wd_ptr + cols64[:, None] * NDE + ks[None, :], mask=cmask[:, None] & live[None, :], other=0.0)
-        hmask = tmask[:, None] & live[None, :]
-        h = tl.zeros([BLOCK_T, DE], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            h += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + ks[None, :], mask=hmask,
-                         other=0.0)
-        gs_i = tl.sum(tl.where(gi[None, :] == i, gs, 0.0), axis=1)
-        a = norm_silu_gate(h, mu, gamma, gs_i, eps, DE)
-        acc += tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PREC)
-    if tl.max(active, axis=0) > 0:
-        tl.atomic_add(acc_ptr + acc_off, acc, mask=out_mask, sem="relaxed")
-    # Every group's program arrives, active or not; the last of a block of features to arrive adds the shared
-    # expert, writes y and leaves the accumulator and its counter at zero for the next call (CUDA graphs).
+
+@triton.jit
+def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr,
+                       acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt, bias, threshold, eps,
+                       DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
+                       SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (feature block, j): j = 0 the shared expert, j >= 1 the routed experts (j-1)*GROUP .. j*GROUP-1.
+    h [SPLIT_K, T, N*DE] and hs [SPLIT_K, T, 2*DS] are the up kernel's partial sums; without GATES_GIVEN
+    r [SPLIT_K, T, N] and mu [SPLIT_K, T] its partial logits and mu, with it mu [T] and g come from the router
+    kernel (r unused)."""
+    pid_d = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    ts = tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    ts64 = ts.to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    cols64 = cols.to(tl.int64)
+    if pid_g == 0:
+        # The shared expert as one more group, launched first: it streams the most bytes of any program.
+        acc = _shared_expert_out(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K, PREC, BLOCK_T,
+                                 BLOCK_D, BLOCK_S)
+        tl.atomic_add(acc_ptr + ts64[:, None] * D + cols[None, :], acc, mask=tmask[:, None] & cmask[None, :],
+                      sem="relaxed")
+    else:
+        e0 = (pid_g - 1) * GROUP
+        gates, mu = _group_gates(r_ptr, mu_ptr, bias_ptr, g_ptr, e0, pid_d, T, N, bias, threshold, GATES_GIVEN,
+                                 HAS_BIAS_VEC, SPLIT_K, GROUP, BLOCK_G, BLOCK_T)
+        gi = tl.arange(0, BLOCK_G)
+        gs = gates * tl.load(scale_ptr + e0 + gi, mask=(gi < GROUP) & (e0 + gi < N), other=0.0).to(tl.float32)[None, :]
+        active = (tl.max(gates, axis=0) > 0).to(tl.int32)      # [BLOCK_G]: some token activates the expert
+        gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+        NDE = tl.cast(N, tl.int64) * DE
+        # A plain loop: the w_down address depends only on i, so Triton pipelines its loads; an expert no token
+        # activates is masked off (its loads are not issued, its activations are zero).
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for i in range(GROUP):
+            dk = tl.arange(0, DE)
+            live = dk * 0 + tl.sum(tl.where(gi == i, active, 0), axis=0) > 0   # [DE], all equal
+            ks = (e0 + i).to(tl.int64) * DE + dk
+            w = tl.load(wd_ptr + cols64[:, None] * NDE + ks[None, :], mask=cmask[:, None] & live[None, :],
+                        other=0.0)
+            hmask = tmask[:, None] & live[None, :]
+            h = tl.zeros([BLOCK_T, DE], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                h += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + ks[None, :], mask=hmask,
+                             other=0.0)
+            gs_i = tl.sum(tl.where(gi[None, :] == i, gs, 0.0), axis=1)
+            a = norm_silu_gate(h, mu, gamma, gs_i, eps, DE)
+            acc += tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PREC)
+        # The [BLOCK_T, BLOCK_D] offsets and mask are formed after the loop: held across it they cost ~30
+        # registers a thread.
+        if tl.max(active, axis=0) > 0:
+            tl.atomic_add(acc_ptr + ts64[:, None] * D + cols[None, :], acc, mask=tmask[:, None] & cmask[None, :],
+                          sem="relaxed")
+    # Every program arrives, active or not; the last of a block of features to arrive writes y and leaves the
+    # accumulator and its counter at zero for the next call (CUDA graphs).
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + pid_d, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT_K, BLOCK_T, BLOCK_DS)
-        out = tl.dot(hs.to(ws.dtype), tl.trans(ws), input_precision=PREC)
-        out += tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+        out_mask = tmask[:, None] & cmask[None, :]
+        acc_off = ts64[:, None] * D + cols[None, :]
+        out = tl.load(acc_ptr + acc_off, mask=out_mask, other=0.0, cache_modifier=".cg")
         tl.store(y_ptr + ts64[:, None] * stride_yt + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=out_mask)
         tl.store(acc_ptr + acc_off, tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), mask=out_mask)
         tl.atomic_xchg(counter_ptr + pid_d, 0)
