@@ -9,9 +9,9 @@ Decode (T <= ffn.FMA_MAX_T, register FMAs, USE_DOT off):
 
 `_up_kernel`, one program per (expert, block of ROWS rows of its up-projection) plus the shared expert's row
 blocks. An expert program computes its router logits and mu = x.wbar first (one round of loads, no router
-launch), writes its gates (and program 0 mu), and only for an expert some token activates loads the whole
-[ROWS, d] slab in one more round and writes h [T, ROWS] in fp32. Row blocks keep ~N/5 * DE/ROWS programs busy
-at T=1 instead of ~N/5.
+launch), writes its gates (the first expert program also mu), and only for an expert some token activates
+loads the whole [ROWS, d] slab in one more round and writes h [T, ROWS] in fp32. Row blocks keep
+~N/5 * DE/ROWS programs busy at T=1 instead of ~N/5.
 
 `_decode_down_kernel`, one program per block of BLOCK_D output features, which it owns for every active
 expert, so there is no cross-program reduction: it compacts the active experts from the gates in registers
@@ -37,17 +37,19 @@ deterministic. Every expert's slab is read (the gates are not known yet; at T >=
 for some token anyway). With max_active (GATES_GIVEN) the router kernel already wrote g and mu: an expert
 program loads its gates first and skips an expert no token activates.
 
-`_union_down_kernel`, one program per (block of BLOCK_D output features, group of GROUP experts). It sums
-its group's partial logits and mu over the chunks and applies the knobs -> gates [BLOCK_T, GROUP] (the
-programs of feature block 0 write them to g, the layer's returned gates; with GATES_GIVEN it reads g and
-mu). Then a plain loop over the group, which Triton software-pipelines because the w_down address depends
-only on the loop index (an expert no token activates is masked off, its loads are not issued): sum the
-expert's SPLIT_K partial h tiles, NormSiLU + scaled gate, tl.dot with its [BLOCK_D, DE] block of w_down into
-a register accumulator [BLOCK_T, BLOCK_D]. After the loop ONE fp32 atomic add of the accumulator into a
-shared scratch accumulator (GROUP times fewer than one per expert); the last program of a feature block to
-arrive (an arrival counter) sums the shared expert's partials, adds silu(gate) * up @ ws_down^T, writes y
-and re-zeroes the accumulator and the counter (so CUDA graphs replay it). Only the order of those fp32
-atomic adds across groups varies from run to run: results can differ between runs in the last bits of fp32.
+`_union_down_kernel`, one program per (block of BLOCK_D output features, j): j = 0 is the shared expert
+(launched first: it streams the most bytes), j >= 1 a group of GROUP routed experts. An expert-group program sums its
+group's partial logits and mu over the chunks and applies the knobs -> gates [BLOCK_T, GROUP] (the programs
+of feature block 0 write them to g, the layer's returned gates; with GATES_GIVEN it reads g and mu). Then a
+plain loop over the group, which Triton software-pipelines because the w_down address depends only on the
+loop index (an expert no token activates is masked off: its loads are not issued): sum the expert's SPLIT_K
+partial h tiles, NormSiLU + scaled gate, tl.dot with its [BLOCK_D, DE] block of w_down into a register
+accumulator [BLOCK_T, BLOCK_D]. The shared-expert program likewise sums its partial gate and up columns and
+multiplies silu(gate) * up by its block of ws_down, BLOCK_S hidden columns per step. After the loop ONE fp32
+atomic add of the accumulator into a shared scratch accumulator (GROUP times fewer than one per expert);
+the last program of a feature block to arrive (an arrival counter) writes y and re-zeroes the accumulator
+and the counter (so CUDA graphs replay it). Only the order of those fp32 atomic adds across programs varies
+from run to run: results can differ between runs in the last bits of fp32.
 """
 import triton
 import triton.language as tl
@@ -231,8 +233,8 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
     """Programs, in launch order: the shared expert's (row block, K-chunk) programs, then (tensor cores without
     GATES_GIVEN) one mu program per K-chunk, then the (expert, row block, K-chunk) programs. Chunk s covers the
     columns s*k_chunk .. (s+1)*k_chunk of d; every output is a partial sum indexed by s (h [SPLIT_K, T, N*DE],
-    hs [SPLIT_K, T, 2*DS], r [SPLIT_K, T, N], mu [SPLIT_K, T]). Decode (USE_DOT off) has SPLIT_K = 1 and
-    writes the gates g and mu itself."""
+    hs [SPLIT_K, T, 2*DS], r [SPLIT_K, T, N], mu [SPLIT_K, T]). Decode (USE_DOT off) has SPLIT_K = 1 and,
+    without GATES_GIVEN, writes the gates g and mu [T] itself."""
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -393,7 +395,8 @@ def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr,
         gates, mu = _group_gates(r_ptr, mu_ptr, bias_ptr, g_ptr, e0, pid_d, T, N, bias, threshold, GATES_GIVEN,
                                  HAS_BIAS_VEC, SPLIT_K, GROUP, BLOCK_G, BLOCK_T)
         gi = tl.arange(0, BLOCK_G)
-        gs = gates * tl.load(scale_ptr + e0 + gi, mask=(gi < GROUP) & (e0 + gi < N), other=0.0).to(tl.float32)[None, :]
+        scale = tl.load(scale_ptr + e0 + gi, mask=(gi < GROUP) & (e0 + gi < N), other=0.0).to(tl.float32)
+        gs = gates * scale[None, :]
         active = (tl.max(gates, axis=0) > 0).to(tl.int32)      # [BLOCK_G]: some token activates the expert
         gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
         NDE = tl.cast(N, tl.int64) * DE
