@@ -7,7 +7,8 @@ grouped_config). DECO_KERNELS_AUTOTUNE=0 skips the files (always None).
 
 A file counts for a device when its "device" fingerprint (name + compute capability + SM count) matches; when
 several files of one directory match (Orin NX 16GB and Orin Nano 8GB share one), the one whose memory size is
-closest wins. A corrupt, stale or incompatible file gives one warnings.warn and is skipped. One log line per
+closest wins. A corrupt, stale or incompatible file gives one warnings.warn and is skipped; so does an entry
+with unknown keys, or one lacking a key its kernel now reads (tuned for an earlier kernel). One log line per
 (device, source) says which was used. Results are memoised per (device, path, geometry, bucket): after the
 first call of a bucket a lookup is one dict access, with no file I/O (safe under torch.compile, whose custom
 ops call the launchers outside tracing anyway).
@@ -22,6 +23,7 @@ import warnings
 
 from . import buckets
 from .cache import CacheError, load
+from .space import default_config, missing_keys
 
 log = logging.getLogger("deco_kernels.autotune")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "caches")
@@ -104,7 +106,7 @@ def _device_state(key, device):
 
 
 def _known_keys(path: str, T: int, dtype) -> set:
-    from .space import default_config, spaces_for
+    from .space import spaces_for
 
     known = set(default_config(path, T, dtype)) | {"block_k", "up_stages"}
     return known.union(*spaces_for(path, T))
@@ -123,10 +125,13 @@ def _resolve(dkey, device, path: str, T: int, dtype, d, n, de, ds):
             warnings.warn(f"deco_kernels.autotune: ignoring entry {key} of {file}: unknown config keys "
                           f"{sorted(unknown)} (incompatible)", stacklevel=3)
             continue
+        missing = missing_keys(path, cfg, T, dtype)
+        if missing:
+            warnings.warn(f"deco_kernels.autotune: ignoring entry {key} of {file}: tuned for an earlier kernel "
+                          f"(no {sorted(missing)}); re-run deco-kernels tune", stacklevel=3)
+            continue
         _log_once(info, label, f"{label}: {file}")
-        from .space import default_config
-
-        return {**default_config(path, T, dtype), **cfg}
+        return {**default_config(path, T, dtype, cfg.get("use_dot") if path == "small_batch" else None), **cfg}
     _log_once(info, "default", "heuristic defaults (no tuned entry)")
     return None
 

@@ -47,10 +47,17 @@ def spaces_for(path: str, T: int) -> list[dict]:
     return [SMALL_DOT, SMALL_FMA] if T <= FMA_CANDIDATE_MAX_T else [SMALL_DOT]
 
 
-def default_config(path: str, T: int, dtype) -> dict:
+def default_config(path: str, T: int, dtype, use_dot: bool | None = None) -> dict:
+    """The launcher's default config of `path` at T tokens; use_dot picks a small-batch regime (None: by T)."""
     from deco_kernels.triton import ffn
 
-    return dict(ffn.small_batch_config(T, dtype) if path == "small_batch" else ffn.grouped_config(T))
+    return dict(ffn.small_batch_config(T, dtype, use_dot) if path == "small_batch" else ffn.grouped_config(T))
+
+
+def missing_keys(path: str, cfg: dict, T: int, dtype) -> set:
+    """The keys the current kernels of cfg's regime read that `cfg` lacks: a cached config without them was
+    tuned for an earlier kernel (e.g. before split_k existed), so its other values are not a tuned choice."""
+    return set(default_config(path, T, dtype, cfg.get("use_dot") if path == "small_batch" else None)) - set(cfg)
 
 
 def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:

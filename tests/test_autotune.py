@@ -129,7 +129,7 @@ def test_lookup_logs_the_source_once(dirs, caplog):
     assert len(lines) == 2 and "user cache" in lines[0] and "heuristic defaults" in lines[1]
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "stale", "format", "unknown_key", "old_triton"])
+@pytest.mark.parametrize("damage", ["corrupt", "stale", "format", "unknown_key", "old_triton", "earlier_kernel"])
 def test_bad_file_warns_and_falls_through(dirs, damage, monkeypatch):
     _write(dirs["user"], 16)
     path = _write(dirs["env"], 32)
@@ -146,6 +146,8 @@ def test_bad_file_warns_and_falls_through(dirs, damage, monkeypatch):
         data["format"] = 99
     elif damage == "unknown_key":
         data["entries"][KEY1]["config"]["tile_of_the_future"] = 3
+    elif damage == "earlier_kernel":       # an entry without a key the current kernel reads: tuned for another
+        del data["entries"][KEY1]["config"]["slots"]
     if damage != "corrupt":
         open(path, "w").write(json.dumps(data))
     with pytest.warns(UserWarning, match="deco_kernels.autotune: ignoring"):

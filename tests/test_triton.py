@@ -169,8 +169,9 @@ class _LaunchSpy:
     (7, dict(use_dot=False, rows=8, up_warps=4, block_d=16, slots=8, down_warps=4)),
 ], ids=["dot-t5-8", "dot-t17-64", "fma-t5-8"])
 def test_cached_config_without_new_keys(triton_device, monkeypatch, T, cached):
-    """A cached config lacking the keys of newer kernels takes them from small_batch_config's defaults of its
-    own regime; its own keys keep their meaning and the cached dict is not modified."""
+    """A partial config reaching the launcher (a sweep's, a user's) takes the keys it lacks from
+    small_batch_config's defaults of its own regime; its own keys keep their meaning and the dict is not
+    modified. (The cache lookup itself ignores entries lacking a key: test_autotune.)"""
     frozen = dict(cached)
     monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: cached)
     up, down = _LaunchSpy(triton_ffn._up_kernel), _LaunchSpy(triton_ffn._union_down_kernel)

@@ -133,8 +133,8 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or config_for("small_batch", x.device, T, x.dtype, d, n, de, ds) or small_batch_config(T, x.dtype)
     use_dot = bool(cfg.get("use_dot", T > FMA_MAX_T))
-    # A config cached for an older kernel may lack keys this one reads (split_k, group, down_stages): they take
-    # the defaults of the config's own regime, and the keys it has keep their meaning.
+    # A partial config (a sweep's) takes the keys it lacks from the defaults of its own regime; the tune cache
+    # never yields one (the lookup ignores entries tuned for an earlier kernel).
     cfg = {**small_batch_config(T, x.dtype, use_dot), **cfg}
     dev = x.device
     f32 = torch.float32
