@@ -108,24 +108,17 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
         use_dot = T > FMA_MAX_T
     if not use_dot:
         return dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8)
-    wide = dtype == torch.float32  # 4-byte tiles: a shorter K step, so the pipeline fits in shared memory
-    # Reasoned for the H100 at 1.2b (132 SMs, d=1792, N=102; registers and shared memory from compiling for
-    # sm_90), where the previous kernels ran 0.39 waves of up programs and register-bound down programs.
-    # Up: whole experts (rows=64) in 4 K-chunks of 512 (block_k 128) = ~420 programs of 4 warps, 104 registers
-    # and 48 KB of shared memory each (3 stages): 4 fit per SM, so all run at once, each with two 16 KB w_up
-    # tiles in flight. Down: 14 feature blocks of 128 x (26 groups of 4 experts + the shared expert) = 378
-    # programs of 4 warps at ~137 registers and 66 KB (3 per SM: one wave), two experts' w_down blocks in flight.
-    # From 17 tokens each program carries 4x the token rows and every down program re-reads all chunks' partial
-    # h ([T, 64] fp32 per expert and chunk, more bytes than its w_down block at T=64): 2 chunks, 8 warps,
-    # groups of 8 (8x fewer fp32 atomic adds than one per expert, which dominated the old kernel at T=64), 2
-    # stages. That down kernel holds ~138 registers (one program per SM); block_d 64 halves them at twice the
-    # partial-h reads: for the sweep to settle.
-    # fp32 tiles are twice the registers: narrower feature blocks keep the down kernel from spilling.
+    wide = dtype == torch.float32  # 4-byte tiles: shorter K steps and feature blocks fit shared memory
+    # Best of benchmarks/sweep_tiles.py on the H200 at 1.2b and 0.1b (results/h200/sweep_tiles_*.json), bf16.
+    # Up to 16 tokens: whole experts (rows=64) in 4 K-chunks, 4 warps, groups of 4 experts per down program
+    # (1.2b T=8: 30.1 µs; K unsplit 42.3, groups of 8 24% slower). From 17 tokens every down program re-reads
+    # the partial h of its experts for each chunk ([T, de] fp32 each), which outweighs the K-split: one chunk
+    # with long K steps, wide feature blocks and groups of 8 (1.2b T=64: 46.3 µs against 70.0 with 2 chunks).
     if T <= 16:
-        return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=4, up_warps=4, up_stages=3,
+        return dict(use_dot=True, rows=64, block_k=64, split_k=4, up_warps=4, up_stages=3,
                     block_d=64 if wide else 128, group=4, down_warps=4, down_stages=3)
-    return dict(use_dot=True, rows=64, block_k=64 if wide else 128, split_k=2, up_warps=8, up_stages=3,
-                block_d=32 if wide else 128, group=8, down_warps=8, down_stages=2)
+    return dict(use_dot=True, rows=64, block_k=64 if wide else 256, split_k=1, up_warps=4, up_stages=3,
+                block_d=32 if wide else 256, group=8, down_warps=8, down_stages=3)
 
 
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
