@@ -14,7 +14,8 @@ estimate of its registers and shared memory. Its time on a profile is
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
   (occupancy: warps, registers, shared memory). Its three terms are
     chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock): the dependent part of a
-              program, which other resident programs cannot shorten;
+              program, which other resident programs cannot shorten, plus a launch's tail (round trips and syncs
+              once, not per wave: the excess of a longer kind of program, an epilogue after the last arrival);
     math    = its programs' tensor-core FLOPs at TC_EFFICIENCY x peak plus CUDA-core FLOPs at FMA_EFFICIENCY x
               peak (both shared by its resident programs);
     feed    = its programs' bytes over what the SM keeps in flight (Little's law: resident programs' bytes in
@@ -26,14 +27,17 @@ estimate of its registers and shared memory. Its time on a profile is
   per clock and issues 128 FMA lanes: a hardware ratio, not fitted). So at T=2-4, ROWS=16 (BLOCK_K=1024 under
   the FMA_SLAB cap: two K steps at d > 1024) pays twice the per-token rounds of ROWS=4-8 (one step) and,
   with warps along K, more shuffles per row.
-  A tensor-core K loop's per-step syncs grow with the warps beyond one per 16 rows of BLOCK_T: those warps
-  split the output columns instead, and each re-reads the whole x tile and joins every barrier (at 5-16 tokens
-  4 warps beat 8 on the H100; at 64 tokens they do not).
+  A small-batch tensor-core loop's per-step syncs grow with the warps beyond one per 4 rows of BLOCK_T: those
+  warps split the output columns instead, and each re-reads the whole row tile and joins every barrier (on the
+  H100's earlier up kernel 4 warps beat 8 at 5-16 tokens, not at 64).
 - Shared memory: the compiled size when given, else the kernel's pipelined tiles: num_stages - 1 buffers of a
   K loop's operands, one more on sm_90 where the dot has a multiple of 64 rows and runs as an asynchronous
-  warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both).
+  warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both; the
+  small-batch estimates equal Triton 3.9's sm_90 and sm_87 sizes but for the down kernel without pipelining).
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
-  largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts show). Spilled bytes (compiled, else the excess over the 255-register limit) move
+  largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts
+  show; for the small-batch ones also the MMA operands held in registers). Spilled bytes (compiled, else the
+  excess over the 255-register limit) move
   through local memory and back once per loop iteration, or once per token per iteration in the decode kernels
   that reuse the tile for every token: one more round trip each, and in the feed term at a thread's own rate
   (ILP 16-byte loads in flight per thread), not at the rate of the program's bulk tile loads.
@@ -41,6 +45,21 @@ estimate of its registers and shared memory. Its time on a profile is
 Work per kernel follows the kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of
 the experts are active per token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T)
 experts. Kernels the model does not know count all their programs with their tensors' bytes spread evenly.
+A launch whose programs come in kinds is one Work of their mean bytes, FLOPs and atomics per program (so the
+throughput terms see the launch's totals), bytes in flight such that the feed term sees their mean, and the
+chain of its most numerous kind, the longer ones' excess as its tail. The small-batch tensor-core kernels
+(5-64 tokens, split K):
+- `_up_kernel`: (shared-expert row block, K-chunk) programs with two K loops (gate, up), (expert row block,
+  K-chunk) programs whose loop carries the router's [16, BLOCK_K] operand, and one mu program per chunk (CUDA
+  cores); the chain is one chunk's loop, the shared programs' second loop the tail. The fp32 partial sums,
+  SPLIT_K x [T, N*DE + 2*DS + N + 1], are DRAM bytes written here, and DRAM bytes again for every feature
+  block of the down kernel that re-reads them: on the H200 each further K-chunk cost the down kernel about
+  that at the DRAM rate (benchmarks/results/h200/sweep_tiles_*.json), not the L2's.
+- `_union_down_kernel`: per feature block a shared-expert program (DS / BLOCK_S steps) and one program per
+  group of GROUP experts: the partial logits and mu summed (one round), a loop of GROUP steps whose loads (the
+  w_down block, SPLIT_K partial h tiles) are issued only for active experts, num_stages - 1 steps ahead, one
+  fp32 atomic add of [T, BLOCK_D] per program (the atomics term) and the acq_rel arrival (two rounds); the
+  last arriver's read of the accumulator and write of y is the tail.
 
 Global constants (one set for every device; fitted by autotune/calibrate.py jointly on the measured caches
 calibrate.FIT_CACHES, each entry on its own device's profile, which reports the fit's in-sample and
@@ -120,6 +139,8 @@ class Work:
     tile_regs: float = 0.0   # fp32 values per thread of the largest register tile (estimate without `regs`)
     iters: float = 1.0       # loop iterations per program (a spill moves once per iteration)
     spills: float = 0.0      # compiled local-memory bytes per thread (with `regs`; else estimated from tile_regs)
+    tail_rounds: float = 0.0  # dependent round trips once per launch, not per wave (a longer program, an epilogue)
+    tail_syncs: float = 0.0   # block-wide synchronisations likewise
 
 
 def _elem(dtype) -> int:
@@ -141,6 +162,104 @@ def union_fraction(T: int, ratio: float = ACTIVE_RATIO) -> float:
     return 1.0 - (1.0 - ratio) ** T
 
 
+def _average(kinds: list[tuple]) -> tuple:
+    """(programs, bytes, inflight, flops, fma_flops, atomics) per program of a launch whose programs come in
+    kinds, each (count, bytes, inflight, flops, fma_flops, atomics): the means, so every throughput term sees the
+    launch's totals, and inflight such that bytes / inflight is the programs' mean (the feed term)."""
+    kinds = [k for k in kinds if k[0] > 0]
+    P = sum(k[0] for k in kinds)
+    mean = [sum(k[0] * k[i] for k in kinds) / P for i in range(1, 6)]
+    feed = sum(k[0] * k[1] / k[2] for k in kinds) / P
+    mean[1] = mean[0] / feed
+    return (P, *mean)
+
+
+def _split_k_up(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float) -> Work:
+    """small_batch.py's tensor-core `_up_kernel`: (row block, K-chunk) programs of the shared expert (two K loops,
+    gate and up) and of the experts, and one mu program per chunk, each a pipelined K loop over its chunk only
+    that stores fp32 partial sums (h [SPLIT_K, T, N*DE], hs, the first row block's logits r, mu)."""
+    c, o = ln.args, ln.options
+    warps, stages = o.get("num_warps", 4), o.get("num_stages", 3)
+    pipe = max(stages - 1, 1)
+    rows, bk, bt, split, kc = c["ROWS"], c["BLOCK_K"], c["BLOCK_T"], c["SPLIT_K"], c["k_chunk"]
+    given = bool(c["GATES_GIVEN"])               # the router kernel wrote g and mu: no logits, no mu programs
+    router = 0 if given else 1                   # the expert programs' [16, BLOCK_K] router operand (row 0 loaded)
+    live = f if given else 1.0                   # share of expert programs that read their slab
+    rb = de // rows
+    steps = max(1, math.ceil(min(kc, d) / bk))   # K steps of a whole chunk (the last may be shorter or empty)
+    cols = d / split                             # columns per chunk, on average over the chunks
+    expert = (n * rb * split,
+              live * ((rows + T + router) * cols * eb + T * rows * 4) + router * T * 4 / rb + (1 - router) * T * 4,
+              pipe * (rows + T + router) * bk * eb, live * 2 * bt * (rows + 16 * router) * cols, 0.0, 0.0)
+    shared = (math.ceil(ds / rows) * split, 2 * ((rows + T) * cols * eb + T * rows * 4), pipe * (rows + T) * bk * eb,
+              4 * bt * rows * cols, 0.0, 0.0)
+    mu = (router * split, T * cols * eb + cols * 4 + T * 4, pipe * (T * eb + 4) * bk, 0.0, 2 * bt * cols, 0.0)
+    P, byts, inflight, flops, fma, _ = _average([expert, shared, mu])
+    # Per K step a stage's wait and the barrier before its buffer is refilled. Warps beyond one per 4 rows of
+    # BLOCK_T (4 on a 16-row tile) split the ROWS columns instead, each reading all of x and joining every wait.
+    along = max(1.0, warps * 4 / bt)
+    loop_rounds, loop_syncs = math.ceil(steps / pipe), (2 * steps + 2) * along
+    # The tail: the shared expert's programs (launched first) run a second K loop; the mu programs' loop is not
+    # pipelined (plain loads, no dot: one round trip per step).
+    tail_rounds = max(loop_rounds, router * (steps - loop_rounds))
+    stage = (bt + rows + 16 * router) * bk * eb
+    return Work(ln.name, P, byts, flops, 2 + loop_rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
+                syncs=loop_syncs, inflight=inflight, smem=pipe * stage,
+                wgmma_smem=stage if _wgmma(bt, warps) else 0, iters=steps,
+                # the K step's MMA operand fragments (fitted to Triton 3.9's sm_90 register counts)
+                tile_regs=0.3 * eb * (rows + bt) * bk / (32 * warps),
+                tail_rounds=tail_rounds, tail_syncs=loop_syncs,
+                dram=((live * n * de + 2 * ds + router * n) * d + T * d) * eb + router * d * 4
+                + split * T * (live * n * de + 2 * ds + router * (n + 1)) * 4)
+
+
+def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float) -> Work:
+    """small_batch.py's `_union_down_kernel`: per feature block one shared-expert program (a loop over BLOCK_S
+    hidden columns) and one program per group of GROUP experts (the gates from the partial logits, then a
+    pipelined loop over the group: its split partial h tiles, NormSiLU, gate, a dot with its w_down block), each
+    ending in ONE fp32 atomic add of its [T, BLOCK_D] tile and the arrival counter; the last arriver writes y."""
+    c, o = ln.args, ln.options
+    warps, stages = o.get("num_warps", 4), o.get("num_stages", 3)
+    pipe = max(stages - 1, 1)
+    bd, bt, group, split, bs = c["BLOCK_D"], c["BLOCK_T"], c["GROUP"], c["SPLIT_K"], c["BLOCK_S"]
+    given = bool(c["GATES_GIVEN"])
+    nd, ngroups = ln.grid[0], ln.grid[1] - 1
+    per = n / ngroups                     # experts of a group program (the last group may be short)
+    live = f * per                        # ... that some token activates (only their loads are issued)
+    hit = 1.0 - (1.0 - f) ** per          # chance that a group program adds anything
+    steps_s = math.ceil(ds / bs)          # the shared program's loop over its hidden columns
+    stage_g = bd * de * eb + split * bt * de * 4       # one expert: its w_down block and split partial h tiles
+    stage_s = bd * bs * eb + 2 * split * bt * bs * 4
+    gates = (1 if given else split) * T * 4 * (group + 1)   # partial logits and mu (the router's g and mu)
+    grp = (nd * ngroups, gates + group * eb + de * eb + live * (bd * de * eb + split * T * de * 4) + 4,
+           pipe * stage_g, live * 2 * bt * bd * de, live * (split + 12) * bt * de, hit * T * bd * 4)
+    shr = (nd, steps_s * (bd * bs * eb + 2 * split * T * bs * 4) + 4, pipe * stage_s, 2 * bt * bd * steps_s * bs,
+           (2 * split + 6) * bt * steps_s * bs, T * bd * 4)
+    P, byts, inflight, flops, fma, atomics = _average([grp, shr])
+    # A group program: the gates' loads, the loop's waits over its active experts, the release of its atomic add
+    # (acq_rel arrival) and the counter. Its loop step holds four barriers (the compiled sm_90 loop: a stage's
+    # wait, NormSiLU's row sums, the activation staged for the dot), the shared program's two. The shared
+    # programs (launched first) may run longer, and the last arriver of each feature block reads the accumulator
+    # and writes y after everyone: both once, not per wave.
+    along = max(1.0, warps * 4 / bt)
+    rounds, syncs = 3 + math.ceil(live / pipe), (4 * group + 3) * along
+    rounds_s, syncs_s = 2 + math.ceil(steps_s / pipe), (2 * steps_s + 3) * along
+    # The fp32 accumulator (twice: its copy in the atomics' layout), the w_down block's fragments and the split
+    # partial h tiles (weights fitted to Triton 3.9's sm_90 register counts).
+    tile = 2 * bt * bd + 0.25 * eb * bd * max(de, bs) + 0.25 * split * bt * max(de, 2 * bs)
+    return Work(ln.name, P, byts, flops, rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
+                syncs=syncs, atomics=atomics, inflight=inflight, tile_regs=tile / (32 * warps),
+                # pipelined stages, the activation tile staged for the dot; without stages the scratch through
+                # which the accumulator changes layout for the atomics
+                smem=max((stages - 1) * max(stage_g, stage_s) + bt * de * eb, bt * bd * 4),
+                wgmma_smem=bd * de * eb if _wgmma(bt, warps) and stages > 1 else 0, iters=group,
+                tail_rounds=1 + max(0, rounds_s - rounds), tail_syncs=max(0.0, syncs_s - syncs),
+                # Every feature block re-reads its experts' partial tiles: on the H200 each further K-chunk cost
+                # about those bytes at the DRAM rate (sweep_tiles results), so they count as DRAM bytes.
+                dram=(f * n * de + ds) * d * eb + T * d * eb
+                + nd * split * T * (f * n * de + 2 * ds + (0 if given else n + 1)) * 4)
+
+
 def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: dict | None = None) -> list[Work]:
     """One Work per recorded launch. usage: optional {kernel name: compile.compile_launch result}."""
     eb = _elem(dtype)
@@ -157,23 +276,7 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
         if name == "_up_kernel":
             rows, bk, bt = c["ROWS"], c["BLOCK_K"], c["BLOCK_T"]
             if c["USE_DOT"]:
-                # Every program streams its [rows, d] slab with x, its router row and wbar through a pipelined
-                # K loop (tensor cores for h and the logit, CUDA cores for mu); the padded BLOCK_T rows compute.
-                iters = math.ceil(d / bk)
-                byts = rows * d * eb + T * d * eb + d * eb + d * 4 + f * T * rows * 4
-                flops = 2 * bt * (rows + 16) * d
-                fma = 2 * bt * d
-                rounds = 2 + math.ceil(iters / pipe)
-                # A stage wait and mu's cross-warp sum per step. Warps split the tile by 16-row (mma) blocks of
-                # BLOCK_T first; past one warp per block they split the ROWS columns and each reads all of x.
-                syncs = (2 * iters + 2) * max(1.0, warps * 4 / bt)
-                inflight = pipe * (rows + T + 1) * bk * eb
-                tile = (bt * rows + bt * 16 + 1.5 * bt * bk) / threads   # accumulators and x in fp32 for mu
-                smem = pipe * (bt + rows + 16) * bk * eb
-                w = Work(name, P, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
-                         syncs=syncs, inflight=inflight, tile_regs=tile, smem=smem, iters=iters,
-                         wgmma_smem=(bt + rows) * bk * eb if _wgmma(bt, warps) else 0,
-                         dram=(n * de + 2 * ds + n) * d * eb + T * d * eb)
+                w = _split_k_up(ln, T, d, n, de, ds, eb, f)
             else:
                 # Decode: the logit (and mu) first over [BLOCK_T, BLOCK_KR] register tiles, then, for the active
                 # experts only, the [rows, BLOCK_K] slab and one cross-warp sum per token per K step. Each token
@@ -211,32 +314,22 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                             syncs=syncs, inflight=inflight, tile_regs=tile, iters=r * bt,
                             dram=(act * de + ds) * d * eb + T * (n * de + 2 * ds + n) * 4 + T * d * eb))
         elif name == "_union_down_kernel":
-            bd, bt = c["BLOCK_D"], c["BLOCK_T"]
-            bds = c.get("BLOCK_DS", _pow2(ds))
-            nd = ln.grid[0]
-            # Per program: its expert's gates, then (active experts) the [bd, de] block of w_down and h, the
-            # NormSiLU, one dot and the atomic add; every program then bumps its feature block's arrival
-            # counter (acq_rel: its atomics must land first); the last one adds the shared expert and writes y.
-            byts = T * 4 + f * (bd * de * eb + T * de * 4 + T * 4 + de * 4) + (bd * bds * eb + T * 2 * bds * 4
-                                                                               + T * bd * 12) / n
-            flops = f * 2 * bt * bd * de + 2 * bt * bd * bds / n
-            fma = f * 12 * bt * de
-            atomics = f * T * bd * 4
-            rounds = 2 + 2 * f + 3 / n * nd            # gates, loads, counter; the tail once per feature block
-            syncs = 2 + f
-            tile = max(bd * de * 0.5 + 1.5 * bt * de + bt * bd, bd * bds * 0.5 + 1.5 * bt * bds + bt * bd) / threads
-            out.append(Work(name, P, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
-                            syncs=syncs, atomics=atomics, inflight=max(bd * de * eb, bd * bds * eb), tile_regs=tile,
-                            smem=bd * de * eb, dram=(act * de + ds) * d * eb + T * (n * de + 2 * ds + n) * 4))
+            out.append(_group_down(ln, T, d, n, de, ds, eb, f))
         elif name == "_router_kernel":
             bt, bn, bk = c["BLOCK_T"], c["BLOCK_N"], c["BLOCK_K"]
-            iters = math.ceil(d / bk)
-            byts = bt * d * eb + n * d * eb + d * 4 + bt * n * 8
-            out.append(Work(name, P, byts, 2 * bt * bn * d, 2 + math.ceil(iters / pipe), warps, tensor_cores=True,
-                            grid=P, fma_flops=2 * bt * d, syncs=2 * iters + 4, inflight=pipe * (bt + bn) * bk * eb,
+            # With SPLIT_K (few token blocks) a program sums a K-chunk, stores its partial logits and mu and
+            # arrives; the last of its token block re-reads every chunk's partials and finishes the gates.
+            split = c.get("SPLIT_K", 1)
+            kc = min(c.get("k_chunk", d), d)
+            iters = math.ceil(kc / bk)
+            part = 2 * bt * (bn + 1) * 4 if split > 1 else 0
+            byts = bt * kc * eb + n * kc * eb + kc * 4 + bt * n * 8 + part
+            out.append(Work(name, P, byts, 2 * bt * bn * kc, 2 + math.ceil(iters / pipe), warps, tensor_cores=True,
+                            grid=P, fma_flops=2 * bt * kc, syncs=2 * iters + 4, inflight=pipe * (bt + bn) * bk * eb,
                             tile_regs=(bt * bn + 1.5 * bt * bk) / threads, smem=pipe * (bt + bn) * bk * eb,
-                            wgmma_smem=(bt + bn) * bk * eb if _wgmma(bt, warps) else 0,
-                            iters=iters, dram=T * d * eb + n * d * eb + T * n * 8))
+                            wgmma_smem=(bt + bn) * bk * eb if _wgmma(bt, warps) else 0, iters=iters,
+                            tail_rounds=2 if split > 1 else 0, tail_syncs=1 if split > 1 else 0,
+                            dram=T * d * eb + n * d * eb + T * n * 8 + (split * T * (bn + 1) * 8 if split > 1 else 0)))
         elif name == "_group_kernel":
             iters = math.ceil(T / c["BLOCK"])
             out.append(Work(name, P, T * 8, 0, 2 + 2 * iters, warps, 2, False, grid=P, syncs=2 * iters,
@@ -278,8 +371,8 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
             # columns instead, each reading the whole row tile from shared memory and joining every K step's waits.
             along_n = max(1.0, warps * 16 / bm)
             out.append(Work(name, tiles, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
-                            syncs=(2 * iters + 2) * along_n, atomics=atomics, inflight=inflight, tile_regs=tile, smem=smem,
-                            wgmma_smem=stage if _wgmma(bm, warps) else 0, iters=iters, dram=dram))
+                            syncs=(2 * iters + 2) * along_n, atomics=atomics, inflight=inflight, tile_regs=tile,
+                            smem=smem, wgmma_smem=stage if _wgmma(bm, warps) else 0, iters=iters, dram=dram))
         else:
             tensors = [v for v in c.values() if isinstance(v, torch.Tensor)]
             total = sum(t.numel() * t.element_size() for t in tensors)
@@ -324,7 +417,8 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     t_dram = max(dram, 0.0) / bw
     t_atomic = per_sm * sms * w.atomics / (bw * k.atomic_efficiency)     # the busiest SM's, at its 1/sms share
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
-    chain = waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
+    chain = (waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
+             + w.tail_rounds * lat + w.tail_syncs * k.sync_cycles / clk)
     tc_rate = profile.tc_flops_per_clk_sm * k.tc_efficiency * clk
     fma_rate = profile.fma_flops_per_clk_sm * k.fma_efficiency * clk
     if w.tensor_cores:
