@@ -16,6 +16,17 @@ device (a geometry measured on two GPUs goes out on both: its other device's ent
 shape into the fit); the held-out pass count sums these judgements. This is the number to quote; the in-sample
 count (fitted and judged on everything) is an upper bound. The shipped model.CONSTANTS are the fit on all
 entries of FIT_CACHES.
+
+Shipping a refit (after a measured cache in FIT_CACHES gained entries, or the model changed) is one command:
+
+    python -m deco_kernels.autotune.calibrate --ship
+
+It fits the constants on FIT_CACHES from START, writes them (4 significant digits) into model.py, writes both
+validation tables (autotune/caches/validation/<fingerprint>.json: in-sample and held out, as
+`deco-kernels tune --validate-cache` does), rewrites the "Current fit" paragraph of model.py's docstring from
+those tables, and regenerates the modelled Orin caches (`deco-kernels tune --preset all --modelled <every
+Orin profile> --out autotune/caches`, compile-only checks for sm_87: run it without TRITON_INTERPRET). A few
+minutes on two CPU cores with a warm Triton cache, most of it compiling Orin candidates.
 """
 from __future__ import annotations
 
@@ -23,6 +34,8 @@ import argparse
 import json
 import math
 import os
+import re
+import textwrap
 from dataclasses import dataclass, field, fields, replace
 
 from . import devices, model
@@ -217,6 +230,113 @@ def calibrate(cache_paths=None, profile=None, tolerance: float = 0.10, compiled:
                 held_out=dict(folds=ho["folds"], **summary(ho)), held_out_rows=ho["rows"])
 
 
+# model.py's docstring paragraph that ship() rewrites: from this phrase to the next blank line.
+FIT_PARAGRAPH = "Current fit"
+
+
+def rounded(k: model.Constants) -> model.Constants:
+    """`k` to 4 significant digits, as ship() writes it into model.py."""
+    return replace(k, **{f.name: float(f"{getattr(k, f.name):.4g}") for f in fields(k)})
+
+
+def _rewrite(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_constants(k: model.Constants, path: str | None = None) -> None:
+    """Write `k` as the defaults of model.Constants in model.py's source."""
+    path = path or model.__file__
+    with open(path) as f:
+        src = f.read()
+    for f_ in fields(k):
+        src, hits = re.subn(rf"^(    {f_.name}: float = )\S+$", rf"\g<1>{getattr(k, f_.name)!r}", src, flags=re.M)
+        if hits != 1:
+            raise RuntimeError(f"{path}: no single default for Constants.{f_.name} to rewrite")
+    _rewrite(path, src)
+
+
+def fit_paragraph(reports: list[dict]) -> str:
+    """The "Current fit" paragraph of model.py's docstring from the validation reports of FIT_CACHES
+    (validate.validate(..., held_out=True), as written to autotune/caches/validation)."""
+    tol = reports[0]["summary"]["tolerance"]
+    judged = sum(r["summary"]["judged"] for r in reports)
+    caches = "; ".join(f"{r['summary']['device']['fingerprint']}.json: {r['summary']['judged']} of its "
+                       f"{r['summary']['entries']}" for r in reports)
+    devs = []
+    for r in reports:
+        s, h = r["summary"], r["summary"]["held_out"]
+        devs.append(f"{s['device']['name']} {s['passed']}/{s['judged']} (worst {s['worst_ratio']:.3f}), held out "
+                    f"{h['passed']}/{h['judged']} (worst {h['worst_ratio']:.3f})")
+    text = (f"{FIT_PARAGRAPH} (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit "
+            f"on the {judged} entries with at least two measured candidates ({caches}), with the estimated "
+            f"registers. Model picks within {tol:.0%} of the measured best, in-sample and held out "
+            f"(leave-one-geometry-out): " + "; ".join(devs) + ".")
+    return textwrap.fill(text, width=115, break_on_hyphens=False, break_long_words=False)
+
+
+def write_fit_paragraph(text: str, path: str | None = None) -> None:
+    """Replace the "Current fit" paragraph of model.py's docstring by `text`."""
+    path = path or model.__file__
+    with open(path) as f:
+        src = f.read()
+    doc_end = src.index('"""', 3)
+    start = src.find(FIT_PARAGRAPH + " (", 0, doc_end)
+    if start < 0:
+        raise RuntimeError(f"{path}: no {FIT_PARAGRAPH!r} paragraph in the module docstring")
+    end = src.index("\n\n", start)
+    _rewrite(path, src[:start] + text + src[end:])
+
+
+def regenerate_orin(out_dir: str | None = None) -> list[dict]:
+    """`deco-kernels tune --preset all --modelled <every Orin profile> --out out_dir` (default: the shipped
+    caches); refuses to write entries that were not checked by compiling for sm_87."""
+    from . import compile as C
+    from . import tune
+    from .launches import record
+    from .lookup import SHIPPED_DIR
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("calibrate --ship: unset TRITON_INTERPRET (the Orin caches need compile-only checks)")
+    args = argparse.Namespace(preset="all", shape=[], tokens="buckets", kernels=",".join(tune.KERNELS),
+                              dtype="bfloat16", modelled=",".join(devices.ORIN_KEYS), compile_top=4, seed=0)
+    tasks = tune.tasks_of(args)
+    try:   # one compile first: without a compiler there are no modelled caches to ship
+        C.compile_launch(record(tasks[0]["path"], {}, tasks[0]["T"], *tasks[0]["geom"])[0], (8, 7))
+    except C.CompileUnavailable as e:
+        raise SystemExit(f"calibrate --ship: cannot compile for sm_87 here ({e})") from e
+    return tune.run_modelled(args, tasks, tune.DTYPES[args.dtype], out_dir or SHIPPED_DIR)
+
+
+def ship(orin: bool = True, tolerance: float = 0.10) -> dict:
+    """Refit and regenerate everything that depends on the constants (see the module docstring); returns
+    {"constants", "validation": {cache: summary}}."""
+    from . import validate
+
+    paths = fit_cache_paths()
+    k, _ = fit(load_caches(paths), None, tolerance=tolerance)
+    k = rounded(k)
+    write_constants(k)
+    model.CONSTANTS = k          # this process validates and models with them too
+    reports, out = [], {}
+    for p in paths:
+        report = validate.validate(p, tolerance=tolerance, held_out=True, fit_caches=paths)
+        folder = os.path.join(os.path.dirname(p), "validation")
+        os.makedirs(folder, exist_ok=True)
+        validate.write_report(report, os.path.join(folder, os.path.basename(p)))
+        print(validate.format_table(report))
+        reports.append(report)
+        out[os.path.basename(p)] = {x: report["summary"][x] for x in ("passed", "judged", "worst_ratio")}
+        out[os.path.basename(p)]["held_out"] = {x: report["summary"]["held_out"][x]
+                                                for x in ("passed", "judged", "worst_ratio")}
+    write_fit_paragraph(fit_paragraph(reports))
+    if orin:
+        regenerate_orin()
+    return dict(constants=k.to_json(), validation=out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", nargs="*", help="measured tune caches (JSON), fitted jointly; default: FIT_CACHES")
@@ -224,7 +344,16 @@ def main(argv=None) -> int:
     p.add_argument("--compiled-usage", action="store_true",
                    help="compile every measured candidate for the device's arch (cached) and give the model its "
                         "registers, shared memory and spills instead of the estimates")
+    p.add_argument("--ship", action="store_true",
+                   help="refit on FIT_CACHES and write the constants into model.py, both validation tables, the "
+                        "docstring's fit paragraph and the modelled Orin caches")
+    p.add_argument("--no-orin", action="store_true", help="with --ship: leave the Orin caches as they are")
     args = p.parse_args(argv)
+    if args.ship:
+        if args.cache or args.compiled_usage:
+            p.error("--ship fits FIT_CACHES with the estimated registers: give no caches and no --compiled-usage")
+        print(json.dumps(ship(orin=not args.no_orin, tolerance=args.tolerance), indent=1))
+        return 0
     r = calibrate(args.cache or None, tolerance=args.tolerance, compiled=args.compiled_usage)
     print(json.dumps({k: v for k, v in r.items() if k != "held_out_rows"}, indent=1))
     return 0

@@ -8,9 +8,10 @@ estimate of its registers and shared memory. Its time on a profile is
     launch cost + the largest of five terms + OVERLAP x the sum of the other four
 
 - DRAM: the launch's unique bytes over the achievable bandwidth (DRAM_EFFICIENCY x peak);
-- atomics: the fp32 atomic-add bytes of the busiest SM's programs over its share (1 / SMs) of ATOMIC_EFFICIENCY x
-  that bandwidth (read-modify-write at the L2, where the accumulator stays; each SM sends its own reductions, so
-  a last partial wave of programs paces them as it does the math: 133 programs on 132 SMs take two rounds);
+- atomics: the fp32 atomic-add bytes of the busiest SM's programs over its share (1 / the SMs that run
+  programs) of ATOMIC_EFFICIENCY x that bandwidth (read-modify-write at the L2, where the accumulator stays;
+  each SM sends its own reductions, so a last partial wave of programs paces them as it does the math: 133
+  programs on 132 SMs take two rounds; 42 programs on 132 SMs share the bandwidth 42 ways);
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
   (occupancy: warps, registers, shared memory). Its three terms are
     chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock): the dependent part of a
@@ -32,15 +33,17 @@ estimate of its registers and shared memory. Its time on a profile is
   H100's earlier up kernel 4 warps beat 8 at 5-16 tokens, not at 64).
 - Shared memory: the compiled size when given, else the kernel's pipelined tiles: num_stages - 1 buffers of a
   K loop's operands, one more on sm_90 where the dot has a multiple of 64 rows and runs as an asynchronous
-  warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both; the
-  small-batch estimates equal Triton 3.9's sm_90 and sm_87 sizes but for the down kernel without pipelining).
+  warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both). The
+  small-batch estimates equal Triton 3.9's compiled sizes for 232 of 240 sm_90 and 127 of 131 sm_87 sampled
+  launches (the rest: 2 KB more for groups of 16 on 8 warps; the unpipelined down kernel's scratch at 17-32
+  rows, half as large on sm_90).
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
   largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts
   show; for the small-batch ones also the MMA operands held in registers). Spilled bytes (compiled, else the
-  excess over the 255-register limit) move
-  through local memory and back once per loop iteration, or once per token per iteration in the decode kernels
-  that reuse the tile for every token: one more round trip each, and in the feed term at a thread's own rate
-  (ILP 16-byte loads in flight per thread), not at the rate of the program's bulk tile loads.
+  excess over the 255-register limit) move through local memory and back once per loop iteration, or once per
+  token per iteration in the decode kernels that reuse the tile for every token: one more round trip each, and
+  in the feed term at a thread's own rate (ILP 16-byte loads in flight per thread), not at the rate of the
+  program's bulk tile loads.
 
 Work per kernel follows the kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of
 the experts are active per token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T)
@@ -56,24 +59,33 @@ chain of its most numerous kind, the longer ones' excess as its tail. The small-
   block of the down kernel that re-reads them: on the H200 each further K-chunk cost the down kernel about
   that at the DRAM rate (benchmarks/results/h200/sweep_tiles_*.json), not the L2's.
 - `_union_down_kernel`: per feature block a shared-expert program (DS / BLOCK_S steps) and one program per
-  group of GROUP experts: the partial logits and mu summed (one round), a loop of GROUP steps whose loads (the
-  w_down block, SPLIT_K partial h tiles) are issued only for active experts, num_stages - 1 steps ahead, one
-  fp32 atomic add of [T, BLOCK_D] per program (the atomics term) and the acq_rel arrival (two rounds); the
-  last arriver's read of the accumulator and write of y is the tail.
+  group of GROUP experts: the partial logits and mu summed (one round), a loop of GROUP steps (four barriers
+  each, as compiled for sm_90) whose loads (the w_down block, SPLIT_K partial h tiles) are issued only for
+  active experts, num_stages - 1 steps ahead, one fp32 atomic add of [T, BLOCK_D] per program (the atomics
+  term) and the acq_rel arrival (two rounds); the last arriver's read of the accumulator and write of y is the
+  tail.
 
 Global constants (one set for every device; fitted by autotune/calibrate.py jointly on the measured caches
 calibrate.FIT_CACHES, each entry on its own device's profile, which reports the fit's in-sample and
-leave-one-geometry-out results, a geometry leaving on every device at once): the values below are the fit on all
-43 judged entries of the H100 (autotune/caches/nvidia-h100-80gb-hbm3_sm90_132sm.json, 31) and H200
-(nvidia-h200_sm90_132sm.json, grouped only, 12) caches with the estimated registers. In-sample the H100 is 31/31
-picks within 10% (worst 1.099) and the H200 11/12 (worst 1.141, grouped d768 t65-512, an entry of 21 measured
-candidates of which 4 lie within 10% of the best); held out 30/31 (worst 1.129) and 10/12 (worst 1.141).
-The H100-only fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile
-nothing (now every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits, as in the small-batch up
-kernel), and its high REG_BASE halved the residency of 8-warp grouped programs, which the 401-candidate H200
-entries show costs nothing. With every measured candidate's compiled registers, shared memory and spills (sm_90,
-Triton 3.9; the caches were measured with Triton 3.6; `calibrate --compiled-usage`) the earlier H100-only refit
-got 29/31 in-sample and 26/31 held out, so the shipped constants and the default validation use the estimates:
+leave-one-geometry-out results, a geometry leaving on every device at once). `python -m
+deco_kernels.autotune.calibrate --ship` refits them, writes them below, regenerates the validation tables and
+the modelled Orin caches, and rewrites this paragraph:
+
+Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 31 entries
+with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 19 of its 20;
+nvidia-h200_sm90_132sm.json: 12 of its 12), with the estimated registers. Model picks within 10% of the measured
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 19/19 (worst 1.099), held out 19/19
+(worst 1.099); NVIDIA H200 12/12 (worst 1.100), held out 12/12 (worst 1.100).
+
+The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone
+(no measured entry of the split-K kernels is fitted on yet); their model was checked against the H200 sweeps
+of the new kernels (benchmarks/results/h200/sweep_tiles_*.json, not fitted on). Earlier fits: the H100-only
+fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile nothing (now
+every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits), and its high REG_BASE halved the
+residency of 8-warp grouped programs, which the 401-candidate H200 entries show costs nothing. With every
+measured candidate's compiled registers, shared memory and spills (sm_90, Triton 3.9; the caches were measured
+with Triton 3.6; `calibrate --compiled-usage`) the earlier H100-only refit got 29/31 in-sample and 26/31 held
+out, so the shipped constants and the default validation use the estimates:
 
     TC_EFFICIENCY     fraction of the tensor-core peak a Triton tile reaches
     FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks; the
@@ -84,8 +96,10 @@ got 29/31 in-sample and 26/31 held out, so the shipped constants and the default
     REG_BASE          registers per thread besides the register tiles (addresses, masks, loop state)
 
 DRAM_EFFICIENCY is measured, not fitted: 2.97 TB/s copy bandwidth of 3.35 TB/s peak on the H100.
-Every term grows with bytes, FLOPs, round trips and programs and shrinks with SMs, bandwidth and clock, so more
-bytes are never predicted faster and more SMs never slower (tests/test_autotune.py checks both).
+Every term grows with bytes, FLOPs, round trips and programs and shrinks with bandwidth and clock, so more
+bytes are never predicted faster (tests/test_autotune.py checks both). Every term but the atomics' shrinks with
+SMs; the atomics' wave quantisation can add at most what its own term grows when SMs are added (8 -> 9 SMs for
+48 programs: 6 rounds of 9 SMs' adds instead of 6 of 8), and the tests check that bound.
 """
 from __future__ import annotations
 
@@ -103,11 +117,11 @@ SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 3
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
-    tc_efficiency: float = 0.826
+    tc_efficiency: float = 0.7
     fma_efficiency: float = 0.5
     atomic_efficiency: float = 1.0
     sync_cycles: float = 200.0
-    overlap: float = 0.301
+    overlap: float = 0.177
     reg_base: float = 80.0
 
     def to_json(self) -> dict:
@@ -220,7 +234,9 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     ending in ONE fp32 atomic add of its [T, BLOCK_D] tile and the arrival counter; the last arriver writes y."""
     c, o = ln.args, ln.options
     warps, stages = o.get("num_warps", 4), o.get("num_stages", 3)
-    pipe = max(stages - 1, 1)
+    # Unpipelined (num_stages 1), a step's loads issue when it starts and nothing hides them: two round trips'
+    # worth per step (the H200 sweeps: 1.5-2.4 µs more per loop step than with 2 stages at 8 tokens).
+    pipe = max(stages - 1, 0.5)
     bd, bt, group, split, bs = c["BLOCK_D"], c["BLOCK_T"], c["GROUP"], c["SPLIT_K"], c["BLOCK_S"]
     given = bool(c["GATES_GIVEN"])
     nd, ngroups = ln.grid[0], ln.grid[1] - 1
@@ -247,12 +263,15 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     # The fp32 accumulator (twice: its copy in the atomics' layout), the w_down block's fragments and the split
     # partial h tiles (weights fitted to Triton 3.9's sm_90 register counts).
     tile = 2 * bt * bd + 0.25 * eb * bd * max(de, bs) + 0.25 * split * bt * max(de, 2 * bs)
+    # Shared memory: the pipelined stages and the activation tile staged for the dot, or (more, without
+    # stages) the scratch through which the accumulator changes layout for the atomics, at most 8192 and at
+    # least 8 values a thread (as compiled for sm_87; sm_90 takes half of it at 17-32 rows), and on sm_90 one
+    # more stage of w_down for the wgmma.
+    smem = max((stages - 1) * max(stage_g, stage_s) + bt * de * eb, 4 * max(min(bt * bd, 8192), 8 * 32 * warps))
+    wgmma = (bd * de * eb if stages > 1 else max(0, bt * bd * 4 - smem)) if _wgmma(bt, warps) else 0
     return Work(ln.name, P, byts, flops, rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
-                syncs=syncs, atomics=atomics, inflight=inflight, tile_regs=tile / (32 * warps),
-                # pipelined stages, the activation tile staged for the dot; without stages the scratch through
-                # which the accumulator changes layout for the atomics
-                smem=max((stages - 1) * max(stage_g, stage_s) + bt * de * eb, bt * bd * 4),
-                wgmma_smem=bd * de * eb if _wgmma(bt, warps) and stages > 1 else 0, iters=group,
+                syncs=syncs, atomics=atomics, inflight=inflight, tile_regs=tile / (32 * warps), smem=smem,
+                wgmma_smem=wgmma, iters=group,
                 tail_rounds=1 + max(0, rounds_s - rounds), tail_syncs=max(0.0, syncs_s - syncs),
                 # Every feature block re-reads its experts' partial tiles: on the H200 each further K-chunk cost
                 # about those bytes at the DRAM rate (sweep_tiles results), so they count as DRAM bytes.
@@ -415,7 +434,8 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     bw = profile.dram_gbps * 1e3 * DRAM_EFFICIENCY                        # bytes per µs
     dram = w.dram if w.dram is not None else w.programs * w.bytes
     t_dram = max(dram, 0.0) / bw
-    t_atomic = per_sm * sms * w.atomics / (bw * k.atomic_efficiency)     # the busiest SM's, at its 1/sms share
+    # the busiest SM's, at its share of the bandwidth among the SMs that run programs
+    t_atomic = per_sm * min(sms, w.programs) * w.atomics / (bw * k.atomic_efficiency)
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
     chain = (waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
              + w.tail_rounds * lat + w.tail_syncs * k.sync_cycles / clk)

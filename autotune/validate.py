@@ -129,6 +129,50 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
     return dict(summary=summary, rows=rows)
 
 
+def sweep_report(sweep_path: str) -> list[dict]:
+    """The cost model against a benchmarks/sweep_tiles.py result (measured µs of bf16 configs of a preset at a
+    few T on one GPU): per T, the model's pick's measured µs over the best measured and the rank correlation of
+    predicted and measured µs. A check of the kernels' model where no tune cache measured them yet."""
+    import torch
+
+    from deco_kernels.config import DecoConfig
+
+    from .buckets import path_of
+
+    with open(sweep_path) as f:
+        data = json.load(f)
+    env = data["environment"]
+    cap = tuple(int(v) for v in str(env["capability"]).split("."))
+    profile = devices.profile_for(dict(name=env["gpu"], capability=cap, sms=env["sms"],
+                                       memory_gb=env.get("memory_bytes", 0) / 2**30,
+                                       fingerprint=devices.fingerprint_of(env["gpu"], cap, env["sms"])))
+    c = DecoConfig.preset(data["preset"])
+    geom = (c.d_model, c.num_experts, c.expert_dim, c.shared_dim)
+    out = []
+    for T in sorted({r["T"] for r in data["rows"]}):
+        measured = {}
+        for r in data["rows"]:
+            if r["T"] == T and r.get("us"):
+                key = tuple(sorted(r["cfg"].items()))
+                measured[key] = min(measured.get(key, r["us"]), r["us"])
+        cfgs, us = [dict(k) for k in measured], list(measured.values())
+        pred = [model.predict(path_of(T), cfg, T, *geom, torch.bfloat16, profile) for cfg in cfgs]
+        pick = min(range(len(cfgs)), key=lambda i: pred[i])
+        out.append(dict(preset=data["preset"], T=T, profile=profile.key, configs=len(cfgs), best_us=min(us),
+                        pick_us=us[pick], ratio=us[pick] / min(us), spearman=_spearman(pred, us), pick=cfgs[pick]))
+    return out
+
+
+def _spearman(a: list, b: list) -> float:
+    def ranks(x):
+        r = [0] * len(x)
+        for k, i in enumerate(sorted(range(len(x)), key=lambda i: x[i])):
+            r[i] = k
+        return r
+    n = len(a)
+    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(ranks(a), ranks(b))) / (n * (n * n - 1)) if n > 1 else 1.0
+
+
 def format_table(report: dict) -> str:
     s = report["summary"]
     lines = [f"model vs measured on {s['device']['name']} (profile {s['profile']}): {s['passed']}/{s['judged']} "

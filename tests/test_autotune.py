@@ -283,6 +283,72 @@ def test_cost_model_more_bytes_or_flops_is_never_faster():
             assert times == sorted(times), (prof.key, v, times)
 
 
+def _split_k_works(profile=H100, limit=10):
+    """The Works of the tensor-core small-batch kernels (split-K up, expert-group down) for a sample of
+    candidates at 8, 16 and 64 tokens, the defaults first."""
+    out = []
+    for T in (8, 16, 64):
+        for cfg in space.candidates("small_batch", T, *GEOM, torch.bfloat16, profile, limit=limit):
+            if cfg["use_dot"]:
+                out += model.works_of(record("small_batch", cfg, T, *GEOM), T, *GEOM, torch.bfloat16)
+    assert {w.name for w in out} == {"_up_kernel", "_union_down_kernel"}
+    return out
+
+
+def test_cost_model_split_k_kernels_more_work_is_never_faster():
+    import dataclasses
+
+    scaled = ("bytes", "dram", "flops", "fma_flops", "atomics", "rounds", "syncs", "tail_rounds", "tail_syncs")
+    for prof in (H100, ORIN):
+        for w in _split_k_works(prof):
+            for field in scaled:
+                base = getattr(w, field) or 1.0
+                times = [model.kernel_us(dataclasses.replace(w, **{field: base * m}), prof) for m in (1, 2, 4)]
+                assert times == sorted(times), (prof.key, w.name, field, times)
+            times = [model.kernel_us(dataclasses.replace(w, programs=w.programs * m), prof) for m in (1, 2, 4)]
+            assert times == sorted(times), (prof.key, w.name, "programs", times)
+
+
+def test_split_k_works_follow_the_kernels():
+    import dataclasses
+
+    d, n, de, ds = GEOM
+    cdiv = lambda a, b: -(-a // b)           # noqa: E731
+
+    def works(T=8, **kw):
+        cfg = dict(space.default_config("small_batch", T, torch.bfloat16, True), **kw)
+        return cfg, model.works_of(record("small_batch", cfg, T, *GEOM), T, *GEOM, torch.bfloat16)
+
+    cfg, (up, down) = works()
+    rows, split, bd, group = cfg["rows"], cfg["split_k"], cfg["block_d"], cfg["group"]
+    # up: (shared row block, chunk) + (expert row block, chunk) + one mu program per chunk, averaged into one Work
+    assert up.programs == up.grid == (cdiv(ds, rows) + n * (de // rows)) * split + split
+    # down: per feature block the shared expert's program and one per group of experts
+    nd, ng = cdiv(d, bd), cdiv(n, group)
+    assert down.programs == down.grid == nd * (1 + ng)
+    # one fp32 atomic add of [T, BLOCK_D] per program (a group adds only when one of its experts is active)
+    total = down.atomics * down.programs
+    assert nd * (1 + 0.9 * ng) * 8 * bd * 4 < total <= nd * (1 + ng) * 8 * bd * 4
+    # larger groups: fewer programs and atomic adds, longer loops
+    _, (_, big) = works(group=4 * group)
+    assert big.programs < down.programs and big.atomics * big.programs < total and big.rounds > down.rounds
+    # more K-chunks: more fp32 partials written by the up kernel and re-read by every feature block
+    _, (up1, down1) = works(split_k=1)
+    assert up1.dram < up.dram and down1.dram < down.dram
+    # ... once by the up kernel, by each of the nd feature blocks (their active experts' tiles) in the down one
+    assert 0.5 * nd < (down.dram - down1.dram) / (up.dram - up1.dram) <= nd
+    # the shared expert's second K loop and the last arriver's epilogue come once per launch, not per wave
+    assert up.tail_rounds > 0 and down.tail_rounds >= 1
+    k = model.with_constants(overlap=0.0)
+    lat = H100.mem_latency_us
+    for w in (up, down):
+        for m in (1, 3):                         # one wave or three: the tail adds at most its own time
+            many = dataclasses.replace(w, programs=w.programs * m)
+            untailed = dataclasses.replace(many, tail_rounds=0, tail_syncs=0)
+            added = model.kernel_us(many, H100, k) - model.kernel_us(untailed, H100, k)
+            assert 0 <= added <= w.tail_rounds * lat + w.tail_syncs * k.sync_cycles / (H100.clock_ghz * 1e3) + 1e-9
+
+
 def test_atomics_are_paced_by_the_busiest_sm():
     # 133 programs put two on one SM: its reductions take twice those of a full first wave
     k = model.with_constants(overlap=0.0)
@@ -322,13 +388,26 @@ def test_wgmma_keeps_one_more_stage_on_hopper_only():
 
 def test_cost_model_more_sms_bandwidth_or_clock_is_never_slower():
     import dataclasses
-    for w in (_work(), _work(programs=7), _work(programs=4000, bytes=1e6), _work(tensor_cores=False, flops=1e8)):
+
+    def atomics_us(w, prof):      # the atomics term: its wave quantisation is the one exception
+        bw = prof.dram_gbps * 1e3 * model.DRAM_EFFICIENCY * model.CONSTANTS.atomic_efficiency
+        return -(-w.programs // prof.sms) * min(prof.sms, w.programs) * w.atomics / bw
+
+    for w in (_work(), _work(programs=7), _work(programs=4000, bytes=1e6), _work(tensor_cores=False, flops=1e8),
+              _work(tail_rounds=3, tail_syncs=20), _work(programs=48, atomics=1e5),
+              *_split_k_works(ORIN, limit=6)):
         for field, values in (("sms", [1, 6, 8, 9, 16, 100, 132, 200]), ("dram_gbps", [50, 204.8, 3350]),
                               ("clock_ghz", [0.6, 1.3, 1.9])):
-            times = [model.kernel_us(w, dataclasses.replace(ORIN, **{field: v})) for v in values]
-            assert times == sorted(times, reverse=True), (field, times)
+            profs = [dataclasses.replace(ORIN, **{field: v}) for v in values]
+            lean = [model.kernel_us(dataclasses.replace(w, atomics=0.0), p) for p in profs]
+            assert lean == sorted(lean, reverse=True), (field, lean)
+            times = [model.kernel_us(w, p) for p in profs]
+            for a in range(len(profs) - 1):
+                slack = max(0.0, atomics_us(w, profs[a + 1]) - atomics_us(w, profs[a])) if field == "sms" else 0.0
+                assert times[a + 1] <= times[a] + slack + 1e-9, (field, times)
     # whole paths: the bigger Orin is never predicted slower than the smaller ones
-    for T, path in ((1, "small_batch"), (8, "small_batch"), (512, "grouped")):
+    for T, path in ((1, "small_batch"), (8, "small_batch"), (16, "small_batch"), (64, "small_batch"),
+                    (512, "grouped")):
         cfg = space.default_config(path, T, torch.bfloat16)
         t = [model.predict(path, cfg, T, *GEOM, torch.bfloat16, devices.PROFILES[k])
              for k in ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb")]
@@ -361,6 +440,24 @@ def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
     assert row["pick_us"] == 20.0 and row["best_us"] == min(r["us"] for r in rows) and not row["passed"]
     assert report["summary"]["judged"] == 1 and report["summary"]["passed"] == 0
     assert "NO" in validate.format_table(report)
+
+
+def test_sweep_report_ranks_the_measured_configs_of_a_sweep(tmp_path):
+    from deco_kernels.autotune import validate
+
+    cfgs = space.candidates("small_batch", 8, 768, 42, 64, 128, torch.bfloat16, H100, limit=5)
+    preds = [model.predict("small_batch", c, 8, 768, 42, 64, 128, torch.bfloat16, H100) for c in cfgs]
+    order = sorted(range(5), key=lambda i: preds[i])
+    rows = [dict(T=8, cfg=cfgs[i], us=10.0 + rank) for rank, i in enumerate(order)]    # measured as modelled
+    rows[0] = dict(rows[0], us=30.0)                                    # ... but the model's pick is slowest
+    rows.append(dict(T=8, cfg=cfgs[0], us=None))                        # a failed config is skipped
+    env = dict(gpu=H100.name, capability="9.0", sms=132, memory_bytes=80 * 2**30)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(dict(preset="0.1b", environment=env, rows=rows)))
+    (r,) = validate.sweep_report(str(path))
+    assert (r["profile"], r["T"], r["configs"]) == ("h100-sxm", 8, 5)
+    assert r["ratio"] == pytest.approx(30.0 / 11.0) and r["pick"] == cfgs[order[0]]
+    assert r["spearman"] == pytest.approx(1 - 6 * (16 + 4 * 1) / (5 * 24))    # ranks 4,0,1,2,3 against 0..4
 
 
 def _synthetic_entries(truth):
@@ -459,6 +556,39 @@ def test_shipped_constants_are_the_joint_fit_on_the_measured_caches():
             s = json.load(f)["summary"]
         assert s["constants"] == model.CONSTANTS.to_json()
         assert sorted(s["held_out"]["fitted_on"]) == sorted(os.path.basename(q) for q in paths)
+    # the docstring's figures are those of the validation tables (calibrate --ship writes both)
+    tables = []
+    for p in paths:
+        with open(os.path.join(os.path.dirname(p), "validation", os.path.basename(p))) as f:
+            tables.append(json.load(f))
+    assert " ".join(calibrate.fit_paragraph(tables).split()) in " ".join(model.__doc__.split())
+
+
+def test_ship_rewrites_the_constants_and_the_fit_paragraph_only(tmp_path):
+    from deco_kernels.autotune import calibrate
+
+    path = str(tmp_path / "model.py")
+    with open(model.__file__) as f:
+        before = f.read()
+    with open(path, "w") as f:
+        f.write(before)
+    k = calibrate.rounded(model.with_constants(tc_efficiency=0.123456, sync_cycles=321.987))
+    assert (k.tc_efficiency, k.sync_cycles) == (0.1235, 322.0)
+    calibrate.write_constants(k, path)
+    calibrate.write_fit_paragraph("Current fit (test): 1/1.", path)
+    with open(path) as f:
+        after = f.read()
+    ns = {}
+    exec(compile(after, path, "exec"), ns)
+    assert ns["Constants"]().to_json() == k.to_json()
+    assert "Current fit (test): 1/1.\n\n" in after and ns["__doc__"].count("Current fit") == 1
+    def rest(src):      # the source without the constants' defaults and the fit paragraph
+        import re
+
+        start = src.index("Current fit (")
+        src = src[:start] + src[src.index("\n\n", start):]
+        return re.sub(r"^    \w+: float = \S+$", "", src, flags=re.M)
+    assert rest(after) == rest(before)
 
 
 def test_grouped_warps_beyond_the_row_tile_split_columns_and_wait_more():
@@ -547,6 +677,22 @@ def test_compiled_usage_replaces_the_estimates():
 
 # ---------------------------------------------------------------- shipped caches and the CLI
 
+def test_no_shipped_cache_entry_was_tuned_for_an_earlier_kernel():
+    """A kernel change that adds a config key (or drops one) must come with re-tuned or removed shipped entries:
+    the lookup ignores an entry lacking a key its kernel reads or holding one it does not know."""
+    from deco_kernels.autotune.validate import parse_key
+
+    files = sorted(f for f in os.listdir(lookup.SHIPPED_DIR) if f.endswith(".json"))
+    assert len(files) >= 6
+    for f in files:
+        data = cache.load(os.path.join(lookup.SHIPPED_DIR, f), check_versions=False)
+        for key, e in data["entries"].items():
+            path, d, n, de, ds, dtype, bucket = parse_key(key)
+            T = e.get("T") or buckets.representative_t(bucket)
+            assert not space.missing_keys(path, e["config"], T, dtype), (f, key)
+            assert set(e["config"]) <= lookup._known_keys(path, T, dtype), (f, key)
+
+
 def test_shipped_orin_caches_are_modelled_and_cover_the_presets():
     shipped = [f for f in os.listdir(lookup.SHIPPED_DIR) if f.startswith("orin")]
     assert sorted(shipped) == sorted(f"{k}.json" for k in devices.ORIN_KEYS)
@@ -581,7 +727,7 @@ def test_cli_tune_measured_without_a_gpu_says_so(tmp_path):
 
 COMPILE_SCRIPT = """
 import sys, torch
-from deco_kernels.autotune import compile as C, devices, space
+from deco_kernels.autotune import compile as C, devices, model, space
 from deco_kernels.autotune.launches import record
 orin = devices.PROFILES["orin-agx-64gb"]
 try:
@@ -593,6 +739,13 @@ try:
         assert u["regs"] is None or 0 < u["regs"] <= 255, u
         assert C.check_fits(dict(u, shared=orin.smem_per_block + 1), orin).startswith("shared memory")
         print(name, u)
+    # the cost model's shared memory of the split-K small-batch kernels is what sm_87 compiles
+    for T in (8, 64):
+        launches = record("small_batch", space.default_config("small_batch", T, torch.bfloat16), T, 768, 42, 64, 128)
+        for ln, w in zip(launches, model.works_of(launches, T, 768, 42, 64, 128, torch.bfloat16)):
+            u = C.compile_launch(ln, (8, 7))
+            assert w.smem == u["shared"], (T, ln.name, w.smem, u)
+            print(T, ln.name, u)
 except C.CompileUnavailable as e:
     print("UNAVAILABLE", e)
 """
