@@ -79,6 +79,17 @@ def test_max_active_ties_go_to_lower_index(triton_device):
     assert bool(((g_ref > 0).sum(-1) == 4).all()) and bool((g_ref[:, :4] > 0).all())
 
 
+@pytest.mark.parametrize("T", [1, 17, 70])
+def test_router_split_over_k(triton_device, T):
+    """Few token blocks split the router's K over programs (d=600: 3 chunks); the last to arrive finishes the
+    block, with the max_active cap (router first) and without (prefill). A second call checks that the arrival
+    counters were left at zero."""
+    x, w = make_layer(T, 600, 13, 16, 16, device=triton_device, seed=31, active=0.4)
+    for _ in range(2):
+        check(x, w, max_active=3)
+        check(x, w, bias=0.1)
+
+
 @pytest.mark.parametrize("T", [3, 65])
 def test_non_contiguous_and_batched_x(triton_device, T):
     x, w = make_layer((2, T), 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)

@@ -22,6 +22,8 @@ SMALL_BATCH_MAX = 64
 FMA_MAX_T = 4
 # Elements of the largest [rows, d] slab one FMA program loads at once.
 FMA_SLAB = 16384
+# Router launches of fewer token blocks than this also split K over programs (see _router).
+ROUTER_SPLIT_BLOCKS = 32
 
 
 def cdiv(a: int, b: int) -> int:
@@ -70,11 +72,17 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
-    _router_kernel[(cdiv(T, block_t),)](
-        x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu,
-        T, n, d, x.stride(0), bias_s, float(threshold), int(max_active or 0),
-        HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        BLOCK_T=block_t, BLOCK_N=max(16, pow2(n)), BLOCK_K=64)
+    blocks = cdiv(T, block_t)
+    # Under ROUTER_SPLIT_BLOCKS token blocks, K is split too (chunks of >= 256 columns), so that a decode step's
+    # router reads w_router on several SMs instead of one.
+    split = min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks)) if blocks < ROUTER_SPLIT_BLOCKS else 1
+    block_n = max(16, pow2(n))
+    part = _empty(split * T * (block_n + 1) if split > 1 else 1, device=x.device, dtype=torch.float32)
+    _router_kernel[(blocks, split)](
+        x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
+        _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), 64) * 64, bias_s,
+        float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
+        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64)
 
 
 def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):

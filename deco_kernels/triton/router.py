@@ -1,7 +1,8 @@
 """Router kernel: fp32 logits, the elastic knobs (max_active included) and the global mean mu = x.wbar.
 
-One program owns BLOCK_T tokens and ALL experts (N <= BLOCK_N), so the per-token top-max_active selection
-happens in registers. For 16-bit x and router weights of the same dtype the logits come from tensor cores
+A token block's gates are finished by one program that holds ALL experts' logits (N <= BLOCK_N), so the
+per-token top-max_active selection happens in registers. Few tokens make few token blocks: then the K
+dimension is split over SPLIT_K programs per block (at T=1 one program would read all of w_router alone). For 16-bit x and router weights of the same dtype the logits come from tensor cores
 with fp32 accumulation: the products of two bf16/fp16 numbers are exact in fp32, so this equals
 fp32(x) @ fp32(w_router)^T up to the order of the sum.
 """
@@ -12,11 +13,16 @@ from ._jit import gate_knobs, router_dot
 
 
 @triton.jit
-def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr,
-                   T, N, D, stride_xt, bias, threshold, max_active,
-                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr,
+def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr, part_ptr, counter_ptr,
+                   T, N, D, stride_xt, k_chunk, bias, threshold, max_active,
+                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr, SPLIT_K: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (i, j) sums K-chunk j (k_chunk columns of d) of the logits and mu of token block i. With
+    SPLIT_K > 1 each writes its partial sums to part [SPLIT_K, T, BLOCK_N + 1] (mu in the last column) and
+    bumps token block i's arrival counter; the last to arrive adds the chunks in chunk order (the result does
+    not depend on which program arrives last), re-zeroes the counter (CUDA graphs) and finishes the block."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     ts = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
@@ -26,7 +32,8 @@ def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr,
 
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     mu = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    k_lo = pid_k * k_chunk
+    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
         x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
@@ -36,6 +43,32 @@ def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr,
         wbar = tl.load(wbar_ptr + ks, mask=kmask, other=0.0)
         mu += tl.sum(x.to(tl.float32) * wbar[None, :], axis=1)
 
+    if SPLIT_K == 1:
+        _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, mu_ptr, T, N, bias, threshold,
+                max_active, HAS_BIAS_VEC, WRITE_GT, BLOCK_T, BLOCK_N)
+    else:
+        row = BLOCK_N + 1
+        part = part_ptr + (pid_k * T + ts64) * row
+        tl.store(part[:, None] + ns[None, :], acc, mask=tmask[:, None])
+        tl.store(part + BLOCK_N, mu, mask=tmask)
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            mu = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):
+                part = part_ptr + (j * T + ts64) * row
+                acc += tl.load(part[:, None] + ns[None, :], mask=tmask[:, None], other=0.0, cache_modifier=".cg")
+                mu += tl.load(part + BLOCK_N, mask=tmask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter_ptr + pid, 0)
+            _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, mu_ptr, T, N, bias,
+                    threshold, max_active, HAS_BIAS_VEC, WRITE_GT, BLOCK_T, BLOCK_N)
+
+
+@triton.jit
+def _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, mu_ptr, T, N, bias, threshold,
+            max_active, HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK_T: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Gates of a token block from its logits acc [BLOCK_T, BLOCK_N]: knobs, the max_active cap, stores."""
     if HAS_BIAS_VEC:
         b = tl.load(bias_ptr + ns, mask=nmask, other=0.0)[None, :]
     else:
