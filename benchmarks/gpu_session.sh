@@ -12,7 +12,8 @@
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
 # MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
 # profile (tile sweep and kernel profile); the last five are not in the default list.
-# Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths; TUNE_BUDGET (s) the tune's
+# Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths, TEST_ARGS replaces "-m gpu"
+# (e.g. TEST_ARGS=-x also runs the interpreter tests, on the GPU); TUNE_BUDGET (s) the tune's
 # budget, TUNE_ARGS more tune arguments (e.g. --kernels small_batch); SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
 set -uo pipefail
 OUT=${OUT:-/tmp/deco_out}
@@ -32,7 +33,7 @@ run_step() {
   case $name in
     check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py ;;
     host) python3 benchmarks/host_overhead.py ;;
-    tests) python3 -m pytest -q $TIMEOUT_FLAG -m gpu ${TESTS:-tests} ;;
+    tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
     tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate ${TUNE_ARGS:-} \
             && cp -r autotune/caches "$RES/tune_caches" ;;
