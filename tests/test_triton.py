@@ -71,12 +71,13 @@ def test_knobs(triton_device, T, knobs):
     check(x, w, **knobs)
 
 
-def test_max_active_ties_go_to_lower_index(triton_device):
+@pytest.mark.parametrize("k", [4, 7])   # 9 active: 4 keeps by rounds of max, 7 drops 2 by rounds of min
+def test_max_active_ties_go_to_lower_index(triton_device, k):
     # Identical router rows give identical gates: max_active must keep the lowest indices.
     x, w = make_layer(4, 32, 9, 16, 16, device=triton_device, seed=11, active="all")
     w["w_router"][:] = w["w_router"][0]
-    g_ref = check(x, w, max_active=4)
-    assert bool(((g_ref > 0).sum(-1) == 4).all()) and bool((g_ref[:, :4] > 0).all())
+    g_ref = check(x, w, max_active=k)
+    assert bool(((g_ref > 0).sum(-1) == k).all()) and bool((g_ref[:, :k] > 0).all())
 
 
 @pytest.mark.parametrize("T", [1, 17, 70])
@@ -283,8 +284,10 @@ def test_gpu_cuda_graph_capture_and_replay(T):
             if T == 1:  # the decode kernels sum in a fixed order: bit-identical
                 assert torch.equal(static_y, eager)
             else:  # the small-batch down kernel adds experts with fp32 atomics: one bf16 rounding step apart
-                # (measured on the H100: eager calls differ among themselves by one ulp in a few elements)
-                torch.testing.assert_close(static_y, eager, rtol=2**-7, atol=0.0)
+                # (measured on the H100: eager calls differ among themselves by one ulp in a few elements), and
+                # near zero, where the sum cancels, by a rounding step of the output's scale (H200: 3e-8)
+                scale = eager.abs().max().item()
+                torch.testing.assert_close(static_y, eager, rtol=2**-7, atol=2**-8 * 2**-7 * scale)
 
 
 @pytest.mark.gpu

@@ -76,17 +76,28 @@ def _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, 
     g = gate_knobs(acc, b, threshold)
     g = tl.where(nmask[None, :], g, 0.0)
     if max_active > 0:
-        # Keep the max_active largest gates per token; among equal gates the lower expert index wins.
-        work = tl.where(nmask[None, :], g, -1.0)
-        keep = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.int32)
-        for _ in range(0, max_active):
-            top = tl.max(work, axis=1)
-            first = tl.min(tl.where(work == top[:, None], ns[None, :], BLOCK_N), axis=1)
-            hit = ns[None, :] == first[:, None]
-            keep = tl.where(hit, 1, keep)
-            work = tl.where(hit, -2.0, work)
-        g = tl.where(keep > 0, g, 0.0)
-
+        # Keep the max_active largest gates per token, among equal gates the lower expert index first: as many
+        # rounds of a row-wise max (keep the next) or min (drop the last) as the smaller of the two sides needs.
+        excess = tl.sum((g > 0).to(tl.int32), axis=1) - max_active
+        rounds = tl.max(excess, axis=0)
+        if rounds > max_active:
+            work = tl.where(nmask[None, :], g, -1.0)
+            keep = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.int32)
+            for _ in range(0, max_active):
+                top = tl.max(work, axis=1)
+                first = tl.min(tl.where(work == top[:, None], ns[None, :], BLOCK_N), axis=1)
+                hit = ns[None, :] == first[:, None]
+                keep = tl.where(hit, 1, keep)
+                work = tl.where(hit, -2.0, work)
+            g = tl.where(keep > 0, g, 0.0)
+        elif rounds > 0:
+            work = tl.where(g > 0, g, float("inf"))
+            for i in range(0, rounds):
+                low = tl.min(work, axis=1)
+                last = tl.max(tl.where(work == low[:, None], ns[None, :], -1), axis=1)
+                hit = (ns[None, :] == last[:, None]) & (i < excess)[:, None]
+                g = tl.where(hit, 0.0, g)
+                work = tl.where(hit, float("inf"), work)
     out_mask = tmask[:, None] & nmask[None, :]
     tl.store(g_ptr + ts64[:, None] * N + ns[None, :], g, mask=out_mask)
     if WRITE_GT:
