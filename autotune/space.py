@@ -1,9 +1,9 @@
 """Search spaces of the kernel paths and their pruning by a device's shared memory and registers.
 
-Regimes (kept in step with ffn.small_batch_config): small_batch with T <= 4 multiplies in registers (use_dot
-False: rows, up_warps, block_d, slots, down_warps); small_batch with 5 <= T <= 64 uses tensor cores (use_dot
-True: rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); grouped is the
-prefill path. Keys are treated generically: a config is a dict, the launcher reads what it knows (and fills
+Regimes (kept in step with ffn.small_batch_config): small_batch multiplies in registers by default for T <= 4
+(use_dot False: rows, up_warps, block_d, slots, down_warps) and on tensor cores for 5 <= T <= 64 (use_dot True:
+rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); from 2 to 8 tokens the
+tune measures both regimes; grouped is the prefill path. Keys are treated generically: a config is a dict, the launcher reads what it knows (and fills
 the small-batch keys a config lacks from the defaults of its regime).
 
 The estimates are conservative first cuts that need no compiler; the exact check is compile.py (modelled
@@ -33,17 +33,26 @@ def _pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-# Up to this many tokens the register-FMA decode kernels compete with the tensor-core ones (the default
-# switches at ffn.FMA_MAX_T = 4): the tune measures both and keeps the faster.
+# From 2 up to this many tokens the register-FMA kernels and the tensor-core ones compete (the default
+# switches at ffn.FMA_MAX_T = 4): the tune measures both and keeps the faster. (On the H200 the split-K
+# tensor-core kernels take 30.5 µs at 1.2b T=8, the tuned FMA kernels 54.6 µs at T=2-4.)
 FMA_CANDIDATE_MAX_T = 8
+
+
+def _fma_max_t() -> int:
+    from deco_kernels.triton import ffn
+
+    return ffn.FMA_MAX_T
 
 
 def spaces_for(path: str, T: int) -> list[dict]:
     """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens."""
     if path == "grouped":
         return [GROUPED]
-    if T <= 4:
+    if T == 1:
         return [SMALL_FMA]
+    if T <= _fma_max_t():
+        return [SMALL_FMA, SMALL_DOT]
     return [SMALL_DOT, SMALL_FMA] if T <= FMA_CANDIDATE_MAX_T else [SMALL_DOT]
 
 

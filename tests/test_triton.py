@@ -206,6 +206,19 @@ def test_cached_config_without_new_keys(triton_device, monkeypatch, T, cached):
     assert dl["BLOCK_D"] == cached["block_d"] and dl["num_warps"] == cached["down_warps"]
 
 
+@pytest.mark.parametrize("T", [2, 4])
+def test_tensor_core_path_below_its_default_range(triton_device, monkeypatch, T):
+    """The tune measures tensor-core candidates from 2 tokens (autotune.space): a cached use_dot config at 2-4
+    tokens runs the split-K kernels (BLOCK_T padded to 16) and matches the reference, knobs included."""
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: triton_ffn.small_batch_config(T, x.dtype, True))
+    up = _LaunchSpy(triton_ffn._up_kernel)
+    monkeypatch.setattr(triton_ffn, "_up_kernel", up)
+    x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=23, active=0.4)
+    check(x, w)
+    check(x, w, bias=0.2, max_active=2)
+    assert all(launch["USE_DOT"] for launch in up.launches) and len(up.launches) == 2
+
+
 def test_small_batch_config_keys():
     """The defaults of each regime carry every key its launcher reads; T picks the regime unless told."""
     dot_keys = {"use_dot", "rows", "block_k", "split_k", "up_warps", "up_stages", "block_d", "group", "down_warps",
