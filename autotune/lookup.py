@@ -131,7 +131,7 @@ def _resolve(dkey, device, path: str, T: int, dtype, d, n, de, ds):
                           f"(no {sorted(missing)}); re-run deco-kernels tune", stacklevel=3)
             continue
         _log_once(info, label, f"{label}: {file}")
-        return {**default_config(path, T, dtype, cfg.get("use_dot") if path == "small_batch" else None), **cfg}
+        return dict(cfg)     # complete: it holds every key of its regime's default
     _log_once(info, "default", "heuristic defaults (no tuned entry)")
     return None
 

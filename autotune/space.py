@@ -3,8 +3,8 @@
 Regimes (kept in step with ffn.small_batch_config): small_batch multiplies in registers by default for T <= 4
 (use_dot False: rows, up_warps, block_d, slots, down_warps) and on tensor cores for 5 <= T <= 64 (use_dot True:
 rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); from 2 to 8 tokens the
-tune measures both regimes; grouped is the prefill path. Keys are treated generically: a config is a dict, the launcher reads what it knows (and fills
-the small-batch keys a config lacks from the defaults of its regime).
+tune measures both regimes; grouped is the prefill path. Keys are treated generically: a config is a dict, the
+launcher reads what it knows (and fills the small-batch keys a partial config lacks from its regime's defaults).
 
 The estimates are conservative first cuts that need no compiler; the exact check is compile.py (modelled
 devices) or the runner catching an out-of-resources error (measured devices). Triton's pipeliner keeps
@@ -39,25 +39,18 @@ def _pow2(x: int) -> int:
 FMA_CANDIDATE_MAX_T = 8
 
 
-def _fma_max_t() -> int:
-    from deco_kernels.triton import ffn
-
-    return ffn.FMA_MAX_T
-
-
 def spaces_for(path: str, T: int) -> list[dict]:
     """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens."""
     if path == "grouped":
         return [GROUPED]
     if T == 1:
         return [SMALL_FMA]
-    if T <= _fma_max_t():
-        return [SMALL_FMA, SMALL_DOT]
     return [SMALL_DOT, SMALL_FMA] if T <= FMA_CANDIDATE_MAX_T else [SMALL_DOT]
 
 
 def default_config(path: str, T: int, dtype, use_dot: bool | None = None) -> dict:
-    """The launcher's default config of `path` at T tokens; use_dot picks a small-batch regime (None: by T)."""
+    """The launcher's default config of `path` at T tokens; use_dot picks a small-batch regime (None: by T;
+    the grouped path has one)."""
     from deco_kernels.triton import ffn
 
     return dict(ffn.small_batch_config(T, dtype, use_dot) if path == "small_batch" else ffn.grouped_config(T))
@@ -66,7 +59,7 @@ def default_config(path: str, T: int, dtype, use_dot: bool | None = None) -> dic
 def missing_keys(path: str, cfg: dict, T: int, dtype) -> set:
     """The keys the current kernels of cfg's regime read that `cfg` lacks: a cached config without them was
     tuned for an earlier kernel (e.g. before split_k existed), so its other values are not a tuned choice."""
-    return set(default_config(path, T, dtype, cfg.get("use_dot") if path == "small_batch" else None)) - set(cfg)
+    return set(default_config(path, T, dtype, cfg.get("use_dot"))) - set(cfg)
 
 
 def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:

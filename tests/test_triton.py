@@ -210,10 +210,11 @@ def test_cached_config_without_new_keys(triton_device, monkeypatch, T, cached):
 def test_tensor_core_path_below_its_default_range(triton_device, monkeypatch, T):
     """The tune measures tensor-core candidates from 2 tokens (autotune.space): a cached use_dot config at 2-4
     tokens runs the split-K kernels (BLOCK_T padded to 16) and matches the reference, knobs included."""
-    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: triton_ffn.small_batch_config(T, x.dtype, True))
+    x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=23, active=0.4)
+    cfg = triton_ffn.small_batch_config(T, x.dtype, use_dot=True)
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: cfg)
     up = _LaunchSpy(triton_ffn._up_kernel)
     monkeypatch.setattr(triton_ffn, "_up_kernel", up)
-    x, w = make_layer(T, 40, 13, 32, 24, device=triton_device, seed=23, active=0.4)
     check(x, w)
     check(x, w, bias=0.2, max_active=2)
     assert all(launch["USE_DOT"] for launch in up.launches) and len(up.launches) == 2

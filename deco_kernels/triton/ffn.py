@@ -75,9 +75,9 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     blocks = cdiv(T, block_t)
     # Under ROUTER_SPLIT_BLOCKS token blocks, K is split too (chunks of >= 256 columns), so that a decode step's
     # router reads w_router on several SMs instead of one.
-    split = min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks)) if blocks < ROUTER_SPLIT_BLOCKS else 1
+    split = min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks))
     block_n = max(16, pow2(n))
-    part = _empty(split * T * (block_n + 1) if split > 1 else 1, device=x.device, dtype=torch.float32)
+    part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
     _router_kernel[(blocks, split)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), 64) * 64, bias_s,
