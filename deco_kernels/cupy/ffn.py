@@ -21,6 +21,9 @@ _modules: dict = {}   # (device index, compile options) -> cupy.RawModule
 _kernels: dict = {}   # (device index, compile options, kernel name) -> cupy.RawKernel
 _streams: dict = {}   # (device index, stream handle) -> cupy stream wrapping torch's
 _scratch: dict = {}
+# The prefill down-projection adds four adjacent fp32 values with one red.global.add.v4.f32 on sm_90 when d % 4
+# == 0; False forces scalar atomics (benchmarks/probe_decode_paths.py times both).
+VECTOR_REDUCTIONS = True
 
 
 def _empty(*shape, device, dtype):
@@ -165,7 +168,7 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float().contiguous()
     launch("deco_prefill_expert", grids["expert"], grids["expert_threads"],
            _p(x), xs, _p(w["w_up"]), _p(w["w_down"]), _p(tokens), _p(counts), _p(g), _p(mu),
-           _p(w["router_scale"]), _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _i32(d % 4 == 0),
+           _p(w["router_scale"]), _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _i32(VECTOR_REDUCTIONS and d % 4 == 0),
            _f32(NORM_EPS), _p(acc))
     y.copy_(acc)
 
