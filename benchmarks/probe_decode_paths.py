@@ -19,6 +19,8 @@ from deco_kernels.triton import ffn  # noqa: E402
 
 from probe_small_batch import kernel_us  # noqa: E402
 
+COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_scalar_red")
+
 
 def variants(x, w, dense, T):
     """name -> (call, FMA_MAX_T to set while it runs or None)."""
@@ -32,7 +34,19 @@ def variants(x, w, dense, T):
         out["triton"] = (lambda: ops.deco_ffn(x, **w, backend="triton"), None)
     if backends.available("cupy", x.device):
         out["cupy"] = (lambda: ops.deco_ffn(x, **w, backend="cupy"), None)
+        if T > 8:
+            out["cupy_scalar_red"] = (lambda: scalar_reductions(lambda: ops.deco_ffn(x, **w, backend="cupy")), None)
     return out
+
+
+def scalar_reductions(fn):
+    """fn() with the CuPy prefill's vector reductions off."""
+    from deco_kernels.cupy import ffn as cupy_ffn
+    cupy_ffn.VECTOR_REDUCTIONS = False
+    try:
+        return fn()
+    finally:
+        cupy_ffn.VECTOR_REDUCTIONS = True
 
 
 def main():
@@ -63,14 +77,12 @@ def main():
                     ffn.FMA_MAX_T = default_fma
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"{'preset':>6} {'T':>5} " + " ".join(f"{v:>11}" for v in ("dense_twin", "triton_fma", "triton_dot",
-                                                                     "triton", "cupy")))
+    print(f"{'preset':>6} {'T':>5} " + " ".join(f"{v:>11}" for v in COLUMNS))
     for preset in args.presets:
         for T in args.tokens + args.prefill:
             got = {r["variant"]: r.get("graph_us") for r in rows if r["preset"] == preset and r["T"] == T}
             print(f"{preset:>6} {T:>5} " + " ".join(f"{got[v]:11.1f}" if got.get(v) else f"{'-':>11}"
-                                                   for v in ("dense_twin", "triton_fma", "triton_dot", "triton",
-                                                             "cupy")))
+                                                   for v in COLUMNS))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=environment(), rows=rows), f, indent=1)
