@@ -1,6 +1,6 @@
 """Shape buckets: the cache key of a call is (path, layer geometry, token-count bucket), never a raw token count.
 
-Bucket edges follow the kernels' own regimes: T <= 4 multiplies in registers (ffn.FMA_MAX_T), T <= 64 is the
+Bucket edges follow the kernels' own regimes: T <= 2 multiplies in registers (ffn.FMA_MAX_T), T <= 64 is the
 small-batch union path (ffn.SMALL_BATCH_MAX), larger T groups tokens by expert. A bucket is tuned at its
 representative T (its upper end, or 4096 for the open-ended last one): the largest T of a bucket has the most
 active experts and the largest tiles, so its config is the safe one for the rest of the bucket.
@@ -10,7 +10,8 @@ from __future__ import annotations
 # (label, lowest T, highest T, T the tuner measures)
 BUCKETS = (
     ("t1", 1, 1, 1),
-    ("t2-4", 2, 4, 4),
+    ("t2", 2, 2, 2),
+    ("t3-4", 3, 4, 4),
     ("t5-8", 5, 8, 8),
     ("t9-16", 9, 16, 16),
     ("t17-64", 17, 64, 64),

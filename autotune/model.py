@@ -71,11 +71,11 @@ leave-one-geometry-out results, a geometry leaving on every device at once). `py
 deco_kernels.autotune.calibrate --ship` refits them, writes them below, regenerates the validation tables and
 the modelled Orin caches, and rewrites this paragraph:
 
-Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 41 entries
-with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 19 of its 20;
-nvidia-h200_sm90_132sm.json: 22 of its 22), with the estimated registers. Model picks within 10% of the measured
-best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 19/19 (worst 1.099), held out 19/19
-(worst 1.099); NVIDIA H200 21/22 (worst 1.170), held out 21/22 (worst 1.170).
+Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 35 entries
+with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 15 of its 16;
+nvidia-h200_sm90_132sm.json: 20 of its 20), with the estimated registers. Model picks within 10% of the measured
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 15/15 (worst 1.099), held out 15/15
+(worst 1.099); NVIDIA H200 19/20 (worst 1.170), held out 19/20 (worst 1.170).
 
 The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone
 (no measured entry of the split-K kernels is fitted on yet); their model was checked against the H200 sweeps

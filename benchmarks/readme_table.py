@@ -69,7 +69,7 @@ def model_table(result: dict) -> str:
     lines = [f"Whole model, DECO vs the dense-twin model, routers calibrated to ~{100 * part['target_ratio']:.0f}% "
              f"active: batch-1 decode after {first.get('decode_context', '?')} cached tokens "
              f"({first.get('decode_method', '?').replace('_', ' ')}), prefill of {first.get('prefill_tokens', '?')} "
-             f"tokens, training step (forward, backward, AdamW) on {first.get('train_tokens', '?')} tokens. The "
+             f"tokens ({first.get('prefill_method', 'eager').replace('_', ' ')}), training step (forward, backward, AdamW) on {first.get('train_tokens', '?')} tokens. The "
              f"floor ratio is the weights read per decoded token, dense over DECO (attention, the embedding row "
              f"and the LM head do not shrink); the fraction is the measured decode speed-up over it.", "",
              "| preset | decode active | decode tok/s DECO / dense | decode x | floor ratio | fraction of floor "

@@ -497,7 +497,8 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
     Decode: the model's whole forward for one token after a KV cache of ``context`` tokens, captured as one
     CUDA graph (``graphs``); a replay re-decodes position ``context`` (the model's cache is concatenated, not
     preallocated, so the graph keeps the cache length fixed), and tokens/s = 1 / median replay time. Prefill:
-    one forward of ``prefill_tokens`` tokens without a cache. Training: zero_grad, forward with labels (CE plus
+    one forward of ``prefill_tokens`` tokens without a cache, also under a CUDA graph when ``graphs`` (its
+    eager time, host launches included, is kept as prefill_eager_us). Training: zero_grad, forward with labels (CE plus
     the entropy regulariser), backward and an AdamW step on ``train_tokens`` tokens; DECO layers take backend
     "auto" (the Triton sparse training path on a GPU). Each figure that fails is recorded with its error."""
     figures: dict = {"errors": {}}
@@ -554,7 +555,15 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
             _memory_reset(device)
             prompt = ids(prefill_tokens)
             figures["prefill_tokens"] = prefill_tokens
-            figures["prefill_us"] = timer(lambda: model(prompt), False)
+            figures["prefill_eager_us"] = timer(lambda: model(prompt), False)
+            figures["prefill_method"] = "eager"
+            figures["prefill_us"] = figures["prefill_eager_us"]
+            if graphs:  # the prefill path has no host synchronisation: a graph times the kernels, not the host
+                try:
+                    figures["prefill_us"] = timer(lambda: model(prompt), True)
+                    figures["prefill_method"] = "cuda_graph"
+                except Exception as exc:  # noqa: BLE001  (keep the eager time, and say why)
+                    figures["errors"]["prefill_graph"] = _error(exc)
             figures["prefill_tokens_per_s"] = prefill_tokens / (figures["prefill_us"] * 1e-6)
             figures["prefill_peak_bytes"] = _memory_peak(device)
         except Exception as exc:  # noqa: BLE001

@@ -178,6 +178,7 @@ def test_model_row_on_cpu():
     assert deco["calibration"]["reached"] and abs(deco["calibration"]["mean_ratio"] - 0.2) <= 0.01
     for m in (deco, dense):
         assert m["decode_method"] == "eager" and m["decode_tokens_per_s"] > 0
+        assert m["prefill_method"] == "eager" and m["prefill_us"] == m["prefill_eager_us"]
         assert m["prefill_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0
     assert "decode_active_ratio" in deco and "decode_active_ratio" not in dense
     floors = bench.model_floor(TINY, deco["decode_active_ratio"], 8, 4, 1e9)

@@ -18,7 +18,7 @@ expert, so there is no cross-program reduction: it compacts the active experts f
 (cumsum, no host sync), applies NormSiLU + the scaled gate to their h, multiplies by the [BLOCK_D, SLOTS, DE]
 gather of w_down, adds the shared expert and writes y.
 
-Small batches (5-64 tokens, tensor cores, USE_DOT): split-K up, expert-group down.
+Small batches (3-64 tokens, tensor cores, USE_DOT): split-K up, expert-group down.
 
 Measured on the H100 at 1.2b, T=8, the previous design (one up program per whole expert; one down program per
 (feature block, expert)) was slower than the dense twin (55 vs 40 µs): the up kernel ran 104 programs
