@@ -225,10 +225,11 @@ def test_small_batch_config_keys():
     dot_keys = {"use_dot", "rows", "block_k", "split_k", "up_warps", "up_stages", "block_d", "group", "down_warps",
                 "down_stages"}
     fma_keys = {"use_dot", "rows", "up_warps", "block_d", "slots", "down_warps"}
-    for T in (5, 8, 16, 17, 64):
+    fma_max = triton_ffn.FMA_MAX_T
+    for T in (fma_max + 1, 8, 16, 17, 64):
         assert set(triton_ffn.small_batch_config(T)) == dot_keys
         assert set(triton_ffn.small_batch_config(T, torch.bfloat16, False)) == fma_keys
-    for T in (1, 4):
+    for T in (1, fma_max):
         assert set(triton_ffn.small_batch_config(T)) == fma_keys
         assert set(triton_ffn.small_batch_config(T, torch.float32, True)) == dot_keys
 
