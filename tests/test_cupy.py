@@ -44,7 +44,9 @@ def test_decode_grids_cover_every_row_and_feature(n, de, ds, d):
     grids = geo.decode_grids(n, de, ds, d)
     w = geo.DECODE_WARPS
     assert (grids["router"] - 1) * w < n + 1 <= grids["router"] * w      # every router row + the wbar row
-    assert grids["up"] * w >= n * de + ds and (n * (de // w)) * w == n * de  # 8-row blocks never straddle experts
+    # up: the shared expert's 8-row blocks, the mu block, then 8-row blocks that never straddle experts
+    assert (grids["up_shared"] - 1) * w < ds <= grids["up_shared"] * w
+    assert grids["up"] == grids["up_shared"] + 1 + n * de // w and de % w == 0
     assert (grids["down"] - 1) * w < d <= grids["down"] * w
 
 
@@ -98,7 +100,8 @@ def test_compile_options():
 def kernel_signatures() -> dict:
     """{kernel name: [C parameter types]} of every extern "C" kernel in the shipped source."""
     src = geo.source().replace("\\\n", " ")
-    found = re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s*(deco_\w+)\(([^)]*)\)', src)
+    bounds = r'(?:__launch_bounds__\([^)]*\)|DECODE_BOUNDS_\w+)'
+    found = re.findall(r'extern "C" __global__ void ' + bounds + r'\s*(deco_\w+)\(([^)]*)\)', src)
     sigs = {}
     for name, params in found:
         sigs[name] = [" ".join(p.split()[:-1]) for p in params.split(",")]
@@ -170,8 +173,13 @@ def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs)
     path = ffn_without_gpu._decode if T <= geo.DECODE_MAX_T else ffn_without_gpu._prefill
     path(launch, x, w, wbar, knobs["bias_s"], bias_v, 0.1, knobs["max_active"], g, y, True)
     sigs = kernel_signatures()
-    expected = geo.DECODE_KERNELS if T <= geo.DECODE_MAX_T else geo.PREFILL_KERNELS
+    expected = geo.decode_kernels(knobs["max_active"]) if T <= geo.DECODE_MAX_T else geo.PREFILL_KERNELS
     assert [c[0] for c in launch.calls] == list(expected)
+    if T <= geo.DECODE_MAX_T:  # the router runs only for max_active; the up kernel then reads the gates
+        assert (expected[0] == "deco_decode_router") == (knobs["max_active"] is not None)
+        up_args = next(c[3] for c in launch.calls if c[0] == "deco_decode_up")
+        gates_given = sigs["deco_decode_up"].index("int")  # the first int parameter
+        assert int(up_args[gates_given]) == int(knobs["max_active"] is not None)
     for name, grid, threads, args, spec in launch.calls:
         params = sigs[name]
         assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
@@ -224,6 +232,45 @@ def test_nvcc_compiles_every_kernel(tmp_path):
         tile = geo.expert_tile(x, de, warps)
         assert smem["deco_prefill_expert"] == tile["smem"] + 20 * tile["bm"], case
         assert smem["deco_prefill_router"] == geo.router_tile(x, router)["smem"] + 8 * geo.ROUTER_TOKENS, case
+
+
+SPILL_CASES = [  # (arch, x dtype, decode_tt, de): the T=1 and T=8 extremes, optimised as NVRTC does
+    ("sm_90", BF16, 1, 64), ("sm_90", FP16, 2, 128), ("sm_87", FP32, 8, 16), ("sm_87", BF16, 4, 32),
+]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_decode_kernels_do_not_spill(tmp_path):
+    src = tmp_path / "deco.cu"
+    src.write_text(geo.source())
+
+    def compile_one(case):
+        arch, x, tt, de = case
+        opts = geo.compile_options(x, x, x, x, de, decode_tt=tt)
+        cmd = ["nvcc", *opts, f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / f"{hash(case)}.cubin"),
+               str(src)]
+        return case, subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(compile_one, SPILL_CASES))
+    for case, proc in results:
+        assert proc.returncode == 0, f"{case}:\n{proc.stderr[-3000:]}"
+        frames = ptxas_stack(proc.stderr)
+        assert set(geo.DECODE_KERNELS) <= set(frames)
+        assert all(frames[name] == (0, 0, 0) for name in geo.DECODE_KERNELS), (case, frames)
+
+
+def ptxas_stack(log: str) -> dict:
+    """{kernel: (stack frame, spill store, spill load bytes)} from ptxas -v output."""
+    found, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            found[name] = tuple(int(v) for v in m.groups())
+    return found
 
 
 def ptxas_smem(log: str) -> dict:

@@ -59,7 +59,15 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+// a / b within 2 ulp over the whole range, without the IEEE division's slow-path subroutine (whose call frame
+// ptxas reports as local-memory spills); Triton divides the same way.
+__device__ __forceinline__ float div_full(float a, float b) {
+    float r;
+    asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float silu(float v) { return div_full(v, 1.0f + expf(-v)); }
 
 // A load that bypasses L1: values written by other blocks of the same launch (last-arriver patterns).
 __device__ __forceinline__ float ld_cg(const float* p) {
@@ -110,18 +118,14 @@ __device__ __forceinline__ void load8(const float* p, bool vec, float o[8]) {
     }
 }
 
-// out[t] = x[t, :D] . w[:D] in fp32 for t < ntok (0 for t >= ntok), summed over the warp: every lane gets it.
-// vec: D % 8 == 0 and every row 16-byte aligned (each lane reads 8 elements at once).
+// acc[t] += this thread's share of x[t, :D] . w[:D] in fp32 for t < ntok: thread i of n reads the 8-element
+// chunks i, i + n, ... (vec: D % 8 == 0 and every row 16-byte aligned) or the elements i, i + n, ...
 template <int TT, typename W>
-__device__ __forceinline__ void warp_dot(const W* w, const ELEM_T* x, long long xs, int ntok, int D, bool vec,
-                                         float out[TT]) {
-    const int lane = threadIdx.x & 31;
-    float acc[TT];
-#pragma unroll
-    for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+__device__ __forceinline__ void thread_dot(const W* w, const ELEM_T* x, long long xs, int ntok, int D, bool vec,
+                                           int i, int n, float acc[TT]) {
     if (vec) {
-#pragma unroll 4
-        for (int k = lane * 8; k < D; k += 256) {
+#pragma unroll(TT <= 2 ? 4 : 2)  // loads in flight without spilling registers at 4-8 tokens
+        for (int k = i * 8; k < D; k += n * 8) {
             float wv[8];
             load8(w + k, true, wv);
 #pragma unroll
@@ -135,15 +139,31 @@ __device__ __forceinline__ void warp_dot(const W* w, const ELEM_T* x, long long 
             }
         }
     } else {
-        for (int k = lane; k < D; k += 32) {
+        for (int k = i; k < D; k += n) {
             const float wv = to_f(w[k]);
 #pragma unroll
             for (int t = 0; t < TT; ++t)
                 if (t < ntok) acc[t] += wv * to_f(x[t * xs + k]);
         }
     }
+}
+
+// out[t] = x[t, :D] . w[:D] in fp32 for t < ntok (0 for t >= ntok), summed over the warp: every lane gets it.
+template <int TT, typename W>
+__device__ __forceinline__ void warp_dot(const W* w, const ELEM_T* x, long long xs, int ntok, int D, bool vec,
+                                         float out[TT]) {
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+    thread_dot<TT>(w, x, xs, ntok, D, vec, threadIdx.x & 31, 32, acc);
 #pragma unroll
     for (int t = 0; t < TT; ++t) out[t] = warp_sum(acc[t]);
+}
+
+// A gate from its router logit r and the expert's bias b (SPEC §4): relu(r + b), cut to 0 unless > threshold.
+__device__ __forceinline__ float gate_knobs(float r, float b, float threshold) {
+    const float gate = fmaxf(r + b, 0.0f);
+    return gate > threshold ? gate : 0.0f;
 }
 
 // Final gates of token t (SPEC §4), by one warp: g_row holds the raw router logits of the token (written by any
@@ -153,9 +173,7 @@ __device__ void finish_token_gates(float* g_row, float* gt, int t, int T, int N,
                                    float bias_s, float threshold, int max_active) {
     const int lane = threadIdx.x & 31;
     for (int e = lane; e < N; e += 32) {
-        const float b = bias_v ? bias_v[e] : bias_s;
-        float gate = fmaxf(ld_cg(g_row + e) + b, 0.0f);
-        gate = gate > threshold ? gate : 0.0f;
+        const float gate = gate_knobs(ld_cg(g_row + e), bias_v ? bias_v[e] : bias_s, threshold);
         g_row[e] = gate;
         if (max_active <= 0) gt[(long long)e * T + t] = gate;
     }

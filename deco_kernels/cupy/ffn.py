@@ -126,25 +126,26 @@ def _decode(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, vec
     dev = x.device
     launch = launch.specialise(decode_tt=geo.tokens_per_pass(T))
     grids = geo.decode_grids(n, de, ds, d)
-    f32, i32 = torch.float32, torch.int32
-    gt = _empty(n, T, device=dev, dtype=f32)
+    f32 = torch.float32
     mu = _empty(T, device=dev, dtype=f32)
-    active = _empty(n, device=dev, dtype=i32)
-    count = _empty(1, device=dev, dtype=i32)
     h = _empty(T, n * de, device=dev, dtype=f32)
     hs = _empty(T, ds, device=dev, dtype=f32)
     xs = _i64(x.stride(0))
-    launch("deco_decode_router", (grids["router"],), geo.DECODE_THREADS,
-           _p(x), xs, _p(w["w_router"]), _p(wbar), _p(bias_v), _f32(bias_s), _f32(threshold),
-           _i32(max_active or 0), _i32(T), _i32(n), _i32(d), _i32(vec), _p(g), _p(gt), _p(mu), _p(active),
-           _p(count), _p(_zeroed(dev, i32, 1)))
+    gates_given = max_active is not None
+    if gates_given:  # the top-k needs all of a token's logits: the router kernel writes g and mu first
+        gt = _empty(n, T, device=dev, dtype=f32)
+        launch("deco_decode_router", (grids["router"],), geo.DECODE_THREADS,
+               _p(x), xs, _p(w["w_router"]), _p(wbar), _p(bias_v), _f32(bias_s), _f32(threshold),
+               _i32(max_active), _i32(T), _i32(n), _i32(d), _i32(vec), _p(g), _p(gt), _p(mu),
+               _p(_zeroed(dev, torch.int32, 1)))
     launch("deco_decode_up", (grids["up"],), geo.DECODE_THREADS,
-           _p(x), xs, _p(w["w_up"]), _p(w["ws_gate"]), _p(w["ws_up"]), _p(active), _p(count),
-           _i32(T), _i32(n), _i32(d), _i32(ds), _i32(vec), _p(h), _p(hs))
+           _p(x), xs, _p(w["w_router"]), _p(wbar), _p(w["w_up"]), _p(w["ws_gate"]), _p(w["ws_up"]), _p(bias_v),
+           _f32(bias_s), _f32(threshold), _i32(gates_given), _i32(T), _i32(n), _i32(d), _i32(ds), _i32(vec),
+           _p(g), _p(mu), _p(h), _p(hs))
     launch("deco_decode_down", (grids["down"],), geo.DECODE_THREADS,
            _p(h), _p(hs), _p(mu), _p(g), _p(w["router_scale"]), _p(w["gamma"]), _p(w["w_down"]),
-           _p(w["ws_down"]), _p(active), _p(count), _i32(T), _i32(n), _i32(d), _i32(ds), _i32(vec),
-           _f32(NORM_EPS), _p(y), _i64(y.stride(0)))
+           _p(w["ws_down"]), _i32(T), _i32(n), _i32(d), _i32(ds), _i32(vec), _f32(NORM_EPS), _p(y),
+           _i64(y.stride(0)))
 
 
 def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, vec):
@@ -178,7 +179,9 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
              ldmatrix=True):
     """Forward of one DECO layer on CuPy; same contract as deco_kernels.ops.deco_ffn (inference only).
 
-    T <= geometry.DECODE_MAX_T tokens take the decode kernels (three launches, CUDA-graph capturable), more take
+    T <= geometry.DECODE_MAX_T tokens take the decode kernels (two launches, CUDA-graph capturable: the up
+    kernel computes each expert's gates and skips inactive experts, the down kernel finds the active experts
+    from the gates; a router launch runs first for max_active, whose top-k needs all of a token's logits), more take
     the grouped prefill kernels (router, grouping, fused expert up + NormSiLU + down with fp32 atomics; the
     shared expert through cuBLAS). ``ldmatrix=False`` loads tensor-core fragments with plain shared loads
     (a debugging switch; same results)."""

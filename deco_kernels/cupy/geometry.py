@@ -10,8 +10,8 @@ from importlib import resources
 
 import torch
 
-# Up to this many tokens the decode kernels (register FMAs, three launches) run; above, tokens are grouped by
-# expert and multiplied on tensor cores, which wins as soon as several tokens share an expert.
+# Up to this many tokens the decode kernels (register FMAs, two launches; three with max_active) run; above,
+# tokens are grouped by expert and multiplied on tensor cores, which wins as soon as several tokens share an expert.
 DECODE_MAX_T = 8
 DECODE_THREADS = 256  # 8 warps: one router row / up row / output feature per warp
 DECODE_WARPS = DECODE_THREADS // 32
@@ -78,11 +78,19 @@ def tokens_per_pass(T: int) -> int:
     return 1 << (T - 1).bit_length()
 
 
+def decode_kernels(max_active) -> tuple:
+    """The decode launches in order: the router kernel runs first only for max_active (a top-k needs all of a
+    token's logits at once); otherwise each up block computes its own expert's gates."""
+    return DECODE_KERNELS if max_active is not None else DECODE_KERNELS[1:]
+
+
 def decode_grids(n: int, de: int, ds: int, d: int) -> dict:
-    """Blocks of the three decode launches (DECODE_THREADS threads each): router rows (+1 for wbar), up blocks of
-    every (expert, 8 rows) plus the shared expert's, one warp per output feature."""
+    """Blocks of the decode launches (DECODE_THREADS threads each): router rows (+1 for wbar); up: the shared
+    expert's 8-row blocks, one block for mu = x.wbar, then a block per (expert, 8 rows) (``up_shared``: the
+    index of the mu block); down: one warp per output feature."""
+    shared = math.ceil(ds / DECODE_WARPS)
     return dict(router=math.ceil((n + 1) / DECODE_WARPS),
-                up=n * (de // DECODE_WARPS) + math.ceil(ds / DECODE_WARPS),
+                up=shared + 1 + n * (de // DECODE_WARPS), up_shared=shared,
                 down=math.ceil(d / DECODE_WARPS))
 
 
