@@ -19,7 +19,7 @@ from deco_kernels.triton import ffn  # noqa: E402
 
 from probe_small_batch import kernel_us  # noqa: E402
 
-COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_scalar_red")
+COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_prefill", "cupy_scalar_red")
 
 
 def variants(x, w, dense, T):
@@ -36,7 +36,19 @@ def variants(x, w, dense, T):
         out["cupy"] = (lambda: ops.deco_ffn(x, **w, backend="cupy"), None)
         if T > 8:
             out["cupy_scalar_red"] = (lambda: scalar_reductions(lambda: ops.deco_ffn(x, **w, backend="cupy")), None)
+        elif T > 1:
+            out["cupy_prefill"] = (lambda: prefill_path(lambda: ops.deco_ffn(x, **w, backend="cupy")), None)
     return out
+
+
+def prefill_path(fn):
+    """fn() with the CuPy backend's grouped (prefill) kernels at any token count."""
+    from deco_kernels.cupy import geometry
+    saved, geometry.DECODE_MAX_T = geometry.DECODE_MAX_T, 0
+    try:
+        return fn()
+    finally:
+        geometry.DECODE_MAX_T = saved
 
 
 def scalar_reductions(fn):
