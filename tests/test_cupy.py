@@ -56,20 +56,27 @@ def test_prefill_tiles_fit_shared_memory(dtype, de):
     for T in (9, 65, 300, 4096):
         warps = geo.prefill_warps(T, dtype, de)
         tile = geo.expert_tile(dtype, de, warps)
-        assert tile["fits"] and tile["smem"] <= geo.SMEM_LIMIT
-        assert tile["bd"] in (16, 32, 64) and tile["bk"] * torch.empty((), dtype=dtype).element_size() == 64
-        grids = geo.prefill_grids(T, 13, dtype, de)
-        assert grids["expert"][0] == 13 and grids["expert"][1] * tile["bm"] >= T
+        assert tile["fits"] and tile["smem"] <= geo.SMEM_LIMIT and tile["down_smem"] <= geo.DOWN_SMEM_LIMIT
+        assert tile["down_smem"] <= 163 * 1024  # Jetson Orin's opt-in limit per block
+        assert tile["bd"] == 64 and tile["bk"] * torch.empty((), dtype=dtype).element_size() == 64
+        for d in (40, 77, 768, 1792):
+            grids = geo.prefill_grids(T, 13, d, dtype, de)
+            assert grids["up"] == grids["down"][:2] and grids["up"][0] == 13 and grids["up"][1] * tile["bm"] >= T
+            fb, splits = grids["fb"], grids["down"][2]
+            assert fb % tile["bd"] == 0 and splits * fb >= d > (splits - 1) * fb  # every feature, no empty block
+            assert grids["down_smem"] == tile["down_smem"]
         assert grids["router"][0] * geo.ROUTER_TOKENS >= T > (grids["router"][0] - 1) * geo.ROUTER_TOKENS
         assert tile["stages"] >= 2 and geo.router_tile(dtype, FP32)["fits"] and geo.router_tile(dtype, BF16)["fits"]
     assert geo.prefill_warps(4096, BF16, 64) == 4 and geo.prefill_warps(300, BF16, 64) == 1
 
 
 def test_prefill_tile_is_the_widest_that_fits():
-    # fp32 with de=128 does not fit four warps: the plan must fall back to two
+    # fp32 with de=128 does not fit four warps in prefill_down's budget: the plan must fall back to two
     assert not geo.expert_tile(FP32, 128, 4)["fits"]
     assert geo.prefill_warps(4096, FP32, 128) == 2
-    assert geo.expert_tile(BF16, 64, 4)["bd"] == 64 and geo.expert_tile(FP32, 64, 4)["bd"] == 16
+    assert geo.expert_tile(BF16, 64, 4)["down_stages"] == 3 and geo.expert_tile(FP32, 64, 4)["down_stages"] == 2
+    # d split into blocks of whole 64-feature chunks, about DOWN_FEATURES each
+    assert geo.down_features(1792) == 448 and geo.down_features(768) == 384 and geo.down_features(40) == 64
 
 
 def test_check_supported():
@@ -147,8 +154,8 @@ class RecordingLaunch:
         child.calls = self.calls
         return child
 
-    def __call__(self, name, grid, threads, *args):
-        self.calls.append((name, tuple(grid), threads, args, self.spec))
+    def __call__(self, name, grid, threads, *args, smem=0):
+        self.calls.append((name, tuple(grid), threads, args, self.spec, smem))
 
 
 C_TO_NUMPY = {"long long": "int64", "int": "int32", "float": "float32"}
@@ -180,13 +187,16 @@ def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs)
         up_args = next(c[3] for c in launch.calls if c[0] == "deco_decode_up")
         gates_given = sigs["deco_decode_up"].index("int")  # the first int parameter
         assert int(up_args[gates_given]) == int(knobs["max_active"] is not None)
-    for name, grid, threads, args, spec in launch.calls:
+    for name, grid, threads, args, spec, smem in launch.calls:
         params = sigs[name]
         assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
         for i, (arg, ctype) in enumerate(zip(args, params)):
             want = "uint64" if ctype.endswith("*") else C_TO_NUMPY[ctype]
             assert type(arg).__name__ == want, f"{name} argument {i} ({ctype}): got {type(arg).__name__}"
-        assert len(grid) in (1, 2) and all(isinstance(v, int) and v >= 1 for v in grid) and threads % 32 == 0
+        assert len(grid) in (1, 2, 3) and all(isinstance(v, int) and v >= 1 for v in grid) and threads % 32 == 0
+        # dynamic shared memory: prefill_down's tile only
+        want_smem = geo.prefill_grids(T, n, d, BF16, de)["down_smem"] if name == "deco_prefill_down" else 0
+        assert smem == want_smem, name
         if T <= geo.DECODE_MAX_T:
             assert spec == dict(decode_tt=geo.tokens_per_pass(T))
         else:
@@ -230,7 +240,8 @@ def test_nvcc_compiles_every_kernel(tmp_path):
         smem = ptxas_smem(proc.stderr)
         _, x, router, _, _, de, _, warps = case
         tile = geo.expert_tile(x, de, warps)
-        assert smem["deco_prefill_expert"] == tile["smem"] + 20 * tile["bm"], case
+        assert smem["deco_prefill_up"] == tile["smem"] + 16 * tile["bm"], case
+        assert smem["deco_prefill_down"] == 4 * tile["bm"], case  # static part; the tiles are dynamic
         assert smem["deco_prefill_router"] == geo.router_tile(x, router)["smem"] + 8 * geo.ROUTER_TOKENS, case
 
 

@@ -341,12 +341,18 @@ __host__ __device__ constexpr int gemm_stages(int budget) {
                                                                          : 2;
 }
 
+struct NoStageHook {
+    template <typename AT> __device__ void operator()(const AT*, int, int) const {}
+};
+
 // acc[BM, NT*8] = A[rows, :K] * B[:NT*8, :K]^T, both from global memory through an S-stage cp.async pipeline
 // (S - 1 K steps in flight while one is multiplied). Warp w owns rows [w*16*MT, (w+1)*16*MT). smem holds S
-// stages, each A [BM][BK + pad] then B [NT*8][BK + pad].
-template <typename AT, typename BT, int WARPS, int MT, int NT, int BK, int S, typename AOff, typename BOff>
+// stages, each A [BM][BK + pad] then B [NT*8][BK + pad]. hook(A tile, its row stride, k0) runs on every
+// landed K step (all threads, before the multiply): a second use of the A tile without reloading it.
+template <typename AT, typename BT, int WARPS, int MT, int NT, int BK, int S, typename AOff, typename BOff,
+          typename Hook = NoStageHook>
 __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, const BT* B, BOff b_off, int K,
-                            bool vec, unsigned char* smem) {
+                            bool vec, unsigned char* smem, Hook hook = Hook()) {
     constexpr int BM = WARPS * MT * 16, NTH = WARPS * 32;
     constexpr int SA = BK + 16 / sizeof(AT), SB = BK + 16 / sizeof(BT);
     constexpr int STAGE = gemm_stage_bytes<AT, BT, WARPS, MT, NT, BK>();
@@ -376,6 +382,7 @@ __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, co
         if (kt + S - 1 < nk) load(kt + S - 1);
         cp_async_commit();
         const unsigned char* st = smem + (kt % S) * STAGE;
+        hook(reinterpret_cast<const AT*>(st), SA, kt * BK);
         mma_tile<AT, BT, MT, NT>(acc, reinterpret_cast<const AT*>(st), SA, arow0,
                                  reinterpret_cast<const BT*>(st + BM * SA * sizeof(AT)), SB, BK / 16);
     }

@@ -19,10 +19,11 @@ from . import geometry as geo
 
 _modules: dict = {}   # (device index, compile options) -> cupy.RawModule
 _kernels: dict = {}   # (device index, compile options, kernel name) -> cupy.RawKernel
+_smem_optin: dict = {}  # same key -> dynamic shared memory bytes the kernel was opted in to
 _streams: dict = {}   # (device index, stream handle) -> cupy stream wrapping torch's
 _scratch: dict = {}
-# The prefill down-projection adds four adjacent fp32 values with one red.global.add.v4.f32 on sm_90 when d % 4
-# == 0; False forces scalar atomics (benchmarks/probe_decode_paths.py times both).
+# prefill_down adds four adjacent fp32 values with one red.global.add.v4.f32 on sm_90 when d % 4 == 0; False
+# forces scalar atomics (benchmarks/probe_decode_paths.py times both).
 VECTOR_REDUCTIONS = True
 
 
@@ -107,10 +108,17 @@ class _Launcher:
     def specialise(self, **more) -> "_Launcher":
         return _Launcher(self.device, **self.spec, **more)
 
-    def __call__(self, name: str, grid, threads: int, *args):
+    def __call__(self, name: str, grid, threads: int, *args, smem: int = 0):
+        """Launch ``name``; ``smem``: bytes of dynamic shared memory (above 48 KB the kernel is opted in once,
+        outside any CUDA-graph capture as long as the first call runs eagerly)."""
         grid = tuple(grid) + (1,) * (3 - len(grid))
         with cupy.cuda.Device(self.index), _stream(self.device):
-            _kernel(self.index, self.options, name)(grid, (threads, 1, 1), args)
+            kernel = _kernel(self.index, self.options, name)
+            key = (self.index, self.options, name)
+            if smem > _smem_optin.get(key, 48 * 1024):
+                kernel.max_dynamic_shared_size_bytes = smem
+                _smem_optin[key] = smem
+            kernel(grid, (threads, 1, 1), args, shared_mem=smem)
 
 
 def _bias_args(bias, n: int, device):
@@ -152,7 +160,7 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
     dev = x.device
-    grids = geo.prefill_grids(T, n, x.dtype, de)
+    grids = geo.prefill_grids(T, n, d, x.dtype, de)
     launch = launch.specialise(prefill_warps=grids["tile"]["warps"])
     f32, i32 = torch.float32, torch.int32
     gt = _empty(n, T, device=dev, dtype=f32)
@@ -164,13 +172,18 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
     tokens = _empty(n, T, device=dev, dtype=i32)
     counts = _empty(n, device=dev, dtype=i32)
     launch("deco_group_tokens", grids["group"], grids["group_threads"], _p(gt), _i32(T), _p(tokens), _p(counts))
+    # Activations of the active (token, expert) pairs, rows of expert e in token order (only rows < counts[e]
+    # are written and read).
+    act = _empty(n, T, de, device=dev, dtype=x.dtype)
+    launch("deco_prefill_up", grids["up"], grids["expert_threads"],
+           _p(x), xs, _p(w["w_up"]), _p(tokens), _p(counts), _p(g), _p(mu), _p(w["router_scale"]),
+           _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _f32(NORM_EPS), _p(act))
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator the experts'
     # down-projections add into with atomics.
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float().contiguous()
-    launch("deco_prefill_expert", grids["expert"], grids["expert_threads"],
-           _p(x), xs, _p(w["w_up"]), _p(w["w_down"]), _p(tokens), _p(counts), _p(g), _p(mu),
-           _p(w["router_scale"]), _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _i32(VECTOR_REDUCTIONS and d % 4 == 0),
-           _f32(NORM_EPS), _p(acc))
+    launch("deco_prefill_down", grids["down"], grids["expert_threads"],
+           _p(act), _p(w["w_down"]), _p(tokens), _p(counts), _i32(T), _i32(n), _i32(d), _i32(grids["fb"]),
+           _i32(vec), _i32(VECTOR_REDUCTIONS and d % 4 == 0), _p(acc), smem=grids["down_smem"])
     y.copy_(acc)
 
 
@@ -182,8 +195,8 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
     T <= geometry.DECODE_MAX_T tokens take the decode kernels (two launches, CUDA-graph capturable: the up
     kernel computes each expert's gates and skips inactive experts, the down kernel finds the active experts
     from the gates; a router launch runs first for max_active, whose top-k needs all of a token's logits), more take
-    the grouped prefill kernels (router, grouping, fused expert up + NormSiLU + down with fp32 atomics; the
-    shared expert through cuBLAS). ``ldmatrix=False`` loads tensor-core fragments with plain shared loads
+    the grouped prefill kernels (router, grouping, expert up + NormSiLU into an activation buffer, expert down
+    with fp32 atomics; the shared expert through cuBLAS). ``ldmatrix=False`` loads tensor-core fragments with plain shared loads
     (a debugging switch; same results)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_router, router_scale, w_up, gamma, w_down,
                                                                   ws_gate, ws_up, ws_down)):

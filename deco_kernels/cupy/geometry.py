@@ -15,10 +15,13 @@ import torch
 DECODE_MAX_T = 8
 DECODE_THREADS = 256  # 8 warps: one router row / up row / output feature per warp
 DECODE_WARPS = DECODE_THREADS // 32
-ROUTER_TOKENS = 16     # tokens per block of the prefill router (ROUTER_BM in prefill.cu)
-ROUTER_THREADS = 32
+ROUTER_TOKENS = 64     # tokens per block of the prefill router (ROUTER_BM in prefill.cu): 16 per warp
+ROUTER_THREADS = 128
 GROUP_THREADS = 256
 SMEM_LIMIT = 48 * 1024 - 2560   # PF_SMEM_LIMIT: static shared memory less the per-row arrays
+DOWN_SMEM_LIMIT = 96 * 1024     # PF_DOWN_SMEM_LIMIT: prefill_down's dynamic shared memory (Orin: 163 KB a block)
+DOWN_BD = 64                    # PF_BD: output features per step of prefill_down
+DOWN_FEATURES = 512             # about this many output features per prefill_down block (grid z splits d)
 EXPERT_WIDTHS = (16, 32, 64, 128)
 SOURCES = ("common.cuh", "decode.cu", "prefill.cu")
 
@@ -43,7 +46,7 @@ def router_dtype(w_router_dtype: torch.dtype) -> torch.dtype:
 
 
 DECODE_KERNELS = ("deco_decode_router", "deco_decode_up", "deco_decode_down")
-PREFILL_KERNELS = ("deco_prefill_router", "deco_group_tokens", "deco_prefill_expert")
+PREFILL_KERNELS = ("deco_prefill_router", "deco_group_tokens", "deco_prefill_up", "deco_prefill_down")
 
 
 def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, *, decode_tt: int | None = None,
@@ -108,33 +111,40 @@ def _stages(stage: int) -> int:
 
 
 def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
-    """Tile of prefill_expert with ``warps`` warps: bm tokens (16 * mt per warp), bk K step and pipeline stages
-    of the up-projection, bd output features per step of the down-projection, smem bytes, whether it fits."""
+    """Tiles of prefill_up and prefill_down with ``warps`` warps: bm tokens (16 * mt per warp); up: bk K step,
+    pipeline stages and static smem bytes; down: bd output features per step, down_stages chunks of w_down in
+    flight and down_smem dynamic bytes (act tile, w_down chunks, each warp's [16, bd + 8] fp32 staging tile);
+    whether both fit."""
     es = torch.empty((), dtype=x_dtype).element_size()
     pad, bk = 16 // es, 64 // es
     mt = 2 if de <= 64 else 1
     bm = warps * mt * 16
-    row = (de + pad) * es
-    bd = next((b for b in (64, 32) if (bm + 2 * b) * row <= SMEM_LIMIT), 16)
     stage = _stage_bytes(es, es, bm, de, bk)
     stages = _stages(stage)
-    smem = max(stages * stage, (bm + 2 * bd) * row)
-    return dict(warps=warps, bm=bm, bk=bk, stages=stages, bd=bd, smem=smem, fits=smem <= SMEM_LIMIT)
+    smem = stages * stage
+
+    def down_bytes(s):
+        return (bm + s * DOWN_BD) * (de + pad) * es + warps * 16 * (DOWN_BD + 8) * 4
+
+    down_stages = 3 if down_bytes(3) <= DOWN_SMEM_LIMIT else 2
+    down_smem = down_bytes(down_stages)
+    return dict(warps=warps, bm=bm, bk=bk, stages=stages, smem=smem, bd=DOWN_BD, down_stages=down_stages,
+                down_smem=down_smem, fits=smem <= SMEM_LIMIT and down_smem <= DOWN_SMEM_LIMIT)
 
 
 def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
-    """Tile of prefill_router: ROUTER_TOKENS tokens x 64 experts, a 128-byte K step of x, stages that fit."""
+    """Tile of prefill_router: ROUTER_TOKENS tokens x 64 experts, a 64-byte K step of x, stages that fit."""
     es = torch.empty((), dtype=x_dtype).element_size()
     rs = torch.empty((), dtype=router_dtype(w_router_dtype)).element_size()
-    bk = 128 // es
+    bk = 64 // es
     stage = _stage_bytes(es, rs, ROUTER_TOKENS, 64, bk)
     stages = _stages(stage)
     return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= SMEM_LIMIT)
 
 
 def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:
-    """Warps per prefill_expert block (1, 2 or 4): 128-token tiles for long prefills (each expert sees ~20% of
-    the tokens), 32-token tiles below (fewer empty rows); the largest that fits in shared memory."""
+    """Warps per prefill_up / prefill_down block (1, 2 or 4): 128-token tiles for long prefills (each expert sees
+    ~20% of the tokens), 32-token tiles below (fewer empty rows); the largest that fits in shared memory."""
     want = 4 if T >= 1024 else 1
     for warps in (4, 2, 1):
         if warps <= want and expert_tile(x_dtype, de, warps)["fits"]:
@@ -142,12 +152,22 @@ def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:
     raise ValueError(f"gamma: no prefill tile fits de={de} with {x_dtype}")  # not reached for EXPERT_WIDTHS
 
 
-def prefill_grids(T: int, n: int, x_dtype: torch.dtype, de: int) -> dict:
-    """Grids and block sizes of the three prefill launches."""
+def down_features(d: int) -> int:
+    """Output features per prefill_down block: d split into ceil(d / DOWN_FEATURES) near-equal whole chunks."""
+    chunks = math.ceil(d / DOWN_BD)
+    return DOWN_BD * math.ceil(chunks / math.ceil(d / DOWN_FEATURES))
+
+
+def prefill_grids(T: int, n: int, d: int, x_dtype: torch.dtype, de: int) -> dict:
+    """Grids and block sizes of the four prefill launches; up: (expert, token tile); down: (expert, token tile,
+    block of ``fb`` output features), with ``down_smem`` bytes of dynamic shared memory."""
     tile = expert_tile(x_dtype, de, prefill_warps(T, x_dtype, de))
+    fb = down_features(d)
+    tiles = math.ceil(T / tile["bm"])
     return dict(router=(math.ceil(T / ROUTER_TOKENS),), router_threads=ROUTER_THREADS,
                 group=(n,), group_threads=GROUP_THREADS,
-                expert=(n, math.ceil(T / tile["bm"])), expert_threads=32 * tile["warps"], tile=tile)
+                up=(n, tiles), down=(n, tiles, math.ceil(d / fb)), expert_threads=32 * tile["warps"], fb=fb,
+                down_smem=tile["down_smem"], tile=tile)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,29 +1,39 @@
 // Prefill (T > DECODE_MAX_T): (token, expert) pairs grouped by expert on the device, tensor cores for the grouped
-// GEMMs, no [T, N*DE] intermediate.
+// GEMMs, no [T, N*DE] intermediate beyond the activations of the active pairs. Four launches, fixed grids whose
+// surplus blocks exit at once (no host synchronisation: CUDA-graph capturable):
 //
-// 1. prefill_router: one block (one warp) per 16 tokens, all experts in chunks of 64: x tile @ w_router chunk^T on tensor
-//    cores (16-bit x and router of one dtype: products exact in fp32, fp32 sums) or fp32 FMAs (fp32 x, or a router
-//    of another dtype), then per token mu = x.wbar and the knobs; writes g [T, N] and its transpose gt [N, T].
+// 1. prefill_router: one block of ROUTER_WARPS warps per ROUTER_BM tokens (a warp per 16 of them), all experts
+//    in chunks of 64: x tile @ w_router chunk^T on tensor cores (16-bit x and router of one dtype: products exact
+//    in fp32, fp32 sums) or fp32 FMAs (fp32 x, or a router of another dtype). mu = x.wbar is summed in fp32 from
+//    the same x tiles while the first chunk streams through shared memory. Then per token the knobs (one warp per
+//    token); writes g [T, N], its transpose gt [N, T] and mu [T].
 // 2. group_tokens: one block per expert, compacts the tokens with gt[e, t] > 0 into tokens[e, :counts[e]] in
 //    token order (ballot prefix sums).
-// 3. prefill_expert: one block per (expert, tile of BM of its tokens); tiles past the expert's count exit at once.
-//    Gathers the tokens' rows of x, multiplies by the expert's [DE, d] slab of w_up, applies NormSiLU (mu from
-//    the router) and the scaled gate in registers, keeps the activation tile in shared memory and multiplies it
-//    by the expert's block of w_down, BD output features at a time, adding into the fp32 accumulator yacc with
-//    atomics (seeded with the shared expert by the launcher; red.global.add.v4.f32 on sm_90). Each output
-//    element gets one add per active expert of its token in no fixed order, so results can differ between runs
-//    in the last bits of fp32 (as on the Triton path).
+// 3. prefill_up: one block per (expert, tile of BM of its tokens). Gathers the tokens' rows of x, multiplies by
+//    the expert's [DE, d] slab of w_up, applies NormSiLU (mu from the router) and the scaled gate in registers
+//    and stores the activations, in x's dtype, to act [N, T, DE] (rows < counts[e] of expert e, as the Triton
+//    path's act buffer).
+// 4. prefill_down: one block per (expert, tile of BM of its tokens, block of fb output features): the act tile
+//    stays in shared memory while w_down streams through in BD-feature chunks (cp.async pipeline); each warp
+//    stages its [16, BD] fp32 result in shared memory and adds whole row segments (BD * 4 contiguous bytes) into
+//    the fp32 accumulator yacc (seeded with the shared expert by the launcher) with red.global.add.v4.f32 on
+//    sm_90 (scalar atomics elsewhere, or when d % 4 != 0). Each output element gets one add per active expert of
+//    its token in no fixed order, so results can differ between runs in the last bits of fp32 (as on Triton).
 
 #define PF_BK (64 / (int)sizeof(ELEM_T))     // K step: 64 bytes of x per row
 #define PF_PAD (16 / (int)sizeof(ELEM_T))    // shared-tile row padding (keeps rows 16-byte aligned)
 #define PF_MT (DE <= 64 ? 2 : 1)             // 16-row m-tiles per warp
 #define PF_SMEM_LIMIT (48 * 1024 - 2560)     // static shared memory, less the per-row arrays
 
-#define ROUTER_WARPS 1
+#define PF_BD 64                             // output features per step of the down-projection
+#define PF_OUT_PAD 8                         // fp32 staging row padding (conflict-free float2 writes)
+#define PF_DOWN_SMEM_LIMIT (96 * 1024)       // dynamic shared memory of prefill_down (two blocks per SM on Orin)
+
+#define ROUTER_WARPS 4
 #define ROUTER_MT 1
 #define ROUTER_NT 8                           // 64 experts per chunk
 #define ROUTER_BM (ROUTER_WARPS * ROUTER_MT * 16)
-#define ROUTER_BK (128 / (int)sizeof(ELEM_T))  // K step: 128 bytes of x per row (few, long steps per block)
+#define ROUTER_BK (64 / (int)sizeof(ELEM_T))  // K step: 64 bytes of x per row (four stages fit)
 #define ROUTER_STAGES gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>(PF_SMEM_LIMIT)
 
 struct RowsOf {  // rows base + r*stride for r < n, else invalid
@@ -37,12 +47,42 @@ struct RowsAt {  // rows at offsets held in shared memory (-1: invalid)
 };
 
 #ifdef PREFILL_WARPS
+// mu += x[row, k0 : k0 + ROUTER_BK] . wbar[same] for this thread's half row of the A tile (two threads per row).
+struct RouterMu {
+    const float* wbar;
+    int D;
+    bool vec;
+    float* sum;
+    __device__ void operator()(const ELEM_T* sa, int sas, int k0) const {
+        constexpr int HALF = ROUTER_BK / 2;
+        const ELEM_T* a = sa + (threadIdx.x >> 1) * sas + (threadIdx.x & 1) * HALF;
+        const int k = k0 + (threadIdx.x & 1) * HALF;
+        float s = *sum;
+        if (vec) {  // D % 8 == 0: a chunk of 8 is all in or all out
+#pragma unroll
+            for (int j = 0; j < HALF; j += 8)
+                if (k + j < D) {
+                    float av[8], wv[8];
+                    load8(a + j, true, av);
+                    load8(wbar + k + j, true, wv);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) s += av[i] * wv[i];
+                }
+        } else {
+            for (int j = 0; j < HALF && k + j < D; ++j) s += to_f(a[j]) * wbar[k + j];
+        }
+        *sum = s;
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
     deco_prefill_router(const ELEM_T* x, long long xs, const ROUTER_T* wr, const float* wbar, const float* bias_v,
                         float bias_s, float threshold, int max_active, int T, int N, int D, int vec, float* g,
                         float* gt, float* mu) {
     constexpr int S = ROUTER_STAGES;
     constexpr int SMEM = S * gemm_stage_bytes<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>();
+    static_assert(SMEM <= PF_SMEM_LIMIT, "prefill_router: shared memory over 48 KB");
+    static_assert(ROUTER_BM * 2 == ROUTER_WARPS * 32 && ROUTER_BK % 16 == 0, "RouterMu: two threads per row");
     __shared__ __align__(16) unsigned char smem[SMEM];
     __shared__ long long a_off[ROUTER_BM];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -50,10 +90,16 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
     for (int i = threadIdx.x; i < ROUTER_BM; i += blockDim.x) a_off[i] = t0 + i < T ? (t0 + i) * xs : -1;
     __syncthreads();
     const int gq = lane >> 2, q = lane & 3;
+    float mu_sum = 0.0f;
     for (int n0 = 0; n0 < N; n0 += ROUTER_NT * 8) {
         float acc[ROUTER_MT][ROUTER_NT][4];
-        gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK, S>(
-            acc, x, RowsAt{a_off}, wr + (long long)n0 * D, RowsOf{D, N - n0}, D, vec, smem);
+        const ROUTER_T* wc = wr + (long long)n0 * D;
+        if (n0 == 0)  // mu from the first chunk's x tiles
+            gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK, S>(
+                acc, x, RowsAt{a_off}, wc, RowsOf{D, N - n0}, D, vec, smem, RouterMu{wbar, D, vec != 0, &mu_sum});
+        else
+            gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK, S>(
+                acc, x, RowsAt{a_off}, wc, RowsOf{D, N - n0}, D, vec, smem);
 #pragma unroll
         for (int mt = 0; mt < ROUTER_MT; ++mt)
 #pragma unroll
@@ -65,14 +111,13 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
                     if (t < T && n < N) g[(long long)t * N + n] = acc[mt][nt][j];
                 }
     }
+    mu_sum += __shfl_xor_sync(0xffffffffu, mu_sum, 1);
+    if (!(threadIdx.x & 1) && t0 + (threadIdx.x >> 1) < T) mu[t0 + (threadIdx.x >> 1)] = mu_sum;
     __threadfence();  // the logits are read back through L2 (ld.cg) by other warps of the block
     __syncthreads();
     for (int i = warp; i < ROUTER_BM; i += ROUTER_WARPS) {
         const int t = t0 + i;
         if (t >= T) break;
-        float m[1];
-        warp_dot<1>(wbar, x + t * xs, xs, 1, D, vec, m);
-        if (lane == 0) mu[t] = m[0];
         finish_token_gates(g + (long long)t * N, gt, t, T, N, bias_v, bias_s, threshold, max_active);
     }
 }
@@ -99,24 +144,28 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 #endif  // PREFILL_WARPS
 
-// Output features per step of the down-projection: the widest of 64 / 32 / 16 whose tiles fit.
+// Pipeline depth of prefill_up: as deep as fits in static shared memory.
 template <int WARPS>
-__host__ __device__ constexpr int pf_bd() {
-    constexpr int bm = WARPS * PF_MT * 16, es = sizeof(ELEM_T), row = (DE + PF_PAD) * es;
-    return bm * row + 2 * 64 * row <= PF_SMEM_LIMIT ? 64 : bm * row + 2 * 32 * row <= PF_SMEM_LIMIT ? 32 : 16;
-}
-
-// Pipeline depth of the up-projection: as deep as fits (the down phase reuses the same buffers).
-template <int WARPS>
-__host__ __device__ constexpr int pf_stages() {
+__host__ __device__ constexpr int pf_up_stages() {
     return gemm_stages<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_BK>(PF_SMEM_LIMIT);
 }
 
 template <int WARPS>
-__host__ __device__ constexpr int pf_smem_bytes() {
-    constexpr int up = pf_stages<WARPS>() * gemm_stage_bytes<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_BK>();
-    constexpr int down = (WARPS * PF_MT * 16 + 2 * pf_bd<WARPS>()) * (DE + PF_PAD) * (int)sizeof(ELEM_T);
-    return up > down ? up : down;
+__host__ __device__ constexpr int pf_up_smem_bytes() {
+    return pf_up_stages<WARPS>() * gemm_stage_bytes<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_BK>();
+}
+
+// Dynamic shared memory of prefill_down with S w_down stages: the act tile, S chunks of w_down, and each warp's
+// [16, BD] fp32 staging tile.
+template <int WARPS>
+__host__ __device__ constexpr int pf_down_smem_bytes(int S) {
+    constexpr int bm = WARPS * PF_MT * 16, row = (DE + PF_PAD) * (int)sizeof(ELEM_T);
+    return (bm + S * PF_BD) * row + WARPS * 16 * (PF_BD + PF_OUT_PAD) * 4;
+}
+
+template <int WARPS>
+__host__ __device__ constexpr int pf_down_stages() {
+    return pf_down_smem_bytes<WARPS>(3) <= PF_DOWN_SMEM_LIMIT ? 3 : 2;
 }
 
 // yacc[row, c..c+3] += v (one vector reduction on sm_90, else four).
@@ -134,42 +183,44 @@ __device__ __forceinline__ void red_add4(float* p, float a, float b, float c, fl
     atomicAdd(p + 3, d);
 }
 
+// p[0..1] = (a, b) in one store (p is 4-byte aligned for 16-bit types, 8-byte for fp32).
+__device__ __forceinline__ void store2(bf16_t* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = (unsigned)from_f<bf16_t>(a).v | ((unsigned)from_f<bf16_t>(b).v << 16);
+}
+__device__ __forceinline__ void store2(f16_t* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = (unsigned)from_f<f16_t>(a).v | ((unsigned)from_f<f16_t>(b).v << 16);
+}
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+
 template <int WARPS>
-__device__ void prefill_expert(const ELEM_T* x, long long xs, const ELEM_T* w_up, const ELEM_T* w_down,
-                               const int* tokens, const int* counts, const float* g, const float* mu,
-                               const SCALE_T* scale, const GAMMA_T* gamma, int T, int N, int D, int vec, int vec4,
-                               float eps, float* yacc) {
+__device__ void prefill_up(const ELEM_T* x, long long xs, const ELEM_T* w_up, const int* tokens, const int* counts,
+                           const float* g, const float* mu, const SCALE_T* scale, const GAMMA_T* gamma, int T, int N,
+                           int D, int vec, float eps, ELEM_T* act) {
     constexpr int MT = PF_MT, NT = DE / 8, BM = WARPS * MT * 16, NTH = WARPS * 32;
-    constexpr int BD = pf_bd<WARPS>(), SE = DE + PF_PAD;
-    static_assert(pf_smem_bytes<WARPS>() <= PF_SMEM_LIMIT, "prefill_expert: shared memory over 48 KB");
-    __shared__ __align__(16) unsigned char smem[pf_smem_bytes<WARPS>()];
+    static_assert(pf_up_smem_bytes<WARPS>() <= PF_SMEM_LIMIT, "prefill_up: shared memory over 48 KB");
+    __shared__ __align__(16) unsigned char smem[pf_up_smem_bytes<WARPS>()];
     __shared__ long long a_off[BM];
-    __shared__ int tok_s[BM];
     __shared__ float mu_s[BM], gs_s[BM];
     const int e = blockIdx.x, m0 = blockIdx.y * BM;
     const int cnt = counts[e];
     if (m0 >= cnt) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3;
-    const long long NDE = (long long)N * DE;
     const float scale_e = to_f(scale[e]);
     for (int i = threadIdx.x; i < BM; i += NTH) {
         const bool valid = m0 + i < cnt;
         const int tok = valid ? tokens[(long long)e * T + m0 + i] : -1;
-        tok_s[i] = tok;
         a_off[i] = valid ? tok * xs : -1;
         mu_s[i] = valid ? mu[tok] : 0.0f;
         gs_s[i] = valid ? g[(long long)tok * N + e] * scale_e : 0.0f;
     }
     __syncthreads();
 
-    // Up-projection and NormSiLU: h [BM, DE] in registers, one warp per 16*MT rows.
+    // h [BM, DE] in registers, one warp per 16*MT rows; NormSiLU and the gate per row, stored pairwise.
     float acc[MT][NT][4];
-    // (gemm_global ends with a barrier: its buffers become the activation tile and the w_down tiles)
-    gemm_global<ELEM_T, ELEM_T, WARPS, MT, NT, PF_BK, pf_stages<WARPS>()>(
+    gemm_global<ELEM_T, ELEM_T, WARPS, MT, NT, PF_BK, pf_up_stages<WARPS>()>(
         acc, x, RowsAt{a_off}, w_up + (long long)e * DE * D, RowsOf{D, DE}, D, vec, smem);
-    ELEM_T* sact = reinterpret_cast<ELEM_T*>(smem);
-    ELEM_T* sw = sact + BM * SE;
     const int arow0 = warp * MT * 16;
+    ELEM_T* act_e = act + ((long long)e * T + m0) * DE;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -188,29 +239,62 @@ __device__ void prefill_expert(const ELEM_T* x, long long xs, const ELEM_T* w_up
             ss += __shfl_xor_sync(0xffffffffu, ss, 1);
             ss += __shfl_xor_sync(0xffffffffu, ss, 2);
             const float inv = 1.0f / sqrtf(ss / DE + eps), gs = gs_s[r];
+            if (m0 + r >= cnt) continue;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * q;
+                float a[2];
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int col = nt * 8 + 2 * q + j;
-                    const float a = gs == 0.0f ? 0.0f : silu(to_f(gamma[col]) * acc[mt][nt][half * 2 + j] * inv) * gs;
-                    sact[r * SE + col] = from_f<ELEM_T>(a);
-                }
+                for (int j = 0; j < 2; ++j)
+                    a[j] = gs == 0.0f ? 0.0f : silu(to_f(gamma[col + j]) * acc[mt][nt][half * 2 + j] * inv) * gs;
+                store2(act_e + (long long)r * DE + col, a[0], a[1]);
+            }
         }
+}
 
-    // Down-projection: yacc[tok, c0:c0+BD] += act [BM, DE] @ w_down[c0:c0+BD, e*DE:(e+1)*DE]^T.
+template <int WARPS>
+__device__ void prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int* tokens, const int* counts, int T,
+                             int N, int D, int fb, int vec, int vec4, float* yacc) {
+    constexpr int MT = PF_MT, BM = WARPS * MT * 16, NTH = WARPS * 32, BD = PF_BD, SE = DE + PF_PAD;
+    constexpr int SO = BD + PF_OUT_PAD, S = pf_down_stages<WARPS>();
+    constexpr int LPR = BD / 4, RPI = 32 / LPR;  // lanes per staged row (4 floats each), rows per pass
+    static_assert(pf_down_smem_bytes<WARPS>(S) <= PF_DOWN_SMEM_LIMIT, "prefill_down: shared memory over budget");
+    extern __shared__ __align__(16) unsigned char dsmem[];
+    __shared__ int tok_s[BM];
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < pf_down_smem_bytes<WARPS>(S)) __trap();  // launched with less than geometry.expert_tile's down_smem
+    const int e = blockIdx.x, m0 = blockIdx.y * BM, c_lo = blockIdx.z * fb;
+    const int cnt = counts[e];
+    if (m0 >= cnt || c_lo >= D) return;
+    const int c_hi = min(D, c_lo + fb), nch = (c_hi - c_lo + BD - 1) / BD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3;
+    const long long NDE = (long long)N * DE;
+    ELEM_T* sact = reinterpret_cast<ELEM_T*>(dsmem);
+    ELEM_T* sw = sact + BM * SE;
+    float* sout = reinterpret_cast<float*>(sw + S * BD * SE) + warp * 16 * SO;
+    for (int i = threadIdx.x; i < BM; i += NTH) tok_s[i] = m0 + i < cnt ? tokens[(long long)e * T + m0 + i] : -1;
+
+    // act rows of the tile (rows past the count are zeros) with the first chunks of w_down[c, e*DE : (e+1)*DE].
     const ELEM_T* wd = w_down + (long long)e * DE;
-    const int nch = (D + BD - 1) / BD;
-    load_tile<ELEM_T, BD, DE, NTH>(sw, SE, wd, RowsOf{NDE, D}, 0, DE, vec);
-    cp_async_commit();
-    for (int ch = 0; ch < nch; ++ch) {
-        const int c0 = ch * BD;
-        if (ch + 1 < nch)
-            load_tile<ELEM_T, BD, DE, NTH>(sw + ((ch + 1) & 1) * BD * SE, SE, wd + (long long)(c0 + BD) * NDE,
-                                           RowsOf{NDE, D - c0 - BD}, 0, DE, vec);
+    auto load_w = [&](int ch) {
+        const int c0 = c_lo + ch * BD;
+        load_tile<ELEM_T, BD, DE, NTH>(sw + (ch % S) * BD * SE, SE, wd + c0 * NDE, RowsOf{NDE, c_hi - c0}, 0, DE,
+                                       vec);
+    };
+    load_tile<ELEM_T, BM, DE, NTH>(sact, SE, act + ((long long)e * T + m0) * DE, RowsOf{DE, cnt - m0}, 0, DE, true);
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < nch) load_w(s);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+    }
+    const int arow0 = warp * MT * 16;
+    for (int ch = 0; ch < nch; ++ch) {
+        cp_async_wait<S - 2>();  // chunk ch (and the act tile) landed
+        __syncthreads();         // ... for every thread; chunk ch-1's buffer is free
+        if (ch + S - 1 < nch) load_w(ch + S - 1);
+        cp_async_commit();
+        const int c0 = c_lo + ch * BD;
         float out[MT][BD / 8][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -218,51 +302,57 @@ __device__ void prefill_expert(const ELEM_T* x, long long xs, const ELEM_T* w_up
             for (int nt = 0; nt < BD / 8; ++nt)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) out[mt][nt][j] = 0.0f;
-        mma_tile<ELEM_T, ELEM_T, MT, BD / 8>(out, sact, SE, arow0, sw + (ch & 1) * BD * SE, SE, DE / 16);
+        mma_tile<ELEM_T, ELEM_T, MT, BD / 8>(out, sact, SE, arow0, sw + (ch % S) * BD * SE, SE, DE / 16);
+        // Through the warp's staging tile, so that each reduction covers 16 contiguous bytes and a pass of the
+        // warp RPI whole row segments of BD features (full 128-byte lines) instead of 16 rows x 32 bytes.
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int nt = 0; nt < BD / 8; ++nt) {
-                // Four consecutive columns per thread: even q takes row g from its odd neighbour, odd q takes
-                // row g+8 from its even neighbour.
-                float* o = out[mt][nt];
-                const float s0 = __shfl_xor_sync(0xffffffffu, (q & 1) ? o[0] : o[2], 1);
-                const float s1 = __shfl_xor_sync(0xffffffffu, (q & 1) ? o[1] : o[3], 1);
-                const int r = arow0 + mt * 16 + gq + ((q & 1) ? 8 : 0);
-                const int col = c0 + nt * 8 + 2 * (q & ~1);
-                const int tok = tok_s[r];
-                if (tok >= 0 && col < D) {
-                    float* p = yacc + (long long)tok * D + col;
-                    const float v0 = (q & 1) ? s0 : o[0], v1 = (q & 1) ? s1 : o[1];
-                    const float v2 = (q & 1) ? o[2] : s0, v3 = (q & 1) ? o[3] : s1;
-                    if (vec4) {
-                        red_add4(p, v0, v1, v2, v3, true);
-                    } else {
-                        const float v[4] = {v0, v1, v2, v3};
+                *reinterpret_cast<float2*>(sout + gq * SO + nt * 8 + 2 * q) = make_float2(out[mt][nt][0], out[mt][nt][1]);
+                *reinterpret_cast<float2*>(sout + (gq + 8) * SO + nt * 8 + 2 * q) =
+                    make_float2(out[mt][nt][2], out[mt][nt][3]);
+            }
+            __syncwarp();
+            const int cl = (lane % LPR) * 4, col = c0 + cl;
 #pragma unroll
-                        for (int j = 0; j < 4; ++j)
-                            if (col + j < D) atomicAdd(p + j, v[j]);
-                    }
+            for (int i = 0; i < 16 / RPI; ++i) {
+                const int r = lane / LPR + i * RPI;
+                const int tok = tok_s[arow0 + mt * 16 + r];
+                if (tok < 0 || col >= c_hi) continue;
+                const float4 v = *reinterpret_cast<const float4*>(sout + r * SO + cl);
+                float* p = yacc + (long long)tok * D + col;
+                if (vec4) {
+                    red_add4(p, v.x, v.y, v.z, v.w, true);
+                } else {  // d % 4 != 0: the row segment may end inside the four
+                    atomicAdd(p, v.x);
+                    if (col + 1 < c_hi) atomicAdd(p + 1, v.y);
+                    if (col + 2 < c_hi) atomicAdd(p + 2, v.z);
+                    if (col + 3 < c_hi) atomicAdd(p + 3, v.w);
                 }
             }
-        __syncthreads();
+            __syncwarp();
+        }
     }
     cp_async_wait<0>();
 }
 
-#define PREFILL_INSTANTIATE(W)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(W * 32)                                                        \
-        deco_prefill_expert(const ELEM_T* x, long long xs, const ELEM_T* w_up, const ELEM_T* w_down,       \
-                                 const int* tokens, const int* counts, const float* g, const float* mu,         \
-                                 const SCALE_T* scale, const GAMMA_T* gamma, int T, int N, int D, int vec,      \
-                                 int vec4, float eps, float* yacc) {                                            \
-        /* a tile that does not fit is never launched (geometry.prefill_warps) */                                \
-        if constexpr (pf_smem_bytes<W>() <= PF_SMEM_LIMIT)                                                      \
-            prefill_expert<W>(x, xs, w_up, w_down, tokens, counts, g, mu, scale, gamma, T, N, D, vec, vec4, eps, \
-                              yacc);                                                                             \
-    }
-
-// One tile size per compiled module (fast NVRTC compiles): PREFILL_WARPS is set by geometry.compile_options.
+// One tile size per compiled module (fast NVRTC compiles): PREFILL_WARPS is set by geometry.compile_options. A
+// tile that does not fit is never launched (geometry.prefill_warps), so its kernels compile empty.
 #ifdef PREFILL_WARPS
-PREFILL_INSTANTIATE(PREFILL_WARPS)
+extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32)
+    deco_prefill_up(const ELEM_T* x, long long xs, const ELEM_T* w_up, const int* tokens, const int* counts,
+                    const float* g, const float* mu, const SCALE_T* scale, const GAMMA_T* gamma, int T, int N, int D,
+                    int vec, float eps, ELEM_T* act) {
+    if constexpr (pf_up_smem_bytes<PREFILL_WARPS>() <= PF_SMEM_LIMIT)
+        prefill_up<PREFILL_WARPS>(x, xs, w_up, tokens, counts, g, mu, scale, gamma, T, N, D, vec, eps, act);
+}
+
+// (min blocks 2: at most 255 registers either way, but ptxas -O3 spills the 16-bit de=32 tile on sm_90 without it)
+extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32, 2)
+    deco_prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int* tokens, const int* counts, int T, int N,
+                      int D, int fb, int vec, int vec4, float* yacc) {
+    if constexpr (pf_down_smem_bytes<PREFILL_WARPS>(pf_down_stages<PREFILL_WARPS>()) <= PF_DOWN_SMEM_LIMIT)
+        prefill_down<PREFILL_WARPS>(act, w_down, tokens, counts, T, N, D, fb, vec, vec4, yacc);
+}
 #endif
