@@ -468,6 +468,22 @@ def test_presets(poison, preset, T, dtype):
 
 @pytest.mark.gpu
 @needs_cupy
+@pytest.mark.parametrize("dtype, d, de", [
+    (BF16, 768, 64),     # four-warp tiles, three w_down stages, d split over two feature blocks
+    (FP16, 1000, 128),   # one m-tile per warp; the last feature block ends inside a 64-feature chunk
+    (FP32, 256, 128),    # fp32 falls back to two-warp tiles; FMAs instead of tensor cores
+    (BF16, 77, 32),      # odd d: element loads and scalar atomics with four-warp tiles
+], ids=["bf16-768-64", "fp16-1000-128", "fp32-256-128", "bf16-77-32"])
+def test_long_prefill_tiles(poison, dtype, d, de):
+    # T >= 1024 takes the largest tiles (geometry.prefill_warps); 1100 tokens leave partial tiles everywhere
+    T = 1100
+    assert geo.prefill_warps(T, dtype, de) == (2 if dtype == FP32 and de == 128 else 4)
+    x, w = make_layer(T, d, 23, de, 32, dtype=dtype, device="cuda", seed=5, active=0.3)
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
 @pytest.mark.parametrize("T", [1, 8])
 def test_cuda_graph_capture_and_replay(T):
     x, w = make_layer(T, 768, 42, 64, 128, dtype=BF16, device="cuda", seed=1, active=0.2)

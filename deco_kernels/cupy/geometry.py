@@ -1,7 +1,8 @@
 """Host-side plan of the CuPy backend: which path, launch grids, tile sizes, compile options and the CUDA source.
 
 Pure Python (no cupy import), so CI tests it without a GPU. The shared-memory formulas mirror the constexpr ones
-in prefill.cu / common.cuh (whose static_asserts catch a drift when the kernels are compiled).
+in prefill.cu / common.cuh (whose static_asserts catch a drift when the kernels are compiled; prefill_down traps
+when launched with less dynamic shared memory than its tile needs).
 """
 from __future__ import annotations
 
