@@ -106,9 +106,9 @@ def _stage_bytes(a_size: int, b_size: int, rows: int, cols: int, bk: int) -> int
     return rows * (bk + 16 // a_size) * a_size + cols * (bk + 16 // b_size) * b_size
 
 
-def _stages(stage: int) -> int:
+def _stages(stage: int, limit: int = SMEM_LIMIT) -> int:
     """gemm_stages: the deepest pipeline (4, 3 or 2 stages) that fits."""
-    return next((s for s in (4, 3) if s * stage <= SMEM_LIMIT), 2)
+    return next((s for s in (4, 3) if s * stage <= limit), 2)
 
 
 def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
@@ -134,13 +134,14 @@ def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
 
 
 def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
-    """Tile of prefill_router: ROUTER_TOKENS tokens x 64 experts, a 64-byte K step of x, stages that fit."""
+    """Tile of prefill_router: ROUTER_TOKENS tokens x 128 experts, a 64-byte K step of x, stages that fit."""
     es = torch.empty((), dtype=x_dtype).element_size()
     rs = torch.empty((), dtype=router_dtype(w_router_dtype)).element_size()
     bk = 64 // es
-    stage = _stage_bytes(es, rs, ROUTER_TOKENS, 64, bk)
-    stages = _stages(stage)
-    return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= SMEM_LIMIT)
+    stage = _stage_bytes(es, rs, ROUTER_TOKENS, 128, bk)
+    limit = 48 * 1024 - 8 * ROUTER_TOKENS  # ROUTER_SMEM_LIMIT: static shared memory less the row offsets
+    stages = _stages(stage, limit)
+    return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= limit)
 
 
 def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:

@@ -3,7 +3,7 @@
 // surplus blocks exit at once (no host synchronisation: CUDA-graph capturable):
 //
 // 1. prefill_router: one block of ROUTER_WARPS warps per ROUTER_BM tokens (a warp per 16 of them), all experts
-//    in chunks of 64: x tile @ w_router chunk^T on tensor cores (16-bit x and router of one dtype: products exact
+//    in chunks of 128: x tile @ w_router chunk^T on tensor cores (16-bit x and router of one dtype: products exact
 //    in fp32, fp32 sums) or fp32 FMAs (fp32 x, or a router of another dtype). mu = x.wbar is summed in fp32 from
 //    the same x tiles while the first chunk streams through shared memory. Then per token the knobs (one warp per
 //    token); writes g [T, N], its transpose gt [N, T] and mu [T].
@@ -31,10 +31,11 @@
 
 #define ROUTER_WARPS 4
 #define ROUTER_MT 1
-#define ROUTER_NT 8                           // 64 experts per chunk
+#define ROUTER_NT 16                          // 128 experts per chunk (one pass over x up to N = 128)
 #define ROUTER_BM (ROUTER_WARPS * ROUTER_MT * 16)
 #define ROUTER_BK (64 / (int)sizeof(ELEM_T))  // K step: 64 bytes of x per row (four stages fit)
-#define ROUTER_STAGES gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>(PF_SMEM_LIMIT)
+#define ROUTER_SMEM_LIMIT (48 * 1024 - 8 * ROUTER_BM)  // static shared memory less a_off
+#define ROUTER_STAGES gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>(ROUTER_SMEM_LIMIT)
 
 struct RowsOf {  // rows base + r*stride for r < n, else invalid
     long long stride;
@@ -81,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
                         float* gt, float* mu) {
     constexpr int S = ROUTER_STAGES;
     constexpr int SMEM = S * gemm_stage_bytes<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>();
-    static_assert(SMEM <= PF_SMEM_LIMIT, "prefill_router: shared memory over 48 KB");
+    static_assert(SMEM <= ROUTER_SMEM_LIMIT, "prefill_router: shared memory over 48 KB");
     static_assert(ROUTER_BM * 2 == ROUTER_WARPS * 32 && ROUTER_BK % 16 == 0, "RouterMu: two threads per row");
     __shared__ __align__(16) unsigned char smem[SMEM];
     __shared__ long long a_off[ROUTER_BM];
