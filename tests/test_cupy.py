@@ -271,30 +271,27 @@ def test_decode_kernels_do_not_spill(tmp_path):
         assert all(frames[name] == (0, 0, 0) for name in geo.DECODE_KERNELS), (case, frames)
 
 
-def ptxas_stack(log: str) -> dict:
-    """{kernel: (stack frame, spill store, spill load bytes)} from ptxas -v output."""
+def ptxas_per_kernel(log: str, pattern: str) -> dict:
+    """{kernel: the integers ``pattern`` captures} from the lines ptxas -v prints for each kernel."""
     found, name = {}, None
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
             name = m.group(1)
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(pattern, line)
         if m and name:
             found[name] = tuple(int(v) for v in m.groups())
     return found
 
 
+def ptxas_stack(log: str) -> dict:
+    """{kernel: (stack frame, spill store, spill load bytes)}."""
+    return ptxas_per_kernel(log, r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
 def ptxas_smem(log: str) -> dict:
-    """{kernel: static shared memory bytes} from ptxas -v output."""
-    smem, name = {}, None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
-        if m:
-            name = m.group(1)
-        m = re.search(r"(\d+) bytes smem", line)
-        if m and name:
-            smem[name] = int(m.group(1))
-    return smem
+    """{kernel: static shared memory bytes}."""
+    return {k: v[0] for k, v in ptxas_per_kernel(log, r"(\d+) bytes smem").items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
