@@ -85,14 +85,6 @@ def test_token_counts_and_expert_widths(triton_device, T, de):
     check(x, w, seed=T)
 
 
-def test_router_weight_gradient_over_token_chunks(triton_device, monkeypatch):
-    # Chunks of 32 tokens: T = 65 takes three, the last one short; the partials are added on the host.
-    from deco_kernels.triton import training
-    monkeypatch.setattr(training, "ROUTER_DW_MIN_CHUNK", 32)
-    x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=11, active=0.3)
-    check(x, w)
-
-
 @pytest.mark.parametrize("T, active", [(17, "none"), (3, "all"), (17, "all"), (65, "one")])
 def test_active_patterns(triton_device, T, active):
     # "one" at T = 65: one expert takes every token, over two blocks of pairs (partials of dgamma, dscale).

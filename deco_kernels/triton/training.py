@@ -18,11 +18,10 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
             `_pair_scatter_kernel` y[t] += a W_down_e^T                       (fp32 atomics)
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dgs = <da, silu(n)>; dh through
                                    NormSiLU; per-program partials of dgamma and drouter_scale
-            `_router_dx_kernel`    dx = dr W_router + dmu wbar (dr: the logit gradient, zero where g <= 0,
-                                   which covers relu, threshold and max_active cuts; dmu = -sum of dh)
+            torch (cuBLAS, fp32)   dx = dr W_router + dmu wbar, dW_router = dr^T x, dwbar = x^T dmu (dr: the
+                                   logit gradient, zero where g <= 0, which covers relu, threshold and
+                                   max_active cuts; dmu = -sum of dh)
             `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
-            `_router_dw_kernel`    dW_router = dr^T x and dwbar = x^T dmu over chunks of tokens, the
-                                   fp32 partials added in a fixed order (deterministic)
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
                                    over the expert's pairs: deterministic, every expert written
@@ -55,10 +54,6 @@ from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 BLOCK_M = 64            # pairs of one expert per program
 BLOCK_K = 64            # reduction step over d in the gather matmuls
 BLOCK_C = 64            # output columns per step (d) in scatter, weight-gradient and router kernels
-ROUTER_DX_BLOCK_T = 16  # tokens per program of the router's dx
-ROUTER_DW_BLOCK_T = 32  # tokens per step of the router's weight gradient
-ROUTER_DW_MIN_CHUNK = 256   # its programs take at least this many tokens each ...
-ROUTER_DW_PROGRAMS = 512    # ... and about this many programs in all (column blocks x token chunks)
 # At 4 warps these tiles spill registers on sm_90 (ptxas, compile-only check); at 8 the bf16 kernels do not.
 NUM_WARPS = 8
 
@@ -176,73 +171,6 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
 
 
 @triton.jit
-def _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG: tl.constexpr):
-    """For a [tokens, experts] tile: dr, the gradient of the fp32 logits (dgs * scale + dg where g > 0, else 0:
-    relu, threshold and max_active all pass the gradient exactly where the gate survived), and dmu [tokens],
-    the gradient of mu = x.wbar (-sum of dh over the token's pairs)."""
-    cells = ts.to(tl.int64)[:, None] * N + ns[None, :]
-    g = tl.load(g_ptr + cells, mask=tmask[:, None] & nmask[None, :], other=0.0)
-    active = g > 0
-    scale = tl.load(scale_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-    dr = tl.load(dgs_ptr + cells, mask=active, other=0.0) * scale[None, :]
-    if HAS_DG:
-        dr += tl.load(dg_ptr + cells, mask=active, other=0.0)
-    dmu = -tl.sum(tl.load(dsum_ptr + cells, mask=active, other=0.0), axis=1)
-    return dr, dmu
-
-
-@triton.jit
-def _router_dx_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, wr_ptr, wbar_ptr, dx_ptr, T, N, D,
-                      HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx = dr @ W_router + dmu wbar, written to every cell: it seeds dx's fp32 accumulator. Without
-    HAS_ROUTER (gates given by the caller, whose autograd owns the router) only dmu wbar."""
-    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = ts < T
-    ns = tl.arange(0, BLOCK_N)
-    nmask = ns < N
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
-    wbar = tl.load(wbar_ptr + cols, mask=cmask, other=0.0)
-    dx = dmu[:, None] * wbar[None, :]
-    if HAS_ROUTER:
-        w = tl.load(wr_ptr + ns.to(tl.int64)[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
-        dx += tl.dot(dr, w, input_precision=PREC)
-    tl.store(dx_ptr + ts.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=tmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _router_dw_kernel(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, x_ptr, dwr_ptr, dwbar_ptr, T, N, D, stride_xt,
-                      t_chunk, HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial sums over the tokens of chunk program_id(1) (t_chunk of them, a multiple of BLOCK_T), in order, for
-    one block of columns: dW_router = dr^T @ fp32(x) (with HAS_ROUTER) into dwr_ptr [chunks, N, D] and
-    dwbar = x^T dmu into dwbar_ptr [chunks, D], both fp32; the launcher adds the chunks in a fixed order."""
-    ns = tl.arange(0, BLOCK_N)
-    nmask = ns < N
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    chunk = tl.program_id(1)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    acc_bar = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for t0 in range(chunk * t_chunk, tl.minimum(T, chunk * t_chunk + t_chunk), BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        tmask = ts < T
-        dr, dmu = _router_grads(g_ptr, dgs_ptr, dsum_ptr, dg_ptr, scale_ptr, ts, tmask, ns, nmask, N, HAS_DG)
-        x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + cols[None, :],
-                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        if HAS_ROUTER:
-            acc += tl.dot(tl.trans(dr), x, input_precision=PREC)
-        acc_bar += tl.sum(dmu[:, None] * x, axis=0)
-    if HAS_ROUTER:
-        tl.store(dwr_ptr + (chunk * N + ns).to(tl.int64)[:, None] * D + cols[None, :], acc,
-                 mask=nmask[:, None] & cmask[None, :])
-    tl.store(dwbar_ptr + chunk.to(tl.int64) * D + cols, acc_bar, mask=cmask)
-
-
-@triton.jit
 def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, vec_scale, out_ptr,
                        stride_oi, stride_oc, T, C,
                        HAS_VEC: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
@@ -334,27 +262,26 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                            a, dh, dgs, dsum, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
                            DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
 
-    router = dict(HAS_DG=dg is not None and has_router, HAS_ROUTER=has_router, PREC=prec,
-                  BLOCK_N=max(16, ffn.pow2(n)), BLOCK_D=BLOCK_C, num_warps=NUM_WARPS)
-    router_in = (g, dgs, dsum, dg if dg is not None else g, router_scale)
-    dx = ffn._empty(T, d, device=dev, dtype=f32)
-    _router_dx_kernel[(ffn.cdiv(T, ROUTER_DX_BLOCK_T), ffn.cdiv(d, BLOCK_C))](
-        *router_in, w_router if has_router else wbar, wbar, dx, T, n, d, BLOCK_T=ROUTER_DX_BLOCK_T, **router)
+    # The router's gradients, on cuBLAS in fp32. dr: the gradient of the fp32 logits, dgs * scale where g > 0,
+    # else 0 (relu, threshold and max_active all pass it exactly where the gate survived; dgs is unwritten
+    # elsewhere); dmu: the gradient of mu = x.wbar, minus the sum of dh over the token's pairs. (A Triton kernel
+    # per column block looping over the tokens took 1.1 ms of a 4.2 ms 1.2b step at T=4096 on the H200.)
+    active = g > 0
+    dr = torch.where(active, dgs * router_scale.float(), 0.0)
+    dmu = -torch.where(active, dsum, 0.0).sum(1)
+    x32 = x.float()
+    dwbar = dmu @ x32
+    dx = dmu[:, None] * wbar  # seeds dx's fp32 accumulator
+    if has_router:
+        if dg is not None:
+            dr = dr + torch.where(active, dg, 0.0)
+        dx.addmm_(dr, w_router.float())
+        dw_router, dgates = (dr.t() @ x32).to(w_router.dtype), none
+    else:  # the caller's autograd owns the router: dL/dg is dr, plus dg everywhere
+        dw_router, dgates = none, dr if dg is None else dr + dg
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
                                DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
                                num_warps=NUM_WARPS)
-    # The router's weight gradient sums over all T tokens: chunks of tokens on their own programs (one program
-    # per column block looping over 4096 tokens took 966 µs at 1.2b on the H200), partials added in order.
-    col_blocks = ffn.cdiv(d, BLOCK_C)
-    t_chunk = ffn.cdiv(T, max(1, min(ffn.cdiv(T, ROUTER_DW_MIN_CHUNK), ROUTER_DW_PROGRAMS // col_blocks)))
-    t_chunk = ffn.cdiv(t_chunk, ROUTER_DW_BLOCK_T) * ROUTER_DW_BLOCK_T
-    chunks = ffn.cdiv(T, t_chunk)
-    dwr_part = ffn._empty(chunks, n, d, device=dev, dtype=f32) if has_router else none
-    dwbar_part = ffn._empty(chunks, d, device=dev, dtype=f32)
-    _router_dw_kernel[(col_blocks, chunks)](*router_in, x, dwr_part if has_router else dwbar_part, dwbar_part, T,
-                                            n, d, x.stride(0), t_chunk, BLOCK_T=ROUTER_DW_BLOCK_T, **router)
-    dw_router = dwr_part.sum(0).to(w_router.dtype) if has_router else none
-    dwbar = dwbar_part.sum(0)
 
     wgrad = dict(DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
@@ -366,11 +293,6 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     # Fixed-order sums of the per-program partials: deterministic.
     dgamma = dgamma_part.sum(0).to(gamma.dtype)
     dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
-    dgates = none
-    if not has_router:  # dL/dg = dgs * scale where the pair exists (dgs is unwritten elsewhere), plus dg
-        dgates = torch.where(g > 0, dgs * router_scale.float()[None, :], 0.0)
-        if dg is not None:
-            dgates = dgates + dg
     return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
