@@ -1,4 +1,5 @@
 """SparsityController: λ moves the right way, counters reset, and ranks agree on λ from the global ratio."""
+import contextlib
 import json
 import time
 
@@ -144,9 +145,20 @@ def _run_two_ranks(worker, tmp_path) -> None:
             pytest.fail("gloo workers did not finish in 120 s")
 
 
-def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, world_size: int, store: str):
+    """A gloo process group for the body; on success the ranks meet at a barrier before tearing it down, so
+    neither closes its connections while the other still talks (a gloo peer then aborts the process)."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    with _gloo_group(rank, world_size, store):
         torch.manual_seed(0)
         layer = DecoMoE(OFFSET).train()
         layer.set_elastic(bias=BIAS[rank])
@@ -158,8 +170,6 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
                   "local": layer.active_ratio.item(), "offset": layer.router_offset.item()}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
@@ -173,8 +183,7 @@ def test_two_ranks_agree_on_lambda_from_the_global_ratio(tmp_path):
 
 
 def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, store):
         torch.manual_seed(0)
         model = DecoForCausalLM(TINY).train()
         model.set_elastic(bias=BIAS[rank])  # rank 0: no gate active, rank 1: every gate active
@@ -186,8 +195,6 @@ def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
             counts.append(sum(int(m.active_count) for m in model.deco_layers()))
         with open(f"{out_dir}/ddp{rank}.json", "w") as f:
             json.dump(counts, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_leaves_each_rank_its_own_gate_counters(tmp_path):
