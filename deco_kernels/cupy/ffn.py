@@ -194,10 +194,10 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
 
     T <= geometry.DECODE_MAX_T tokens take the decode kernels (two launches, CUDA-graph capturable: the up
     kernel computes each expert's gates and skips inactive experts, the down kernel finds the active experts
-    from the gates; a router launch runs first for max_active, whose top-k needs all of a token's logits), more take
-    the grouped prefill kernels (router, grouping, expert up + NormSiLU into an activation buffer, expert down
-    with fp32 atomics; the shared expert through cuBLAS). ``ldmatrix=False`` loads tensor-core fragments with plain shared loads
-    (a debugging switch; same results)."""
+    from the gates; a router launch runs first for max_active, whose top-k needs all of a token's logits);
+    more tokens take the grouped prefill kernels (router, grouping, expert up + NormSiLU into an activation
+    buffer, expert down with fp32 atomics; the shared expert through cuBLAS). ``ldmatrix=False`` loads
+    tensor-core fragments with plain shared loads (a debugging switch; same results)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_router, router_scale, w_up, gamma, w_down,
                                                                   ws_gate, ws_up, ws_down)):
         raise NotImplementedError("backend 'cupy' runs inference only: call it under torch.no_grad() or use "
