@@ -26,6 +26,8 @@ import json
 import os
 import tempfile
 
+from .buckets import LABELS
+
 FORMAT = 1
 
 
@@ -124,7 +126,8 @@ def atomic_write_json(path: str, data: dict) -> None:
 def merge_entries(directory: str, device: dict, entries: dict, source: str = "measured",
                   filename: str | None = None) -> str:
     """Add `entries` to the cache of `device` in `directory` (created if needed); returns the file's path.
-    Entries already there stay unless `entries` has the same key; a corrupt or stale file is replaced."""
+    Entries already there stay unless `entries` has the same key, or their token bucket is no longer one of
+    buckets.BUCKETS (the lookup never asks for it again); a corrupt or stale file is replaced."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, filename or f"{device['fingerprint']}.json")
     with _locked(path):
@@ -134,7 +137,7 @@ def merge_entries(directory: str, device: dict, entries: dict, source: str = "me
             old = None
         if old is not None and old["device"]["fingerprint"] != device["fingerprint"]:
             raise CacheError(f"{path} holds device {old['device']['fingerprint']}, not {device['fingerprint']}")
-        merged = dict(old["entries"]) if old else {}
+        merged = {k: v for k, v in old["entries"].items() if k.rsplit("/", 1)[-1] in LABELS} if old else {}
         merged.update(entries)
         sources = {source} | ({old.get("source")} if old else set())
         data = {"format": FORMAT, "source": source if len(sources) == 1 else "mixed", "device": device,

@@ -169,6 +169,17 @@ def _writer(directory, tag, count):
         cache.merge_entries(directory, DEV, {key: {"config": {"rows": i}, "us": float(i)}})
 
 
+def test_a_merge_drops_entries_of_buckets_that_no_longer_exist(tmp_path):
+    gone, kept = "small_batch/d8_n1_de64_ds128_bf16/t2-4", "small_batch/d8_n1_de64_ds128_bf16/t1"
+    path = tmp_path / f"{DEV['fingerprint']}.json"
+    cache.atomic_write_json(str(path), {"format": cache.FORMAT, "source": "measured", "device": DEV,
+                                        "versions": cache.versions(), "date": cache.now(),
+                                        "entries": {gone: {"config": {"rows": 1}}, kept: {"config": {"rows": 2}}}})
+    new = "small_batch/d8_n1_de64_ds128_bf16/t2"
+    cache.merge_entries(str(tmp_path), DEV, {new: {"config": {"rows": 3}}})
+    assert set(cache.load(str(path))["entries"]) == {kept, new}
+
+
 def test_two_processes_writing_at_once_keep_every_entry(tmp_path):
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), tag, 25)) for tag in ("t1", "t2")]
