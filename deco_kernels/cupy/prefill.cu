@@ -169,19 +169,17 @@ __host__ __device__ constexpr int pf_down_stages() {
     return pf_down_smem_bytes<WARPS>(3) <= PF_DOWN_SMEM_LIMIT ? 3 : 2;
 }
 
-// yacc[row, c..c+3] += v (one vector reduction on sm_90, else four).
-__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d, bool vec4) {
+// p[0..3] += v, p 16-byte aligned (one vector reduction on sm_90, else four).
+__device__ __forceinline__ void red_add4(float* p, float4 v) {
 #if __CUDA_ARCH__ >= 900
-    if (vec4) {
-        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
-                     : "memory");
-        return;
-    }
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                 : "memory");
+#else
+    atomicAdd(p, v.x);
+    atomicAdd(p + 1, v.y);
+    atomicAdd(p + 2, v.z);
+    atomicAdd(p + 3, v.w);
 #endif
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-    atomicAdd(p + 2, c);
-    atomicAdd(p + 3, d);
 }
 
 // p[0..1] = (a, b) in one store (p is 4-byte aligned for 16-bit types, 8-byte for fp32).
@@ -324,7 +322,7 @@ __device__ void prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int*
                 const float4 v = *reinterpret_cast<const float4*>(sout + r * SO + cl);
                 float* p = yacc + (long long)tok * D + col;
                 if (vec4) {
-                    red_add4(p, v.x, v.y, v.z, v.w, true);
+                    red_add4(p, v);
                 } else {  // d % 4 != 0: the row segment may end inside the four
                     atomicAdd(p, v.x);
                     if (col + 1 < c_hi) atomicAdd(p + 1, v.y);
