@@ -13,9 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import TARGET_RATIO, environment
+from deco_kernels.benchmark import TARGET_RATIO, bench_model, environment
 from deco_kernels.elastic import calibrate
-from deco_kernels.modules import DecoForCausalLM
 from deco_kernels.testing import make_dense_twin, make_layer
 
 
@@ -58,20 +57,14 @@ def model_rows(preset: str, T: int) -> list:
     cfg = DecoConfig.preset(preset)
     rows = []
     for dense_twin in (True, False):
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = DecoForCausalLM(cfg, dense_twin=dense_twin)
-        model.to(torch.bfloat16)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        ids = torch.randint(0, cfg.vocab_size, (1, T), generator=gen, device="cuda")
+        model, next_ids = bench_model(cfg, dense_twin)
         if not dense_twin:
-            calibrate(model, ids[:, :1024], TARGET_RATIO, strict=False)
+            calibrate(model, next_ids(1024), TARGET_RATIO, strict=False)
+        ids = next_ids(T)
         model.eval()
         with torch.no_grad():
             rows.append(dict(part="model_prefill", preset=preset, T=T,
                              variant="dense_twin" if dense_twin else "deco", **breakdown(lambda: model(ids))))
-        del model
-        torch.cuda.empty_cache()
     return rows
 
 

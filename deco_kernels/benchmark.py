@@ -488,6 +488,21 @@ def _memory_peak(device) -> int | None:
     return torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
 
 
+def bench_model(cfg: DecoConfig, dense_twin: bool, device="cuda", dtype=torch.bfloat16, seed: int = 0):
+    """(model, ids): the benchmark's DecoForCausalLM (or its dense twin) from ``seed`` in ``dtype`` on
+    ``device``, and ids(n), the next n random token ids [1, n] of a generator seeded the same way."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DecoForCausalLM(cfg, dense_twin=dense_twin)
+    model.to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(0, cfg.vocab_size, (1, n), generator=gen, device=device)
+
+    return model, ids
+
+
 def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype=torch.bfloat16, *,
                   context: int = 128, prefill_tokens: int = 4096, train_tokens: int = 4096,
                   calib_tokens: int = 1024, target: float = TARGET_RATIO, graphs: bool = True,
@@ -498,19 +513,12 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
     CUDA graph (``graphs``); a replay re-decodes position ``context`` (the model's cache is concatenated, not
     preallocated, so the graph keeps the cache length fixed), and tokens/s = 1 / median replay time. Prefill:
     one forward of ``prefill_tokens`` tokens without a cache, also under a CUDA graph when ``graphs`` (its
-    eager time, host launches included, is kept as prefill_eager_us). Training: zero_grad, forward with labels (CE plus
-    the entropy regulariser), backward and an AdamW step on ``train_tokens`` tokens; DECO layers take backend
-    "auto" (the Triton sparse training path on a GPU). Each figure that fails is recorded with its error."""
+    eager time, host launches included, is kept as prefill_eager_us). Training: zero_grad, forward with labels
+    (CE plus the entropy regulariser), backward and an AdamW step on ``train_tokens`` tokens; DECO layers take
+    backend "auto" (the Triton sparse training path on a GPU). Each figure that fails is recorded with its
+    error."""
     figures: dict = {"errors": {}}
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = DecoForCausalLM(cfg, dense_twin=dense_twin)
-    model.to(dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def ids(n: int) -> torch.Tensor:
-        return torch.randint(0, cfg.vocab_size, (1, n), generator=gen, device=device)
-
+    model, ids = bench_model(cfg, dense_twin, device, dtype, seed)
     if not dense_twin:
         try:
             report = calibrate(model, ids(calib_tokens), target, strict=False)

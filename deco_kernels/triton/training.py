@@ -53,7 +53,7 @@ from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
 BLOCK_M = 64            # pairs of one expert per program
 BLOCK_K = 64            # reduction step over d in the gather matmuls
-BLOCK_C = 64            # output columns per step (d) in scatter, weight-gradient and router kernels
+BLOCK_C = 64            # output columns per step (d) in the scatter and weight-gradient kernels
 # At 4 warps these tiles spill registers on sm_90 (ptxas, compile-only check); at 8 the bf16 kernels do not.
 NUM_WARPS = 8
 
