@@ -6,8 +6,10 @@ Tune caches are ignored (DECO_KERNELS_AUTOTUNE=0): these are the defaults.
     python benchmarks/probe_decode_paths.py --presets 1.2b 0.1b --tokens 1 2 3 4 8 --prefill 4096 --out p.json
 """
 import argparse
+import contextlib
 import json
 import os
+from unittest import mock
 
 os.environ["DECO_KERNELS_AUTOTUNE"] = "0"
 
@@ -23,42 +25,30 @@ COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_pre
 
 
 def variants(x, w, dense, T):
-    """name -> (call, FMA_MAX_T to set while it runs or None)."""
+    """name -> (call, (module, attribute, value) to set while it is timed, or None)."""
+    def triton():
+        return ops.deco_ffn(x, **w, backend="triton")
+
+    def cupy():
+        return ops.deco_ffn(x, **w, backend="cupy")
+
     out = {"dense_twin": (lambda: ops.dense_swiglu(x, **dense), None)}
     if T <= ffn.SMALL_BATCH_MAX:
         if T <= 8:
-            out["triton_fma"] = (lambda: ops.deco_ffn(x, **w, backend="triton"), 8)
+            out["triton_fma"] = (triton, (ffn, "FMA_MAX_T", 8))
         if T >= 2:
-            out["triton_dot"] = (lambda: ops.deco_ffn(x, **w, backend="triton"), 1)
+            out["triton_dot"] = (triton, (ffn, "FMA_MAX_T", 1))
     else:
-        out["triton"] = (lambda: ops.deco_ffn(x, **w, backend="triton"), None)
+        out["triton"] = (triton, None)
     if backends.available("cupy", x.device):
-        out["cupy"] = (lambda: ops.deco_ffn(x, **w, backend="cupy"), None)
-        if T > 8:
-            out["cupy_scalar_red"] = (lambda: scalar_reductions(lambda: ops.deco_ffn(x, **w, backend="cupy")), None)
-        elif T > 1:
-            out["cupy_prefill"] = (lambda: prefill_path(lambda: ops.deco_ffn(x, **w, backend="cupy")), None)
+        from deco_kernels.cupy import ffn as cupy_ffn, geometry as cupy_geometry
+
+        out["cupy"] = (cupy, None)
+        if T > 8:  # the prefill down-projection with scalar atomics instead of vector reductions
+            out["cupy_scalar_red"] = (cupy, (cupy_ffn, "VECTOR_REDUCTIONS", False))
+        elif T > 1:  # the grouped (prefill) kernels below their token range
+            out["cupy_prefill"] = (cupy, (cupy_geometry, "DECODE_MAX_T", 0))
     return out
-
-
-def prefill_path(fn):
-    """fn() with the CuPy backend's grouped (prefill) kernels at any token count."""
-    from deco_kernels.cupy import geometry
-    saved, geometry.DECODE_MAX_T = geometry.DECODE_MAX_T, 0
-    try:
-        return fn()
-    finally:
-        geometry.DECODE_MAX_T = saved
-
-
-def scalar_reductions(fn):
-    """fn() with the CuPy prefill's vector reductions off."""
-    from deco_kernels.cupy import ffn as cupy_ffn
-    cupy_ffn.VECTOR_REDUCTIONS = False
-    try:
-        return fn()
-    finally:
-        cupy_ffn.VECTOR_REDUCTIONS = True
 
 
 def main():
@@ -70,23 +60,20 @@ def main():
     args = p.parse_args()
     timer = GpuTimer()
     rows = []
-    default_fma = ffn.FMA_MAX_T
     for preset in args.presets:
         cfg = DecoConfig.preset(preset)
         sizes = args.tokens + args.prefill
         x_all, w, dense = layer_inputs(cfg, max(sizes), "cuda")
         for T in sizes:
             x = x_all[:T]
-            for name, (fn, fma_max) in variants(x, w, dense, T).items():
-                ffn.FMA_MAX_T = default_fma if fma_max is None else fma_max
+            for name, (fn, setting) in variants(x, w, dense, T).items():
+                patch = mock.patch.object(*setting) if setting else contextlib.nullcontext()
                 try:
-                    with torch.no_grad():
+                    with patch, torch.no_grad():
                         row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
                                    kernels_us=kernel_us(fn))
                 except Exception as e:  # a failing variant must not hide the others
                     row = dict(preset=preset, T=T, variant=name, error=f"{type(e).__name__}: {e}"[:300])
-                finally:
-                    ffn.FMA_MAX_T = default_fma
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"{'preset':>6} {'T':>5} " + " ".join(f"{v:>11}" for v in COLUMNS))
