@@ -44,7 +44,7 @@ def variants(x, w, dense, T):
         from deco_kernels.cupy import ffn as cupy_ffn, geometry as cupy_geometry
 
         out["cupy"] = (cupy, None)
-        if T > cupy_geometry.DECODE_MAX_T:  # the prefill down-projection with scalar atomics instead of vector reductions
+        if T > cupy_geometry.DECODE_MAX_T:  # prefill's down-projection with scalar atomics, no vector reductions
             out["cupy_scalar_red"] = (cupy, (cupy_ffn, "VECTOR_REDUCTIONS", False))
         elif T > 1:  # the grouped (prefill) kernels below their token range
             out["cupy_prefill"] = (cupy, (cupy_geometry, "DECODE_MAX_T", 0))
