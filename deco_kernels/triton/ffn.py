@@ -19,8 +19,9 @@ from .small_batch import _decode_down_kernel, _union_down_kernel, _up_kernel
 # Up to this many tokens one pass over the union of the batch's active experts beats grouping by expert.
 SMALL_BATCH_MAX = 64
 # Up to this many tokens the small-batch kernels multiply in registers; above, on tensor cores. H200, all four
-# presets (results/h200/probe_decode_paths.json): at 3 and 4 tokens the tensor-core kernels take 18-30 µs, the
-# register ones 25-55 µs; at 2 tokens the register ones win at 0.1b (14.7 vs 17.9 µs) and tie at 1.2b.
+# presets (results/h200/probe_decode_paths_before_cupy_rewrite.json): at 3 and 4 tokens the tensor-core kernels
+# take 18-30 µs, the register ones 25-55 µs; at 2 tokens the register ones win at 0.1b (14.7 vs 17.9 µs) and tie
+# at 1.2b.
 FMA_MAX_T = 2
 # Elements of the largest [rows, d] slab one FMA program loads at once.
 FMA_SLAB = 16384
