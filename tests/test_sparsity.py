@@ -1,6 +1,8 @@
 """SparsityController: λ moves the right way, counters reset, and ranks agree on λ from the global ratio."""
 import contextlib
 import json
+import os
+import sys
 import time
 
 import pytest
@@ -147,14 +149,20 @@ def _run_two_ranks(worker, tmp_path) -> None:
 
 @contextlib.contextmanager
 def _gloo_group(rank: int, world_size: int, store: str):
-    """A gloo process group for the body; on success the ranks meet at a barrier before tearing it down, so
-    neither closes its connections while the other still talks (a gloo peer then aborts the process)."""
+    """A gloo process group for the body. On success the ranks meet at a barrier before tearing it down, so
+    neither closes its connections while the other still talks, and the worker then leaves with os._exit(0):
+    gloo's threads torn down during interpreter finalisation can abort an otherwise finished worker (seen once
+    in CI as SIGABRT, "terminate called without an active exception"). On failure the exception propagates
+    to the spawner, which reports it."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         yield
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
@@ -195,6 +203,7 @@ def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
             counts.append(sum(int(m.active_count) for m in model.deco_layers()))
         with open(f"{out_dir}/ddp{rank}.json", "w") as f:
             json.dump(counts, f)
+        del ddp  # the reducer holds the group: free it before the group is destroyed
 
 
 def test_ddp_leaves_each_rank_its_own_gate_counters(tmp_path):
