@@ -4,8 +4,9 @@
 
 Every timed figure present in both files is paired: the layer rows (preset, T, backend; eager and, where
 present, under CUDA graphs), the active-ratio rows (preset, T, target ratio, backend), the training rows
-(preset, T, backend) and the whole-model figures (preset, model, figure). For each pair the relative change (b - a) / a is printed; the summary gives the median
-and the largest |change| of each part and the pairs beyond ``--tolerance``. Exit status 0 when every pair is
+(preset, T, backend; eager and GPU-busy) and the whole-model figures (preset, model, figure). For each pair
+the relative change (b - a) / a is printed; the summary gives the median and the largest |change| of each
+part and the pairs beyond ``--tolerance``. Exit status 0 when every pair is
 within the tolerance, 1 otherwise, 2 when the two files were measured on different GPUs (not comparable).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import statistics
 import sys
 
-MODEL_FIGURES = ("decode_us", "prefill_us", "train_step_us")
+MODEL_FIGURES = ("decode_us", "prefill_us", "train_step_us", "train_step_gpu_us")
 
 
 def timed_figures(result: dict) -> dict[tuple, float]:
@@ -32,6 +33,8 @@ def timed_figures(result: dict) -> dict[tuple, float]:
     for row in result.get("train", {}).get("rows", []):
         for name, us in row["us"].items():
             out[("train", row["preset"], row["T"], name)] = us
+        for name, us in row.get("gpu_us", {}).items():
+            out[("train_gpu", row["preset"], row["T"], name)] = us
     for row in result.get("model", {}).get("rows", []):
         for model in ("deco", "dense_twin"):
             for fig in MODEL_FIGURES:

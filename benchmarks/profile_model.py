@@ -13,13 +13,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import TARGET_RATIO, bench_model, environment
+from deco_kernels.benchmark import TARGET_RATIO, bench_model, device_kernels, environment
 from deco_kernels.elastic import calibrate
 from deco_kernels.testing import make_dense_twin, make_layer
 
 
 def breakdown(fn, reps: int = 5, top: int = 12) -> dict:
-    """Eager wall µs per call, GPU kernel µs per call (sum), the top kernels and the top host operators."""
+    """Eager wall µs per call, GPU kernel µs per call (sum over the device-side events only), the top kernels
+    and the top host operators (self CPU time)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -33,8 +34,7 @@ def breakdown(fn, reps: int = 5, top: int = 12) -> dict:
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernels = sorted(((e.key, e.self_device_time_total / reps) for e in events if e.self_device_time_total > 0),
-                     key=lambda kv: -kv[1])
+    kernels = device_kernels(events, reps)
     host = sorted(((e.key, e.self_cpu_time_total / reps) for e in events), key=lambda kv: -kv[1])
     return dict(wall_us=wall, kernel_sum_us=sum(v for _, v in kernels),
                 kernels=[(k[:70], round(v, 1)) for k, v in kernels[:top]],

@@ -12,11 +12,14 @@ Three parts, each writing its figures and their floors into one JSON (plots: ``d
   ratio from ~5% to ~60%, against the dense twin's constant time.
 
 Floors: at small T the bytes that must be read over the measured copy bandwidth, at large T the FLOPs over the
-measured bf16 matmul rate. Times come from ``triton.testing.do_bench`` (which flushes L2 between
-repetitions; GpuTimer: the median under CUDA graphs, the least of five medians eagerly); T <= GRAPH_MAX_T runs under CUDA graphs; larger T runs eagerly (``us``, what a caller without
-graphs sees, host launch cost included) and again under a CUDA graph (``graph_us``, the kernels' own time; the
-torch reference, which synchronises with the host, only eagerly). Every case that fails is recorded with its error text and
-the run goes on. The floor arithmetic and the case selection are plain functions, tested on the CPU.
+measured bf16 matmul rate. Times come from ``triton.testing.do_bench`` (which flushes L2 between repetitions;
+GpuTimer: the median under CUDA graphs, the least of five medians eagerly); T <= GRAPH_MAX_T runs under CUDA
+graphs; larger T runs eagerly (``us``, what a caller without graphs sees, host launch cost included) and again
+under a CUDA graph (``graph_us``, the kernels' own time; the torch reference, which synchronises with the
+host, only eagerly). The training figures, which cannot be captured (one host synchronisation per layer
+forward), also carry their GPU-busy time (``gpu_us``, ``train_step_gpu_us``: the kernels' time from
+torch.profiler, without the host's share). Every case that fails is recorded with its error text and the run
+goes on. The floor arithmetic and the case selection are plain functions, tested on the CPU.
 """
 from __future__ import annotations
 
@@ -229,6 +232,32 @@ class GpuTimer:
                    for _ in range(self.eager_repeats)) * 1e3
 
 
+def device_kernels(events, reps: int) -> list[tuple[str, float]]:
+    """(name, µs per call) of the device-side events (kernels, memcpy, memset) of a torch.profiler
+    ``key_averages()`` over ``reps`` calls, longest first. Only events on the GPU count: a host operator's
+    self device time repeats the time of the kernels it launched, so summing every event counts them twice."""
+    from torch.autograd import DeviceType
+    rows = [(e.key, e.self_device_time_total / reps) for e in events
+            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    return sorted(rows, key=lambda kv: -kv[1])
+
+
+def device_busy_us(fn, reps: int = 5) -> float:
+    """µs per call that the GPU spends executing fn's kernels (torch.profiler, ``reps`` calls after a warm-up):
+    the eager time without the host's share, so host load does not move it. It is what the call would take if
+    the host always kept ahead of the GPU (a lower bound on the eager time, and on a CUDA graph's for one
+    stream); for paths that cannot be captured (the training step synchronises once per layer) it is the
+    host-independent figure."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(us for _, us in device_kernels(prof.key_averages(), reps))
+
+
 def device_ceilings() -> tuple[float, float]:
     """Measured copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
     from triton.testing import do_bench
@@ -406,7 +435,7 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
     for name in names:
         if name in backends.DIFFERENTIABLE:
             calls[name] = lambda name=name: ops.deco_ffn(x, **w, backend=name).backward(dy)
-    row = dict(preset=preset, T=T, us={}, peak_bytes={}, errors={})
+    row = dict(preset=preset, T=T, us={}, gpu_us={}, peak_bytes={}, errors={})
     cuda = torch.device(device).type == "cuda"
     for name, fn in calls.items():
         try:
@@ -419,10 +448,13 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
                 torch.cuda.synchronize()
                 row["peak_bytes"][name] = torch.cuda.max_memory_allocated(device) - base
             row["us"][name] = timer(fn, False)
+            if cuda:
+                row["gpu_us"][name] = device_busy_us(fn)
         except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
             row["errors"][name] = _error(exc)
-    dense_us = row["us"].get("dense_twin")
-    row["speedup_vs_dense"] = {k: dense_us / v for k, v in row["us"].items()} if dense_us else {}
+    for times, speedup in (("us", "speedup_vs_dense"), ("gpu_us", "gpu_speedup_vs_dense")):
+        dense_us = row[times].get("dense_twin")
+        row[speedup] = {k: dense_us / v for k, v in row[times].items()} if dense_us else {}
     if not row["errors"]:
         del row["errors"]
     return row
@@ -594,6 +626,8 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
         figures["train_step_us"] = timer(train_step, False)
         figures["train_tokens_per_s"] = train_tokens / (figures["train_step_us"] * 1e-6)
         figures["train_peak_bytes"] = _memory_peak(device)
+        if torch.device(device).type == "cuda":
+            figures["train_step_gpu_us"] = device_busy_us(train_step)
         if last.get("ratio") is not None:
             figures["train_active_ratio"] = last["ratio"].item()
     except Exception as exc:  # noqa: BLE001
@@ -613,7 +647,7 @@ def model_row(preset: str, cfg: DecoConfig, timer, bw: float, device="cuda", **k
         except Exception as exc:  # noqa: BLE001
             row[name] = {"errors": {"model": _error(exc) + "\n" + traceback.format_exc(limit=3)}}
     deco, dense = row["deco"], row["dense_twin"]
-    for figure in ("decode_us", "prefill_us", "train_step_us"):
+    for figure in ("decode_us", "prefill_us", "train_step_us", "train_step_gpu_us"):
         if figure in deco and figure in dense:
             row[figure.replace("_us", "_speedup")] = dense[figure] / deco[figure]
     # The floor at the ratio the decode step measured (mean over DECO layers), else the calibrated one.

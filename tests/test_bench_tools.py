@@ -167,7 +167,21 @@ def test_train_case_on_cpu_times_forward_and_backward():
     assert row["T"] == 8 and set(row["us"]) == {"dense_twin", "torch"}
     assert all(us > 0 for us in row["us"].values())
     assert row["speedup_vs_dense"]["torch"] == pytest.approx(row["us"]["dense_twin"] / row["us"]["torch"])
+    assert row["gpu_us"] == {} and row["gpu_speedup_vs_dense"] == {}  # GPU-busy time only on a GPU
     assert "errors" not in row  # "nope" has no backward: skipped, not attempted
+
+
+def test_device_kernels_count_only_device_events():
+    """A host operator's self device time repeats its kernels' time: only device-side events are summed."""
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+    events = [Event(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=100.0),
+              Event(key="gemm_kernel", device_type=DeviceType.CUDA, self_device_time_total=100.0),
+              Event(key="_pair_scatter_kernel", device_type=DeviceType.CUDA, self_device_time_total=300.0),
+              Event(key="aten::empty", device_type=DeviceType.CPU, self_device_time_total=0.0),
+              Event(key="idle", device_type=DeviceType.CUDA, self_device_time_total=0.0)]
+    assert bench.device_kernels(events, reps=2) == [("_pair_scatter_kernel", 150.0), ("gemm_kernel", 50.0)]
 
 
 def test_model_row_on_cpu():
@@ -258,6 +272,26 @@ def test_readme_table_from_a_synthetic_json():
     assert "| 1.2b | -% | - / - |" in text  # a failed model is a row of dashes, not a crash
     assert "T=1 triton: 9.5 µs at 5% active, 26.0 µs at 60% (dense twin 40.0 µs)" in text
     assert ", graph |" not in text  # no graph columns when no row has graph figures
+
+
+def test_readme_table_gpu_busy_columns_only_when_measured():
+    rt = _readme_table()
+    result = synthetic_result()
+    us, gpu = dict(dense_twin=1000.0, triton=2800.0), dict(dense_twin=1000.0, triton=1250.0)
+    result["train"] = dict(tokens=4096, rows=[dict(preset="1.2b", T=4096, us=us, peak_bytes={}, speedup_vs_dense={
+        k: 1000.0 / v for k, v in us.items()})])
+    plain = rt.table(result)
+    assert "| 1.2b | 1000 | 2800 | 0.36x | - | - |" in plain and "GPU-busy" not in plain
+    result["train"]["rows"][0].update(gpu_us=gpu, gpu_speedup_vs_dense={k: 1000.0 / v for k, v in gpu.items()})
+    result["model"]["rows"][0]["deco"]["train_step_gpu_us"] = 800.0
+    result["model"]["rows"][0]["dense_twin"]["train_step_gpu_us"] = 1000.0
+    text = rt.table(result)
+    assert "| 1.2b | 1000 | 2800 | 0.36x | - | - | 1000 | 1250 | 0.80x |" in text
+    assert "triton peak MiB | dense_twin GPU-busy µs | triton GPU-busy µs | triton vs dense, GPU-busy |" in text
+    assert "| 3.0 / 2.0 | 800 / 1000 |" in text and "| 3.0 / 2.0 | - / - |" in text  # 0.5b has no GPU-busy figure
+    for line in text.splitlines():  # every table row has as many cells as its header
+        if line.startswith("|"):
+            assert line.count("|") in {l.count("|") for l in text.splitlines() if l.startswith("| preset")}
 
 
 def test_readme_table_graph_columns():
