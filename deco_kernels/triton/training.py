@@ -16,11 +16,12 @@ once per step): O(T*N + P*de), nothing of size T*N*de.
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
   forward   `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient)
             `_pair_scatter_kernel` y[t] += a W_down_e^T                       (fp32 atomics)
-  backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dgs = <da, silu(n)>; dh through
-                                   NormSiLU; per-program partials of dgamma and drouter_scale
-            torch (cuBLAS, fp32)   dx = dr W_router + dmu wbar, dW_router = dr^T x, dwbar = x^T dmu (dr: the
-                                   logit gradient, zero where g <= 0, which covers relu, threshold and
-                                   max_active cuts; dmu = -sum of dh)
+  backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
+                                   of two [T, N] buffers the logit gradient dr = <da, silu(n)> scale_e (+ dg)
+                                   and -sum(dh) (mu's share); per-program partials of dgamma, drouter_scale
+            torch (cuBLAS, fp32)   dmu = row sums of the shares, dx = dr W_router + dmu wbar,
+                                   dW_router = dr^T x, dwbar = x^T dmu (dr is zero where g <= 0, which
+                                   covers relu, threshold and max_active cuts)
             `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
@@ -128,13 +129,15 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     a_ptr, dh_ptr, dgs_ptr, dsum_ptr, dgamma_part_ptr, dscale_part_ptr,
+def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, dg_ptr,
+                     a_ptr, dh_ptr, dr_ptr, dmu_part_ptr, dgamma_part_ptr, dscale_part_ptr,
                      T, N, D, stride_dyt, eps,
-                     DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per pair: a (recomputed from h, for dW_down), dh (through NormSiLU), dgs = <da, silu(n)> and sum(dh)
-    scattered into [T, N] at (t, e) (one writer per cell; inactive cells stay unwritten and are never read);
-    per program: partial sums of dgamma [DE] and drouter_scale[e] (zero for programs without pairs)."""
+                     HAS_DG: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Per pair (t, e): a (recomputed from h, for dW_down), dh (through NormSiLU), and at cell (t, e) of two
+    [T, N] fp32 buffers (one writer per cell; the caller fills the other cells): the router logit's gradient
+    dr = <da, silu(n)> * scale[e] (+ dg[t, e] with HAS_DG) and mu's share -sum(dh). Per program: partial sums
+    of dgamma [DE] and drouter_scale[e] (zero for programs without pairs)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     part = e.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
@@ -156,13 +159,16 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
         s = n * sig
         tl.store(a_ptr + cells, (s * gs[:, None]).to(a_ptr.dtype.element_ty), mask=mmask[:, None])
         dgs = tl.sum(da * s, axis=1)
-        tl.store(dgs_ptr + toks * N + e, dgs, mask=mmask)
+        dr = dgs * tl.load(scale_ptr + e).to(tl.float32)
+        if HAS_DG:
+            dr += tl.load(dg_ptr + toks * N + e, mask=mmask, other=0.0)
+        tl.store(dr_ptr + toks * N + e, dr, mask=mmask)
         dn = da * gs[:, None] * sig * (1.0 + n * (1.0 - sig))          # silu'(n) = sig * (1 + n (1 - sig))
         duhat = dn * gamma[None, :]
         # RMS norm backward: du = (duhat - uhat * mean(duhat * uhat)) / rms
         du = inv_rms[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, axis=1) / DE)[:, None])
         tl.store(dh_ptr + cells, du.to(dh_ptr.dtype.element_ty), mask=mmask[:, None])
-        tl.store(dsum_ptr + toks * N + e, tl.sum(du, axis=1), mask=mmask)
+        tl.store(dmu_part_ptr + toks * N + e, -tl.sum(du, axis=1), mask=mmask)
         tl.store(dgamma_part_ptr + part * DE + cols, tl.sum(dn * uhat, axis=0))
         tl.store(dscale_part_ptr + part, tl.sum(dgs * g, axis=0))
     else:
@@ -210,8 +216,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     g = ffn._empty(T, n, device=dev, dtype=f32)
     mu = ffn._empty(T, device=dev, dtype=f32)
     offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
-    acc = ffn._empty(T, d, device=dev, dtype=f32)
-    acc.copy_(shared)                                     # the shared expert seeds the fp32 accumulator
+    acc = shared.to(f32, copy=True)                       # the shared expert seeds the fp32 accumulator
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     if T > 0:
         if gates is None:
@@ -254,31 +259,29 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     grid = (n, blocks)
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
     dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
-    dgs = ffn._empty(T, n, device=dev, dtype=f32)
-    dsum = ffn._empty(T, n, device=dev, dtype=f32)
+    # dr: the gradient of the fp32 logits where the gate survived (relu, threshold and max_active all pass it
+    # exactly there), 0 elsewhere; without a router it is dL/dg, which takes dg at every cell.
+    dr = dg.clone() if dg is not None and not has_router else torch.zeros(T, n, device=dev, dtype=f32)
+    dmu_part = torch.zeros(T, n, device=dev, dtype=f32)
     dgamma_part = ffn._empty(n * blocks, de, device=dev, dtype=f32)
     dscale_part = ffn._empty(n * blocks, device=dev, dtype=f32)
-    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma,
-                           a, dh, dgs, dsum, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
-                           DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, dr if dg is None else dg,
+                           a, dh, dr, dmu_part, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
+                           HAS_DG=dg is not None, DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                           num_warps=NUM_WARPS)
 
-    # The router's gradients, on cuBLAS in fp32. dr: the gradient of the fp32 logits, dgs * scale where g > 0,
-    # else 0 (relu, threshold and max_active all pass it exactly where the gate survived; dgs is unwritten
-    # elsewhere); dmu: the gradient of mu = x.wbar, minus the sum of dh over the token's pairs. (A Triton kernel
-    # per column block looping over the tokens took 1.1 ms of a 4.2 ms 1.2b step at T=4096 on the H200.)
-    active = g > 0
-    dr = torch.where(active, dgs * router_scale.float(), 0.0)
-    dmu = -torch.where(active, dsum, 0.0).sum(1)
+    # The router's gradients on cuBLAS in fp32, from dr and dmu (the gradient of mu = x.wbar, a fixed-order
+    # sum over the token's experts). (A Triton kernel per column block looping over the tokens took 1.1 ms of
+    # a 4.2 ms 1.2b step at T=4096 on the H200.)
+    dmu = dmu_part.sum(1)
     x32 = x.float()
     dwbar = dmu @ x32
     dx = dmu[:, None] * wbar  # seeds dx's fp32 accumulator
     if has_router:
-        if dg is not None:
-            dr = dr + torch.where(active, dg, 0.0)
         dx.addmm_(dr, w_router.float())
         dw_router, dgates = (dr.t() @ x32).to(w_router.dtype), none
-    else:  # the caller's autograd owns the router: dL/dg is dr, plus dg everywhere
-        dw_router, dgates = none, dr if dg is None else dr + dg
+    else:  # the caller's autograd owns the router
+        dw_router, dgates = none, dr
     _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
                                DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
                                num_warps=NUM_WARPS)
