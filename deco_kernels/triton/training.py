@@ -33,7 +33,8 @@ inside the op, so y is rounded once, exactly as in inference.
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake
 implementations (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's
-forward and backward as two opaque ops without a graph break. The gates g the op returns are differentiable:
+forward and backward as two opaque ops without a graph break. Eager calls skip the custom-op dispatch through
+an autograd.Function around the same forward, context and backward (`_EagerDecoFfn`). The gates g the op returns are differentiable:
 the entropy regulariser's gradient enters the router backward as dg.
 """
 from __future__ import annotations
@@ -350,17 +351,37 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar)
 
 
-def _autograd_backward(ctx, dy, dg, *_):
+def _grads(ctx, dy, dg, backward):
+    """The gradients of deco_ffn_fwd's inputs from those of (y, g), through ``backward`` (deco_ffn_bwd, or
+    _backward itself in eager mode)."""
     x = ctx.saved_tensors[0]
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()      # y unused: only the gates in the loss
     dg = None if dg is None else dg.contiguous()
-    dx, dw_router, *grads, dgates = deco_ffn_bwd(dy, dg, *ctx.saved_tensors)
+    dx, dw_router, *grads, dgates = backward(dy, dg, *ctx.saved_tensors)
     routed = (dx, None, *grads) if ctx.gates_given else (dx, dw_router, *grads)
     # The shared expert's output enters y unchanged: its gradient is dy (torch's autograd takes it from there).
     return (*routed, dy, None, None, None, None, dgates if ctx.gates_given else None)
 
 
-deco_ffn_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+deco_ffn_fwd.register_autograd(lambda ctx, dy, dg, *_: _grads(ctx, dy, dg, deco_ffn_bwd),
+                               setup_context=_setup_context)
+
+
+class _EagerDecoFfn(torch.autograd.Function):
+    """deco_ffn_fwd's autograd without the custom-op machinery, for eager calls: the same _forward,
+    _setup_context and _backward, minus the dispatcher round trips of two custom ops (about a fifth of a
+    layer's host time in a training step, which the host sets: benchmarks/NOTES.md). torch.compile traces
+    the custom op instead (deco_ffn_train picks)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature per call
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dg, *_):
+        return _grads(ctx, dy, dg, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,8 +398,9 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
         gates = gates.float().contiguous()
-    y, g, *_ = deco_ffn_fwd(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared,
-                            bias_vec, bias_value, float(threshold), int(max_active or 0), gates)
+    op = deco_ffn_fwd if torch.compiler.is_compiling() else _EagerDecoFfn.apply
+    y, g, *_ = op(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
+                  bias_value, float(threshold), int(max_active or 0), gates)
     return y, g
 
 
