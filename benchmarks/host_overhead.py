@@ -2,10 +2,16 @@
 Python cost of validation, dispatch, config lookup, allocation and grids that an eager call pays on top of
 Triton's own launch cost (CUDA graphs pay neither). Runs on the CPU (TRITON_INTERPRET=1) or a GPU.
 
-    TRITON_INTERPRET=1 python benchmarks/host_overhead.py
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py            # inference, 1.2b, T = 1 and 8
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py --train    # forward + backward (the training path)
+
+--train times forward + backward of the sparse training path at T=64 on a tiny layer (d=64, N=13, de=16), so
+that on the CPU the torch ops around the kernels cost their dispatch and not their arithmetic; the stubbed
+grouping kernel gives every expert T/5 tokens, so the pair buffers have their usual size.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -13,10 +19,11 @@ import torch
 
 from deco_kernels import ops
 from deco_kernels.testing import make_layer
-from deco_kernels.triton import ffn
+from deco_kernels.triton import ffn, training
 
-KERNELS = ("_up_kernel", "_decode_down_kernel", "_union_down_kernel", "_router_kernel", "_group_kernel",
-           "_grouped_up_kernel", "_grouped_down_kernel")
+KERNELS = {ffn: ("_up_kernel", "_decode_down_kernel", "_union_down_kernel", "_router_kernel", "_group_kernel",
+                 "_grouped_up_kernel", "_grouped_down_kernel"),
+           training: ("_train_up_kernel", "_pair_scatter_kernel", "_pair_bwd_kernel", "_pair_wgrad_kernel")}
 
 
 class _NoLaunch:
@@ -24,24 +31,56 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_us(T: int, device: str, calls: int = 1000, rounds: int = 5) -> list[float]:
-    x, w = make_layer(T, 1792, 102, 64, 128, dtype=torch.bfloat16, device=device, seed=0, active=0.2)  # 1.2b
-    with torch.no_grad():
-        for _ in range(50):
-            ops.deco_ffn(x, **w, backend="triton")
-        out = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(calls):
-                ops.deco_ffn(x, **w, backend="triton")
-            out.append((time.perf_counter() - start) / calls * 1e6)
+class _FixedCounts:
+    """The grouping kernel stubbed to give every expert the same number of tokens (the training forward reads
+    the total back to size its pair buffers)."""
+
+    def __init__(self, per_expert: int):
+        self.per_expert = per_expert
+
+    def __getitem__(self, grid):
+        return lambda gt, tokens, counts, *args, **kwargs: counts.fill_(self.per_expert)
+
+
+def _time(fn, calls: int, rounds: int) -> list[float]:
+    for _ in range(max(10, calls // 20)):
+        fn()
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - start) / calls * 1e6)
     return out
 
 
+def host_us(T: int, device: str, calls: int = 1000, rounds: int = 5) -> list[float]:
+    x, w = make_layer(T, 1792, 102, 64, 128, dtype=torch.bfloat16, device=device, seed=0, active=0.2)  # 1.2b
+    with torch.no_grad():
+        return _time(lambda: ops.deco_ffn(x, **w, backend="triton"), calls, rounds)
+
+
+def train_host_us(T: int, device: str, calls: int = 200, rounds: int = 5) -> list[float]:
+    x, w = make_layer(T, 64, 13, 16, 32, dtype=torch.float32, device=device, seed=0, active=0.2,
+                      requires_grad=True)
+    dy = torch.randn_like(x)
+    ffn._group_kernel = _FixedCounts(T // 5)
+    return _time(lambda: ops.deco_ffn(x, **w, backend="triton").backward(dy), calls, rounds)
+
+
 def main():
-    for name in KERNELS:
-        setattr(ffn, name, _NoLaunch())
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", action="store_true", help="forward + backward of the training path")
+    args = p.parse_args()
+    for module, names in KERNELS.items():
+        for name in names:
+            setattr(module, name, _NoLaunch())
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.train:
+        us = train_host_us(64, device)
+        print(f"training forward + backward, T=64 on {device}: {min(us):.1f} µs per call at best, "
+              f"{statistics.median(us):.1f} median (kernel launches stubbed)")
+        return
     for T in (1, 8):  # the small-batch path: the grouped path's host work includes real torch ops (shared expert)
         us = host_us(T, device)
         print(f"1.2b T={T} on {device}: {min(us):.1f} µs per call at best, {statistics.median(us):.1f} median "
