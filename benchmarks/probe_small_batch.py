@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import GpuTimer, environment, layer_inputs
+from deco_kernels.benchmark import GpuTimer, device_kernels, environment, layer_inputs
 
 
 def kernel_us(fn, reps: int = 20) -> dict:
@@ -23,7 +23,7 @@ def kernel_us(fn, reps: int = 20) -> dict:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return {e.key: e.device_time_total / reps for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(device_kernels(prof.key_averages(), reps))
 
 
 def main():
