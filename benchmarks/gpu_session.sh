@@ -11,7 +11,8 @@
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
 # MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
-# profile (tile sweep and kernel profile); the last five are not in the default list.
+# profile (tile sweep and kernel profile), scatter (benchmarks/scatter_floor.py) and layer_profile (one layer's
+# training step, benchmarks/profile_model.py); the last seven are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths, TEST_ARGS replaces "-m gpu"
 # (e.g. TEST_ARGS=-x also runs the interpreter tests, on the GPU); TUNE_BUDGET (s) the tune's
 # budget, TUNE_ARGS more tune arguments (e.g. --kernels small_batch); SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
@@ -25,14 +26,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 declare -A LIMIT=([check]=150 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
-                  [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120)
+                  [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120
+                  [scatter]=120 [layer_profile]=150)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
 run_step() {
   local name=$1
   case $name in
     check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py ;;
-    host) python3 benchmarks/host_overhead.py ;;
+    host) python3 benchmarks/host_overhead.py && python3 benchmarks/host_overhead.py --train ;;
     tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
     tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate ${TUNE_ARGS:-} \
@@ -48,6 +50,8 @@ run_step() {
              (cd benchmarks && python3 sweep_tiles.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " ") \
                --out "$RES/sweep_tiles_${spec%%:*}.json")
            done ;;
+    scatter) (cd benchmarks && python3 scatter_floor.py --out "$RES/scatter_floor.json") ;;
+    layer_profile) python3 benchmarks/profile_model.py --layers 0.1b 1.2b --models --out "$RES/profile_model.json" ;;
     profile) for spec in ${PROFILE:-1.2b:1,8,4096}; do
                (cd benchmarks && python3 profile_kernels.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " "))
              done ;;
