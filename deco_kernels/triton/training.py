@@ -19,7 +19,7 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
                                    of two [T, N] buffers the logit gradient dr = <da, silu(n)> scale_e (+ dg)
                                    and -sum(dh) (mu's share); per-program partials of dgamma, drouter_scale
-            torch (cuBLAS, fp32)   dmu = row sums of the shares, dx = dr W_router + dmu wbar,
+            torch (cuBLAS)         dmu = row sums of the shares, dx = dr W_router + dmu wbar,
                                    dW_router = dr^T x, dwbar = x^T dmu (dr is zero where g <= 0, which
                                    covers relu, threshold and max_active cuts)
             `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
@@ -31,11 +31,11 @@ prefill; the order of those adds can change the last bits of fp32 between runs (
 The shared expert runs through torch (cuBLAS) and its own autograd; its output seeds y's fp32 accumulator
 inside the op, so y is rounded once, exactly as in inference.
 
-torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake
-implementations (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's
-forward and backward as two opaque ops without a graph break. Eager calls skip the custom-op dispatch through
-an autograd.Function around the same forward, context and backward (`_EagerDecoFfn`). The gates g the op returns are differentiable:
-the entropy regulariser's gradient enters the router backward as dg.
+torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
+(P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
+backward as two opaque ops without a graph break. Eager calls skip the custom-op dispatch through an
+autograd.Function around the same forward, context and backward (`_EagerDecoFfn`). The gates g the op returns
+are differentiable: the entropy regulariser's gradient enters the router backward as dg.
 """
 from __future__ import annotations
 
