@@ -325,12 +325,20 @@ def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(b))
     assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     report = cb.compare(a, b, 0.05)
-    assert report["parts"]["layer"]["max_abs_change"] == pytest.approx(0.02)
-    assert report["parts"]["ratio"]["max_abs_change"] == 0 and report["only_in_one"] == 0
+    assert report["parts"]["layer (device)"]["max_abs_change"] == pytest.approx(0.02)  # T <= 8: graphs
+    assert report["parts"]["layer (host)"]["max_abs_change"] == pytest.approx(0.02)    # the rest: eager
+    assert report["parts"]["ratio (device)"]["max_abs_change"] == 0 and report["only_in_one"] == 0
+    b["rows"][-1]["us"]["triton"] *= 1.5  # T=4096, eager: the host's figure, listed but judged only with --all
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--all"]) == 1
+    assert "beyond 5% (host): layer 1.2b 4096 triton" in capsys.readouterr().out
     b["rows"][0]["us"]["triton"] *= 1.5
     (tmp_path / "b.json").write_text(json.dumps(b))
     assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
-    assert "beyond 5%: layer 0.1b 1 triton" in capsys.readouterr().out
+    assert "beyond 5% (device): layer 0.1b 1 triton" in capsys.readouterr().out
+    b["model"]["rows"][0]["deco"]["decode_method"] = "eager"  # timed on another clock: no pair
+    assert cb.compare(a, b, 0.05)["other_clock"] == 1
     b["environment"]["gpu"] = "Other GPU"
     (tmp_path / "b.json").write_text(json.dumps(b))
     assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
