@@ -344,13 +344,6 @@ def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
     assert cb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
 
 
-def test_scatter_floor_kernel_adds_one_per_active_expert(triton_device):
-    spec = importlib.util.spec_from_file_location("scatter_floor", REPO / "benchmarks" / "scatter_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check(triton_device)
-
-
 def test_readme_table_write_replaces_only_the_block(tmp_path):
     rt = _readme_table()
     readme = tmp_path / "README.md"
