@@ -153,6 +153,37 @@ def test_float16_and_an_fp32_router(triton_device, router_dtype):
     check(x, w, tol=1e-2)
 
 
+def test_other_tiles(triton_device, monkeypatch):
+    # Every launch takes its tiles from training.TILES (what benchmarks/sweep_train_tiles.py varies). Small ones
+    # give several pair blocks per expert and a partial last column step (d = 40 with BLOCK_C = 32).
+    small = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=32, num_warps=4)
+    for key, tiles in list(training.TILES.items()):
+        monkeypatch.setitem(training.TILES, key, {k: small[k] for k in tiles})
+    x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=9, active=0.5)
+    check(x, w)
+
+
+def test_train_tile_sweep_keeps_the_fastest_correct_tiles(triton_device):
+    """benchmarks/sweep_train_tiles.py's coordinate sweep with a stand-in timer (µs = the y-scatter's BLOCK_M):
+    it keeps the fastest tiles that compile and reproduce the default gradients, and records the rest."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_train_tiles.py"
+    spec = importlib.util.spec_from_file_location("sweep_train_tiles", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    cfg = DecoConfig.preset("tiny")
+    step, grads = sweep.layer_step(cfg, 37, device=triton_device, dtype=torch.float32)
+    result = sweep.sweep(step, grads, timer=lambda fn: float(training.TILES["y_scatter"]["BLOCK_M"]),
+                         knobs={"y_scatter": [dict(BLOCK_M=[16, 32, 64]), dict(BLOCK_C=[24])]})
+    assert result["default_us"] == 64.0 and result["best_us"] == 16.0
+    assert result["best"]["y_scatter"]["BLOCK_M"] == 16 and result["best"]["up"] == training.TILES["up"]
+    failed = [r for r in result["rows"] if "error" in r]   # BLOCK_C = 24: not a power of two, Triton refuses
+    assert len(result["rows"]) == 4 and [r["tiles"]["BLOCK_C"] for r in failed] == [24]  # 16, 32, 64, then 24
+    assert all(r["grad_err"] <= sweep.GRAD_TOL for r in result["rows"] if "us" in r)
+
+
 @pytest.mark.parametrize("view", ["strided-features", "transposed"])
 def test_non_contiguous_x(triton_device, view):
     x, w = make_layer((2, 9), 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)

@@ -53,11 +53,22 @@ from . import ffn
 from ._jit import norm_silu_gate
 from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
-BLOCK_M = 64            # pairs of one expert per program
-BLOCK_K = 64            # reduction step over d in the gather matmuls
-BLOCK_C = 64            # output columns per step (d) in the scatter and weight-gradient kernels
-# At 4 warps these tiles spill registers on sm_90 (ptxas, compile-only check); at 8 the bf16 kernels do not.
-NUM_WARPS = 8
+# Each launch's tiles: BLOCK_M pairs of one expert per program, BLOCK_K the reduction step over d of the gather
+# matmuls, BLOCK_C output columns per step of the scatter and weight-gradient kernels. At 4 warps these tiles
+# spill registers on sm_90 (ptxas, compile-only check); at 8 the bf16 kernels do not.
+# benchmarks/sweep_train_tiles.py times alternatives.
+TILES = {
+    "up": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8),          # _train_up_kernel
+    "y_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),   # _pair_scatter_kernel, forward (w_down)
+    "bwd": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8),         # _pair_bwd_kernel
+    "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
+    "wgrad": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),       # _pair_wgrad_kernel, dW_up and dW_down
+}
+
+
+def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
+    """(expert, block of BLOCK_M of its pairs): an expert has at most T pairs."""
+    return n, ffn.cdiv(T, tiles["BLOCK_M"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,13 +244,11 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     if P > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
-        grid = (n, ffn.cdiv(T, BLOCK_M))
-        _train_up_kernel[grid](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
-                               T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                               num_warps=NUM_WARPS)
-        _pair_scatter_kernel[grid](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
-                                   DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                   num_warps=NUM_WARPS)
+        up, scatter = TILES["up"], TILES["y_scatter"]
+        _train_up_kernel[_pair_grid(n, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
+                                               T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
+        _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                                         DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
@@ -273,8 +282,9 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                 *(torch.zeros_like(t) for t in (router_scale, w_up, gamma, w_down)),
                 none if has_router else torch.zeros_like(g))
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
-    blocks = ffn.cdiv(T, BLOCK_M)
-    grid = (n, blocks)
+    bwd = TILES["bwd"]
+    grid = _pair_grid(n, T, bwd)
+    blocks = grid[1]
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
     dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
     # dr: the gradient of the fp32 logits where the gate survived (relu, threshold and max_active all pass it
@@ -285,24 +295,24 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dscale_part = ffn._empty(n * blocks, device=dev, dtype=f32)
     _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, dr if dg is None else dg,
                            a, dh, dr, dmu_part, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
-                           HAS_DG=dg is not None, DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                           num_warps=NUM_WARPS)
+                           HAS_DG=dg is not None, DE=de, PREC=prec, **bwd)
 
     dmu = dmu_part.sum(1)  # the gradient of mu = x.wbar: a fixed-order sum over the token's experts
     dx = dmu[:, None] * wbar  # seeds dx's fp32 accumulator
     dwbar, dw_router = _router_grads(x, dr, dmu, w_router, dx)
     dgates = none if has_router else dr  # without a router, the caller's autograd owns it: dL/dg is dr
-    _pair_scatter_kernel[grid](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
-                               DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                               num_warps=NUM_WARPS)
+    scatter = TILES["dx_scatter"]
+    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+                                                     DE=de, PREC=prec, **scatter)
 
-    wgrad = dict(DE=de, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
+    wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
-    _pair_wgrad_kernel[(n, ffn.cdiv(d, BLOCK_C))](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
-                                                     dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
+    _pair_wgrad_kernel[wgrid](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
+                              dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
-    _pair_wgrad_kernel[(n, ffn.cdiv(d, BLOCK_C))](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
-                                                     dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
+    _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
+                              dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
     # Fixed-order sums of the per-program partials: deterministic.
     dgamma = dgamma_part.sum(0).to(gamma.dtype)
     dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
