@@ -153,6 +153,15 @@ def test_float16_and_an_fp32_router(triton_device, router_dtype):
     check(x, w, tol=1e-2)
 
 
+def test_double_backward_raises_instead_of_dropping_the_routed_part(triton_device):
+    # The kernels have no derivative of their own: a second backward must fail, not treat dx as a constant.
+    x, w = make_layer(5, 32, 7, 16, 16, device=triton_device, seed=1, active=0.5, requires_grad=True)
+    y = ops.deco_ffn(x, **w, backend="triton")
+    gx, = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="deco_ffn_bwd"):
+        gx.pow(2).sum().backward()
+
+
 def test_other_tiles(triton_device, monkeypatch):
     # Every launch takes its tiles from training.TILES (what benchmarks/sweep_train_tiles.py varies). Small ones
     # give several pair blocks per expert and a partial last column step (d = 40 with BLOCK_C = 32).

@@ -400,7 +400,9 @@ class _EagerDecoFfn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dg, *_):
-        return _grads(ctx, dy, dg, _backward)
+        # Under create_graph the custom op runs instead: the kernels have no derivative of their own, and its
+        # outputs make a second backward raise rather than silently treat the first derivative as constant.
+        return _grads(ctx, dy, dg, deco_ffn_bwd if torch.is_grad_enabled() else _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
