@@ -153,6 +153,36 @@ def test_float16_and_an_fp32_router(triton_device, router_dtype):
     check(x, w, tol=1e-2)
 
 
+def test_float16_gradients_near_the_top_of_its_range(triton_device):
+    # Gradients as loss scaling makes them: every true gradient fits in fp16, but mu's gradient summed over x
+    # (dwbar, for dW_up) does not. The router's backward GEMMs keep fp32 for fp16 (16-bit GEMMs only for bf16).
+    x, w = make_layer(257, 64, 13, 16, 24, dtype=torch.float16, device=triton_device, seed=8, active=0.3)
+    x = x.detach().requires_grad_()
+    w = {k: v.detach().requires_grad_() for k, v in w.items()}
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(triton_device) * 600
+    ops.deco_ffn(x, **w, backend="triton").backward(dy.to(x.dtype))
+    x64, w64 = leaf64(x), {k: leaf64(v) for k, v in w.items()}
+    reference.deco_ffn(x64, **w64).backward(dy.double())
+    for name, t in {"x": x, **w}.items():
+        ref = (x64 if name == "x" else w64[name]).grad
+        assert ref.abs().max() < torch.finfo(torch.float16).max, name  # the true gradient fits
+        assert bool(torch.isfinite(t.grad).all()), name
+        assert_rel_close(t.grad, ref, 1e-2, f"d{name}")
+
+
+def test_make_fx_traces_the_custom_ops(triton_device):
+    # Tracers other than dynamo (make_fx, AOTAutograd) must meet the custom ops, not the eager Function.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = make_layer(17, 40, 13, 16, 24, device=triton_device, seed=3, active=0.4, requires_grad=True)
+
+    def f(x, *weights):
+        y = ops.deco_ffn(x, **dict(zip(w, weights)), backend="triton")
+        return torch.autograd.grad(y.sum(), [x, *weights])
+    targets = {str(n.target) for n in make_fx(f, tracing_mode="fake")(x, *w.values()).graph.nodes}
+    assert {"deco_kernels.deco_ffn_fwd.default", "deco_kernels.deco_ffn_bwd.default"} <= targets
+
+
 def test_double_backward_raises_instead_of_dropping_the_routed_part(triton_device):
     # The kernels have no derivative of their own: a second backward must fail, not treat dx as a constant.
     x, w = make_layer(5, 32, 7, 16, 16, device=triton_device, seed=1, active=0.5, requires_grad=True)

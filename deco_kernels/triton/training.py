@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import layout
 from ..ops import dense_swiglu
@@ -254,13 +255,15 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
 
 def _router_grads(x, dr, dmu, w_router, dx):
     """dwbar = x^T dmu (fp32) and dW_router = dr^T x (w_router's dtype, empty without a router); adds
-    dr W_router into dx (fp32) in place. On cuBLAS: with 16-bit x and router weights in x's dtype the GEMMs run
-    on tensor cores from dr and dmu rounded to x's dtype (fp32 accumulation, the routed path's precision);
-    otherwise in fp32. (In fp32 the addmm alone ran 58 µs as a SIMT sgemm in a 1.2b step at T=4096 on the H200;
-    a Triton kernel per column block looping over the tokens took 1.1 ms.)"""
+    dr W_router into dx (fp32) in place. On cuBLAS: with bf16 x and router weights the GEMMs run on tensor cores
+    from dr and dmu rounded to bf16 (fp32 accumulation; dr W_router and dwbar are rounded to bf16 once more),
+    the precision of the routed path's own bf16 GEMMs. Otherwise in fp32: fp16's range would not hold dmu and
+    dwbar (sums over the token's pairs and over T) under loss scaling. (In fp32 the addmm alone ran 58 µs as a
+    SIMT sgemm in a 1.2b step at T=4096 on the H200; a Triton kernel per column block looping over the tokens
+    took 1.1 ms.)"""
     if w_router is None:
         return dmu @ x.float(), x.new_empty(0)
-    if x.dtype != torch.float32 and w_router.dtype == x.dtype:
+    if x.dtype == torch.bfloat16 and w_router.dtype == x.dtype:
         dr16 = dr.to(x.dtype)
         dx.add_(dr16 @ w_router)
         return (dmu.to(x.dtype) @ x).float(), dr16.t() @ x
@@ -396,6 +399,7 @@ class _EagerDecoFfn(torch.autograd.Function):
     def forward(ctx, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature per call
         output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no [T, N] zeros for dg
         return output
 
     @staticmethod
@@ -408,6 +412,13 @@ class _EagerDecoFfn(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # Entry point (ffn.deco_ffn routes calls that need autograd here)
 # ---------------------------------------------------------------------------------------------------------
+def _tracing(x) -> bool:
+    """Whether a tracer runs the call (torch.compile's dynamo, or make_fx / AOTAutograd and any other dispatch
+    mode, fake tensors included): then the custom op must run, the only one with a fake implementation."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or isinstance(x, torch._subclasses.FakeTensor))
+
+
 def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     """Differentiable DECO layer on Triton, called by ffn.deco_ffn with x [T, d] (unit column stride), the
     contiguous canonical weights ``w`` by name and the knobs (max_active already None when >= N), or by
@@ -419,7 +430,7 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
         gates = gates.float().contiguous()
-    op = deco_ffn_fwd if torch.compiler.is_compiling() else _EagerDecoFfn.apply
+    op = deco_ffn_fwd if _tracing(x) else _EagerDecoFfn.apply
     y, g, *_ = op(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
                   bias_value, float(threshold), int(max_active or 0), gates)
     return y, g
