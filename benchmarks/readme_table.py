@@ -70,7 +70,8 @@ def model_table(result: dict) -> str:
     lines = [f"Whole model, DECO vs the dense-twin model, routers calibrated to ~{100 * part['target_ratio']:.0f}% "
              f"active: batch-1 decode after {first.get('decode_context', '?')} cached tokens "
              f"({first.get('decode_method', '?').replace('_', ' ')}), prefill of {first.get('prefill_tokens', '?')} "
-             f"tokens ({first.get('prefill_method', 'eager').replace('_', ' ')}), training step (forward, backward, AdamW) on {first.get('train_tokens', '?')} tokens. The "
+             f"tokens ({first.get('prefill_method', 'eager').replace('_', ' ')}), training step (forward, backward, "
+             f"AdamW) on {first.get('train_tokens', '?')} tokens. The "
              f"floor ratio is the weights read per decoded token, dense over DECO (attention, the embedding row "
              f"and the LM head do not shrink); the fraction is the measured decode speed-up over it."
              + (" GPU-busy: the step's kernel time from torch.profiler, without the host's share." if busy else ""),
@@ -108,7 +109,8 @@ def train_table(result: dict) -> str:
              + " | ".join(f"{n} vs dense" for n in names if n != "dense_twin") + " | "
              + " | ".join(f"{n} peak MiB" for n in names) + " |"
              + "".join(f" {n} GPU-busy µs |" for n in busy) + "".join(f" {n} vs dense, GPU-busy |" for n in fast),
-             "|" + "---|" * (1 + 3 * len(names) - 1 + len(busy) + len(fast))]
+             "|" + "---|" * (1 + 2 * len(names) + len([n for n in names if n != "dense_twin"]) + len(busy)
+                             + len(fast))]
     for r in part["rows"]:
         us, peak, speed = r.get("us", {}), r.get("peak_bytes", {}), r.get("speedup_vs_dense", {})
         gus, gspeed = r.get("gpu_us", {}), r.get("gpu_speedup_vs_dense", {})

@@ -24,7 +24,16 @@ GATHER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_K=[32, 64, 1
 SCATTER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_C=[32, 64, 128, 256])]
 KNOBS = {"up": GATHER, "y_scatter": SCATTER, "bwd": GATHER, "dx_scatter": SCATTER,
          "wgrad": [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_C=[64, 128, 256])]}
-GRAD_TOL = 2e-2   # bf16 gradients of two summation orders
+# bf16 gradients of two summation orders: the norm-wise error, and the largest element's error over the largest
+# element (an error confined to a few rows or pairs would hide in the norm).
+GRAD_TOL, GRAD_MAX_TOL = 2e-2, 5e-2
+
+
+def grad_error(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(norm-wise relative error, max |g - ref| / max |ref|)."""
+    peak = float(ref.abs().max()) if ref.numel() else 0.0
+    worst = float((g.float() - ref.float()).abs().max()) if ref.numel() else 0.0
+    return rel_err(g, ref), worst / peak if peak else worst
 
 
 def layer_step(cfg: DecoConfig, T: int, device="cuda", dtype=torch.bfloat16):
@@ -47,10 +56,11 @@ def measure(step, grads, reference, tiles: dict, timer) -> dict:
     with mock.patch.dict(training.TILES, tiles):
         try:
             step()
-            err = max(rel_err(g, reference[k]) for k, g in grads().items()) if reference else 0.0
-            if err > GRAD_TOL:
-                return dict(error=f"gradients differ from the default tiles' by {err:.2e}")
-            return dict(us=timer(step), grad_err=err)
+            errs = [grad_error(g, reference[k]) for k, g in grads().items()] if reference else [(0.0, 0.0)]
+            err, err_max = max(e[0] for e in errs), max(e[1] for e in errs)
+            if err > GRAD_TOL or err_max > GRAD_MAX_TOL:
+                return dict(error=f"gradients differ from the default tiles' by {err:.2e} (norm), {err_max:.2e} (max)")
+            return dict(us=timer(step), grad_err=err, grad_max_err=err_max)
         except Exception as exc:  # noqa: BLE001  (a config that does not compile or fit is recorded, not fatal)
             return dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
 

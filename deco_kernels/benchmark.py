@@ -626,10 +626,10 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
         figures["train_step_us"] = timer(train_step, False)
         figures["train_tokens_per_s"] = train_tokens / (figures["train_step_us"] * 1e-6)
         figures["train_peak_bytes"] = _memory_peak(device)
-        if torch.device(device).type == "cuda":
-            figures["train_step_gpu_us"] = device_busy_us(train_step)
         if last.get("ratio") is not None:
             figures["train_active_ratio"] = last["ratio"].item()
+        if torch.device(device).type == "cuda":  # after the figures of the timed steps: it takes six more
+            figures["train_step_gpu_us"] = device_busy_us(train_step)
     except Exception as exc:  # noqa: BLE001
         figures["errors"]["train"] = _error(exc)
     if not figures["errors"]:

@@ -292,6 +292,9 @@ def test_readme_table_gpu_busy_columns_only_when_measured():
     for line in text.splitlines():  # every table row has as many cells as its header
         if line.startswith("|"):
             assert line.count("|") in {l.count("|") for l in text.splitlines() if l.startswith("| preset")}
+    only = dict(tokens=4096, rows=[dict(preset="1.2b", T=4096, us={"triton": 2800.0}, gpu_us={"triton": 1250.0})])
+    header, separator, row = rt.train_table({"train": only}).splitlines()[2:5]
+    assert header.count("|") == separator.count("|") == row.count("|")  # no dense twin measured
 
 
 def test_readme_table_graph_columns():

@@ -153,7 +153,7 @@ def _gloo_group(rank: int, world_size: int, store: str):
     neither closes its connections while the other still talks, and the worker then leaves with os._exit(0):
     gloo's threads torn down during interpreter finalisation can abort an otherwise finished worker (seen once
     in CI as SIGABRT, "terminate called without an active exception"). On failure the exception propagates
-    to the spawner, which reports it."""
+    to the spawner, which reports it. Nothing after the with block of a worker runs."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         yield
