@@ -16,10 +16,8 @@ os.environ["DECO_KERNELS_AUTOTUNE"] = "0"
 import torch  # noqa: E402
 
 from deco_kernels import DecoConfig, backends, ops  # noqa: E402
-from deco_kernels.benchmark import GpuTimer, environment, layer_inputs  # noqa: E402
+from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result  # noqa: E402
 from deco_kernels.triton import ffn  # noqa: E402
-
-from probe_small_batch import kernel_us  # noqa: E402
 
 COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_prefill", "cupy_scalar_red")
 
@@ -71,7 +69,7 @@ def main():
                 try:
                     with patch, torch.no_grad():
                         row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
-                                   kernels_us=kernel_us(fn))
+                                   kernels_us=kernel_times(fn, 20))
                 except Exception as e:  # a failing variant must not hide the others
                     row = dict(preset=preset, T=T, variant=name, error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
@@ -83,8 +81,7 @@ def main():
             print(f"{preset:>6} {T:>5} " + " ".join(f"{got[v]:11.1f}" if got.get(v) else f"{'-':>11}"
                                                    for v in COLUMNS))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+        write_result(args.out, rows=rows)
 
 
 if __name__ == "__main__":

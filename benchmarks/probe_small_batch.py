@@ -8,22 +8,9 @@ import argparse
 import json
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import GpuTimer, device_kernels, environment, layer_inputs
-
-
-def kernel_us(fn, reps: int = 20) -> dict:
-    """{kernel name: mean µs per call} over ``reps`` eager calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return dict(device_kernels(prof.key_averages(), reps))
+from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result
 
 
 def main():
@@ -45,12 +32,11 @@ def main():
                                                              backend="triton")}
             with torch.no_grad():
                 for name, fn in variants.items():
-                    row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True), kernels_us=kernel_us(fn))
+                    row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True), kernels_us=kernel_times(fn, 20))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+        write_result(args.out, rows=rows)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ sets it.
     python benchmarks/profile_model.py --layers 0.1b 1.2b --models 0.5b --tokens 4096 --out profile.json
 """
 import argparse
-import json
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import TARGET_RATIO, bench_model, device_kernels, environment
+from deco_kernels.benchmark import TARGET_RATIO, bench_model, device_kernels, train_inputs, write_result
 from deco_kernels.elastic import calibrate
-from deco_kernels.testing import make_dense_twin, make_layer
 
 
 def breakdown(fn, reps: int = 5, top: int = 12) -> dict:
@@ -43,11 +41,7 @@ def breakdown(fn, reps: int = 5, top: int = 12) -> dict:
 
 def layer_rows(preset: str, T: int) -> list:
     cfg = DecoConfig.preset(preset)
-    x, w = make_layer(T, cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.shared_dim, dtype=torch.bfloat16,
-                      device="cuda", seed=1, active=TARGET_RATIO, requires_grad=True)
-    dense = {k: v.requires_grad_() for k, v in
-             make_dense_twin(cfg.d_model, cfg.d_ff, dtype=torch.bfloat16, device="cuda", seed=2).items()}
-    dy = torch.randn_like(x)
+    x, w, dense, dy = train_inputs(cfg, T)   # the benchmark's training case
     calls = {"dense_twin": lambda: ops.dense_swiglu(x, **dense).backward(dy),
              "triton": lambda: ops.deco_ffn(x, **w, backend="triton").backward(dy)}
     return [dict(part="layer_train", preset=preset, T=T, variant=k, **breakdown(fn)) for k, fn in calls.items()]
@@ -86,8 +80,7 @@ def main():
         print("   kernels:", r["kernels"][:8])
         print("   host:   ", r["host"][:8])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+        write_result(args.out, rows=rows)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def layer_table(result: dict) -> str:
     timing = f"µs: {result['timing']}" if "timing" in result else "µs are medians"
     lines = [f"One layer, ~20% of experts active; {timing}; T <= {graph_max} under CUDA graphs, larger T "
              "eagerly (host launch cost included)"
-             + (f"; the last columns time every T under CUDA graphs (the kernels' own time)." if graphs else "."),
+             + ("; the last columns time every T under CUDA graphs (the kernels' own time)." if graphs else "."),
              "",
              "| preset | T | " + " | ".join(f"{n} µs" for n in names) + " | "
              + " | ".join(f"{k} vs dense | {k} fraction of floor" for k in kernels)

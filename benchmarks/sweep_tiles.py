@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from deco_kernels import DecoConfig, layout
-from deco_kernels.benchmark import environment, layer_inputs
+from deco_kernels.benchmark import layer_inputs, write_result
 from deco_kernels.triton import ffn
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
@@ -125,8 +125,7 @@ def main():
                 line["scatter_only_us"] = scatter_floor_us(x, w, bias, best_cfg["block_m"], best_cfg["block_d"])
         summary.append(line)
         print(json.dumps(line), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(preset=args.preset, environment=environment(), summary=summary, rows=results), f, indent=1)
+    write_result(args.out, preset=args.preset, summary=summary, rows=results)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from unittest import mock
 import torch
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import TARGET_RATIO, device_busy_us, environment
-from deco_kernels.testing import make_layer, rel_err
+from deco_kernels.benchmark import device_busy_us, train_inputs, write_result
+from deco_kernels.testing import rel_err
 from deco_kernels.triton import training
 
 GATHER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_K=[32, 64, 128])]
@@ -39,9 +39,7 @@ def grad_error(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def layer_step(cfg: DecoConfig, T: int, device="cuda", dtype=torch.bfloat16):
     """(step, grads): forward + backward of one layer with a fixed upstream gradient; grads() returns the
     gradients of x and every weight of the last step."""
-    x, w = make_layer(T, cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.shared_dim, dtype=dtype,
-                      device=device, seed=1, active=TARGET_RATIO, requires_grad=True)
-    dy = torch.randn_like(x)
+    x, w, _, dy = train_inputs(cfg, T, device, dtype)   # the benchmark's training case
     leaves = {"x": x, **w}
 
     def step():
@@ -102,8 +100,7 @@ def main():
               f"with {json.dumps(result['best'])}")
         out.append(result)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=environment(), rows=out), f, indent=1)
+        write_result(args.out, rows=out)
 
 
 if __name__ == "__main__":

@@ -242,12 +242,9 @@ def device_kernels(events, reps: int) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda kv: -kv[1])
 
 
-def device_busy_us(fn, reps: int = 5) -> float:
-    """µs per call that the GPU spends executing fn's kernels (torch.profiler, ``reps`` calls after a warm-up):
-    the eager time without the host's share, so host load does not move it. It is what the call would take if
-    the host always kept ahead of the GPU (a lower bound on the eager time, and on a CUDA graph's for one
-    stream); for paths that cannot be captured (the training step synchronises once per layer) it is the
-    host-independent figure."""
+def kernel_times(fn, reps: int = 5) -> dict[str, float]:
+    """{kernel name: µs per call} of fn's GPU work (torch.profiler over ``reps`` calls after a warm-up call),
+    longest first."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -255,7 +252,21 @@ def device_busy_us(fn, reps: int = 5) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return sum(us for _, us in device_kernels(prof.key_averages(), reps))
+    return dict(device_kernels(prof.key_averages(), reps))
+
+
+def device_busy_us(fn, reps: int = 5) -> float:
+    """µs per call that the GPU spends executing fn's kernels (the sum of kernel_times): the eager time without
+    the host's share, so host load does not move it. It is what the call would take if the host always kept
+    ahead of the GPU (a lower bound on the eager time, and on a CUDA graph's for one stream); for paths that
+    cannot be captured (the training step synchronises once per layer) it is the host-independent figure."""
+    return sum(kernel_times(fn, reps).values())
+
+
+def write_result(path, **content) -> None:
+    """A script's results as JSON at ``path``, stamped with environment() (GPU, versions, date, source)."""
+    with open(path, "w") as f:
+        json.dump(dict(environment=environment(), **content), f, indent=1)
 
 
 def device_ceilings() -> tuple[float, float]:
@@ -419,16 +430,22 @@ def run_layer(presets, tokens, timer, bw, flops, names, device="cuda", with_refe
 TRAIN_TOKENS = 4096
 
 
+def train_inputs(cfg: DecoConfig, T: int, device="cuda", dtype=torch.bfloat16):
+    """(x, DECO weights, dense-twin weights, dy) of one layer's training step on T tokens, ~TARGET_RATIO
+    active: x and every weight are leaves that require grad, dy a fixed upstream gradient."""
+    x, w = make_layer(T, cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.shared_dim, dtype=dtype,
+                      device=device, seed=1, active=TARGET_RATIO, requires_grad=True)
+    dense = {k: v.requires_grad_() for k, v in
+             make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=2).items()}
+    return x, w, dense, torch.randn_like(x)
+
+
 def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], device="cuda",
                with_reference: bool = True, dtype=torch.bfloat16) -> dict:
     """µs and peak memory of forward + backward of one layer on T tokens (bf16, every weight and x requiring
     grad, one fixed upstream gradient) for the dense twin, the torch reference and each backend in ``names``
     that has a backward, measured side by side."""
-    x, w = make_layer(T, cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.shared_dim, dtype=dtype,
-                      device=device, seed=1, active=TARGET_RATIO, requires_grad=True)
-    dense = {k: v.requires_grad_() for k, v in
-             make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=2).items()}
-    dy = torch.randn_like(x)
+    x, w, dense, dy = train_inputs(cfg, T, device, dtype)
     calls = {"dense_twin": lambda: ops.dense_swiglu(x, **dense).backward(dy)}
     if with_reference:
         calls["torch"] = lambda: ops.deco_ffn(x, **w, backend="torch").backward(dy)

@@ -184,6 +184,13 @@ def test_device_kernels_count_only_device_events():
     assert bench.device_kernels(events, reps=2) == [("_pair_scatter_kernel", 150.0), ("gemm_kernel", 50.0)]
 
 
+def test_write_result_stamps_the_environment(tmp_path):
+    bench.write_result(tmp_path / "r.json", rows=[{"us": 1.5}], preset="tiny")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["rows"] == [{"us": 1.5}] and data["preset"] == "tiny"
+    assert {"torch", "date", "source_sha256"} <= set(data["environment"])
+
+
 def test_model_row_on_cpu():
     row = bench.model_row("tiny", TINY, cpu_timer, 1e9, device="cpu", dtype=torch.float32, graphs=False,
                           context=8, prefill_tokens=32, train_tokens=32, calib_tokens=64)
