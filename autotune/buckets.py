@@ -65,3 +65,9 @@ def shape_key(d: int, n: int, de: int, ds: int, dtype) -> str:
 def entry_key(path: str, d: int, n: int, de: int, ds: int, dtype, T: int) -> str:
     """"<path>/<geometry>/<bucket>", e.g. "small_batch/d768_n42_de64_ds128_bf16/t1"."""
     return f"{path}/{shape_key(d, n, de, ds, dtype)}/{bucket_of(T)}"
+
+
+def is_current(key: str) -> bool:
+    """Whether an entry key (entry_key's form) names a bucket of BUCKETS: entries of retired buckets are never
+    looked up again."""
+    return key.rsplit("/", 1)[-1] in LABELS

@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 
-from .buckets import LABELS
+from .buckets import is_current
 
 FORMAT = 1
 
@@ -137,7 +137,7 @@ def merge_entries(directory: str, device: dict, entries: dict, source: str = "me
             old = None
         if old is not None and old["device"]["fingerprint"] != device["fingerprint"]:
             raise CacheError(f"{path} holds device {old['device']['fingerprint']}, not {device['fingerprint']}")
-        merged = {k: v for k, v in old["entries"].items() if k.rsplit("/", 1)[-1] in LABELS} if old else {}
+        merged = {k: v for k, v in old["entries"].items() if is_current(k)} if old else {}
         merged.update(entries)
         sources = {source} | ({old.get("source")} if old else set())
         data = {"format": FORMAT, "source": source if len(sources) == 1 else "mixed", "device": device,
