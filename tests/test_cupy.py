@@ -529,6 +529,43 @@ def test_cuda_graph_capture_and_replay(T):
 
 @pytest.mark.gpu
 @needs_cupy
+@pytest.mark.parametrize("n", [32, 77, 102])
+@pytest.mark.parametrize("knobs", [dict(), dict(max_active=5), dict(bias=0.1, threshold=0.05, max_active=1)],
+                         ids=["plain", "max5", "all-knobs"])
+def test_prefill_router_expert_chunks(poison, n, knobs):
+    # 300 tokens: five token blocks of the router, the last partial; 77 and 102 experts end in a partial chunk,
+    # 32 in a whole one. With max_active the last chunk block of each token block finishes it (arrival counters).
+    x, w = make_layer(300, 64, n, 16, 16, dtype=BF16, device="cuda", seed=n, active=0.3)
+    check(x, w, **knobs)
+    check(x, w, **knobs)  # the counters were left at zero for the next call
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_prefill_graph_replay_with_max_active():
+    # The prefill router's arrival counters must be back at zero after every replay.
+    T, knobs = 300, dict(max_active=4)
+    x, w = make_layer(T, 256, 77, 64, 32, dtype=BF16, device="cuda", seed=2, active=0.3)
+    static_x = x.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            ops.deco_ffn(static_x, **w, backend="cupy", **knobs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y, static_g = ops.deco_ffn(static_x, **w, backend="cupy", return_gates=True, **knobs)
+        for seed in (20, 21, 22):
+            fresh, _ = make_layer(T, 256, 77, 64, 32, dtype=BF16, device="cuda", seed=seed, active=0.3)
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            y, g = ops.deco_ffn(fresh, **w, backend="cupy", return_gates=True, **knobs)
+            assert torch.equal(static_g, g)  # the router sums in a fixed order
+            assert_rel_close(static_y, y, 1e-2, "replayed y")
+
+
+@pytest.mark.gpu
+@needs_cupy
 @pytest.mark.parametrize("T", [4, 65])
 def test_int64_offsets(T):
     x, w = far_apart_rows(T)

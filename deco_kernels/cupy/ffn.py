@@ -35,10 +35,11 @@ def _empty(*shape, device, dtype):
 def _zeroed(device, dtype, n: int) -> torch.Tensor:
     """A zero-filled scratch buffer per (device, dtype): the routers' arrival counters (the decode router's one,
     the prefill router's one per token block), which the last block to arrive leaves at zero again, so one buffer
-    serves every call (and CUDA-graph replays) in stream order."""
+    serves every call (and CUDA-graph replays) in stream order. 1024 counters cover prefills of up to 65536
+    tokens without reallocating (a graph captured before a reallocation would keep the freed buffer)."""
     buf = _scratch.get((device, dtype))
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), device=device, dtype=dtype)
+        buf = torch.zeros(max(n, 1024), device=device, dtype=dtype)
         _scratch[(device, dtype)] = buf
     return buf
 
