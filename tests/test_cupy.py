@@ -268,30 +268,32 @@ def test_nvcc_compiles_every_kernel(tmp_path):
         assert smem["deco_prefill_router"] == geo.router_tile(x, router)["smem"] + 8 * geo.ROUTER_TOKENS, case
 
 
-SPILL_CASES = [  # (arch, x dtype, decode_tt, de): the T=1 and T=8 extremes, optimised as NVRTC does
-    ("sm_90", BF16, 1, 64), ("sm_90", FP16, 2, 128), ("sm_87", FP32, 8, 16), ("sm_87", BF16, 4, 32),
+SPILL_CASES = [  # (arch, x dtype, decode_tt, de, prefill_warps): decode's T=1 and T=8 extremes, the long-prefill
+    # tiles (1.2b's bf16 de=64 among them) and a one-warp one, optimised as NVRTC does
+    ("sm_90", BF16, 1, 64, 4), ("sm_90", FP16, 2, 128, 4), ("sm_87", FP32, 8, 16, 1), ("sm_87", BF16, 4, 32, 4),
 ]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
-def test_decode_kernels_do_not_spill(tmp_path):
+def test_kernels_do_not_spill(tmp_path):
     src = tmp_path / "deco.cu"
     src.write_text(geo.source())
 
     def compile_one(case):
-        arch, x, tt, de = case
-        opts = geo.compile_options(x, x, x, x, de, decode_tt=tt)
+        arch, x, tt, de, warps = case
+        opts = geo.compile_options(x, x, x, x, de, decode_tt=tt, prefill_warps=warps)
         cmd = ["nvcc", *opts, f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / f"{hash(case)}.cubin"),
                str(src)]
         return case, subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(compile_one, SPILL_CASES))
+    kernels = (*geo.DECODE_KERNELS, *geo.PREFILL_KERNELS)
     for case, proc in results:
         assert proc.returncode == 0, f"{case}:\n{proc.stderr[-3000:]}"
         frames = ptxas_stack(proc.stderr)
-        assert set(geo.DECODE_KERNELS) <= set(frames)
-        assert all(frames[name] == (0, 0, 0) for name in geo.DECODE_KERNELS), (case, frames)
+        assert set(kernels) <= set(frames)
+        assert all(frames[name] == (0, 0, 0) for name in kernels), (case, frames)
 
 
 def ptxas_per_kernel(log: str, pattern: str) -> dict:
