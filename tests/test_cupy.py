@@ -56,23 +56,42 @@ def test_prefill_tiles_fit_shared_memory(dtype, de):
     for T in (9, 65, 300, 4096):
         warps = geo.prefill_warps(T, dtype, de)
         tile = geo.expert_tile(dtype, de, warps)
-        assert tile["fits"] and tile["smem"] <= geo.SMEM_LIMIT and tile["down_smem"] <= geo.DOWN_SMEM_LIMIT
-        assert tile["down_smem"] <= 163 * 1024  # Jetson Orin's opt-in limit per block
-        assert tile["bd"] == 64 and tile["bk"] * torch.empty((), dtype=dtype).element_size() == 64
+        assert tile["fits"] and max(tile["up_smem"], tile["down_smem"]) <= geo.DYN_SMEM_LIMIT <= 163 * 1024  # Orin
+        assert tile["bd"] == 64 and tile["bk"] * torch.empty((), dtype=dtype).element_size() == 128
         for d in (40, 77, 768, 1792):
             grids = geo.prefill_grids(T, 13, d, dtype, de)
             assert grids["up"] == grids["down"][:2] and grids["up"][0] == 13 and grids["up"][1] * tile["bm"] >= T
             fb, splits = grids["fb"], grids["down"][2]
             assert fb % tile["bd"] == 0 and splits * fb >= d > (splits - 1) * fb  # every feature, no empty block
-            assert grids["down_smem"] == tile["down_smem"]
-        assert grids["router"][0] * geo.ROUTER_TOKENS >= T > (grids["router"][0] - 1) * geo.ROUTER_TOKENS
-        assert tile["stages"] >= 2 and geo.router_tile(dtype, FP32)["fits"] and geo.router_tile(dtype, BF16)["fits"]
+            assert grids["up_smem"] == tile["up_smem"] and grids["down_smem"] == tile["down_smem"]
+        assert tile["stages"] == geo.UP_STAGES >= 2
+        for router in (FP32, BF16):
+            rt = geo.router_tile(dtype, router)
+            assert rt["fits"] and rt["stages"] >= 2 and rt["bk"] == tile["bk"]
     assert geo.prefill_warps(4096, BF16, 64) == 4 and geo.prefill_warps(300, BF16, 64) == 1
+    # 1.2b, 4096 tokens: 82944 bytes, three 128-byte K steps of 128 tokens and the expert's 64 rows
+    assert geo.expert_tile(BF16, 64, 4)["up_smem"] == 3 * (128 + 64) * (64 + 8) * 2
+
+
+@pytest.mark.parametrize("T", [9, 63, 64, 65, 4096, 100_001])
+@pytest.mark.parametrize("n", [1, 13, 32, 33, 102, 128])
+def test_router_grid_covers_every_token_and_expert_once(T, n):
+    chunks, blocks = geo.router_grid(T, n)
+    e, t = geo.ROUTER_EXPERTS, geo.ROUTER_TOKENS
+    # chunk blocks c < chunks own experts [c*e, min(n, (c+1)*e)), none empty; the block after them computes mu
+    assert (chunks - 2) * e < n <= (chunks - 1) * e
+    assert (blocks - 1) * t < T <= blocks * t and blocks <= 65535  # token blocks on grid y
+    grids = geo.prefill_grids(T, n, 1792, BF16, 64)
+    assert grids["router"] == (chunks, blocks) and grids["router_counters"] == blocks
+    assert grids["router_threads"] == geo.ROUTER_THREADS == 32 * (geo.ROUTER_TOKENS // 16)
+    assert geo.ROUTER_EXPERTS % 16 == 0  # whole pairs of 8-expert mma n-tiles
+    # 1.2b at 4096 tokens: hundreds of blocks (64 tokens x 4 chunks + a mu block each), not 64
+    assert geo.router_grid(4096, 102) == (5, 64)
 
 
 def test_prefill_tile_is_the_widest_that_fits():
     # fp32 with de=128 does not fit four warps in prefill_down's budget: the plan must fall back to two
-    assert not geo.expert_tile(FP32, 128, 4)["fits"]
+    assert not geo.expert_tile(FP32, 128, 4)["fits"] and geo.expert_tile(FP32, 128, 4)["up_smem"] <= geo.DYN_SMEM_LIMIT
     assert geo.prefill_warps(4096, FP32, 128) == 2
     assert geo.expert_tile(BF16, 64, 4)["down_stages"] == 3 and geo.expert_tile(FP32, 64, 4)["down_stages"] == 2
     # d split into blocks of whole 64-feature chunks, about DOWN_FEATURES each
@@ -99,9 +118,10 @@ def test_vector_loads_need_aligned_rows():
 def test_compile_options():
     opts = geo.compile_options(BF16, torch.float64, torch.float32, BF16, 64, decode_tt=4)
     assert "-DELEM_T=bf16_t" in opts and "-DROUTER_T=float" in opts and "-DSCALE_T=float" in opts
-    assert "-DDE=64" in opts and "-DDECODE_TT=4" in opts and not any("PREFILL" in o for o in opts)
-    assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-2:] == \
-        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2")
+    assert "-DDE=64" in opts and "-DDECODE_TT=4" in opts and not any("PREFILL" in o or "STAGES" in o for o in opts)
+    assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-4:] == \
+        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2", f"-DROUTER_EXPERTS={geo.ROUTER_EXPERTS}",
+         f"-DPF_UP_STAGES={geo.UP_STAGES}")
 
 
 def kernel_signatures() -> dict:
@@ -161,7 +181,7 @@ class RecordingLaunch:
 C_TO_NUMPY = {"long long": "int64", "int": "int32", "float": "float32"}
 
 
-@pytest.mark.parametrize("T", [1, 3, 8, 9, 300])
+@pytest.mark.parametrize("T", [1, 3, 8, 9, 300, 5000])
 @pytest.mark.parametrize("knobs", [dict(bias_s=0.0, bias_v=None, max_active=None),
                                    dict(bias_s=0.0, bias_v="vector", max_active=3)], ids=["plain", "knobs"])
 def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs):
@@ -187,6 +207,9 @@ def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs)
         up_args = next(c[3] for c in launch.calls if c[0] == "deco_decode_up")
         gates_given = sigs["deco_decode_up"].index("int")  # the first int parameter
         assert int(up_args[gates_given]) == int(knobs["max_active"] is not None)
+    elif knobs["max_active"] is not None:  # an arrival counter per token block, left at zero by the kernel
+        counters = ffn_without_gpu._zeroed(torch.device("meta"), torch.int32, 1)
+        assert counters.numel() >= geo.prefill_grids(T, n, d, BF16, de)["router_counters"]
     for name, grid, threads, args, spec, smem in launch.calls:
         params = sigs[name]
         assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
@@ -194,9 +217,9 @@ def test_launch_arguments_match_the_kernel_signatures(ffn_without_gpu, T, knobs)
             want = "uint64" if ctype.endswith("*") else C_TO_NUMPY[ctype]
             assert type(arg).__name__ == want, f"{name} argument {i} ({ctype}): got {type(arg).__name__}"
         assert len(grid) in (1, 2, 3) and all(isinstance(v, int) and v >= 1 for v in grid) and threads % 32 == 0
-        # dynamic shared memory: prefill_down's tile only
-        want_smem = geo.prefill_grids(T, n, d, BF16, de)["down_smem"] if name == "deco_prefill_down" else 0
-        assert smem == want_smem, name
+        # dynamic shared memory: prefill_up's pipeline and prefill_down's tiles
+        plan = geo.prefill_grids(T, n, d, BF16, de)
+        assert smem == {"deco_prefill_up": plan["up_smem"], "deco_prefill_down": plan["down_smem"]}.get(name, 0), name
         if T <= geo.DECODE_MAX_T:
             assert spec == dict(decode_tt=geo.tokens_per_pass(T))
         else:
@@ -240,35 +263,37 @@ def test_nvcc_compiles_every_kernel(tmp_path):
         smem = ptxas_smem(proc.stderr)
         _, x, router, _, _, de, _, warps = case
         tile = geo.expert_tile(x, de, warps)
-        assert smem["deco_prefill_up"] == tile["smem"] + 16 * tile["bm"], case
+        assert smem["deco_prefill_up"] == 16 * tile["bm"], case  # static part; the pipeline is dynamic
         assert smem["deco_prefill_down"] == 4 * tile["bm"], case  # static part; the tiles are dynamic
         assert smem["deco_prefill_router"] == geo.router_tile(x, router)["smem"] + 8 * geo.ROUTER_TOKENS, case
 
 
-SPILL_CASES = [  # (arch, x dtype, decode_tt, de): the T=1 and T=8 extremes, optimised as NVRTC does
-    ("sm_90", BF16, 1, 64), ("sm_90", FP16, 2, 128), ("sm_87", FP32, 8, 16), ("sm_87", BF16, 4, 32),
+SPILL_CASES = [  # (arch, x dtype, decode_tt, de, prefill_warps): decode's T=1 and T=8 extremes, the long-prefill
+    # tiles (1.2b's bf16 de=64 among them) and a one-warp one, optimised as NVRTC does
+    ("sm_90", BF16, 1, 64, 4), ("sm_90", FP16, 2, 128, 4), ("sm_87", FP32, 8, 16, 1), ("sm_87", BF16, 4, 32, 4),
 ]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
-def test_decode_kernels_do_not_spill(tmp_path):
+def test_kernels_do_not_spill(tmp_path):
     src = tmp_path / "deco.cu"
     src.write_text(geo.source())
 
     def compile_one(case):
-        arch, x, tt, de = case
-        opts = geo.compile_options(x, x, x, x, de, decode_tt=tt)
+        arch, x, tt, de, warps = case
+        opts = geo.compile_options(x, x, x, x, de, decode_tt=tt, prefill_warps=warps)
         cmd = ["nvcc", *opts, f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / f"{hash(case)}.cubin"),
                str(src)]
         return case, subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(compile_one, SPILL_CASES))
+    kernels = (*geo.DECODE_KERNELS, *geo.PREFILL_KERNELS)
     for case, proc in results:
         assert proc.returncode == 0, f"{case}:\n{proc.stderr[-3000:]}"
         frames = ptxas_stack(proc.stderr)
-        assert set(geo.DECODE_KERNELS) <= set(frames)
-        assert all(frames[name] == (0, 0, 0) for name in geo.DECODE_KERNELS), (case, frames)
+        assert set(kernels) <= set(frames)
+        assert all(frames[name] == (0, 0, 0) for name in kernels), (case, frames)
 
 
 def ptxas_per_kernel(log: str, pattern: str) -> dict:
@@ -502,6 +527,43 @@ def test_cuda_graph_capture_and_replay(T):
             assert torch.equal(static_y, eager)
             _, _, y_ref, _ = run_both(fresh, w)
             assert_rel_close(static_y, y_ref.to(BF16), 1e-2, "replayed y")
+
+
+@pytest.mark.gpu
+@needs_cupy
+@pytest.mark.parametrize("n", [32, 77, 102])
+@pytest.mark.parametrize("knobs", [dict(), dict(max_active=5), dict(bias=0.1, threshold=0.05, max_active=1)],
+                         ids=["plain", "max5", "all-knobs"])
+def test_prefill_router_expert_chunks(poison, n, knobs):
+    # 300 tokens: five token blocks of the router, the last partial; 77 and 102 experts end in a partial chunk,
+    # 32 in a whole one. With max_active the last chunk block of each token block finishes it (arrival counters).
+    x, w = make_layer(300, 64, n, 16, 16, dtype=BF16, device="cuda", seed=n, active=0.3)
+    check(x, w, **knobs)
+    check(x, w, **knobs)  # the counters were left at zero for the next call
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_prefill_graph_replay_with_max_active():
+    # The prefill router's arrival counters must be back at zero after every replay.
+    T, knobs = 300, dict(max_active=4)
+    x, w = make_layer(T, 256, 77, 64, 32, dtype=BF16, device="cuda", seed=2, active=0.3)
+    static_x = x.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            ops.deco_ffn(static_x, **w, backend="cupy", **knobs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y, static_g = ops.deco_ffn(static_x, **w, backend="cupy", return_gates=True, **knobs)
+        for seed in (20, 21, 22):
+            fresh, _ = make_layer(T, 256, 77, 64, 32, dtype=BF16, device="cuda", seed=seed, active=0.3)
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            y, g = ops.deco_ffn(fresh, **w, backend="cupy", return_gates=True, **knobs)
+            assert torch.equal(static_g, g)  # the router sums in a fixed order
+            assert_rel_close(static_y, y, 1e-2, "replayed y")
 
 
 @pytest.mark.gpu

@@ -166,6 +166,22 @@ __device__ __forceinline__ float gate_knobs(float r, float b, float threshold) {
     return gate > threshold ? gate : 0.0f;
 }
 
+// True in every thread of the block that arrives last of `expected` blocks at *counter, after which it sees the
+// global writes every arriving block made before its arrival (read them with ld_cg); the last one leaves the
+// counter at zero again for the next launch (and CUDA-graph replays). Call from every thread of the block.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned expected) {
+    __threadfence();  // this block's writes, before its arrival
+    __syncthreads();
+    bool last = false;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1u) == expected - 1;
+        if (last) *counter = 0u;  // every other block has arrived: nothing adds to it any more in this launch
+    }
+    last = __syncthreads_or(last);
+    if (last) __threadfence();
+    return last;
+}
+
 // Final gates of token t (SPEC §4), by one warp: g_row holds the raw router logits of the token (written by any
 // block of this launch); afterwards g_row and the column gt[:, t] hold relu(r + bias) cut at threshold, with
 // only the max_active largest kept (ties: lower expert index) when max_active > 0.
@@ -238,6 +254,7 @@ __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const AT* sa, 
     const int g = lane >> 2, q = lane & 3;
     if constexpr (same_type<AT, BT>::value && is_16bit<AT>::value) {
         static_assert(NT % 2 == 0, "NT must be even (B fragments come in pairs of n-tiles)");
+#pragma unroll
         for (int ks = 0; ks < ksteps; ++ks) {
             const int k0 = ks * 16;
             unsigned a[MT][4];
@@ -304,25 +321,30 @@ __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const AT* sa, 
 }
 
 // Copy rows [*, k0 : k0 + KC) of R rows into a shared tile (row stride ss elements), zeros where a row is
-// invalid (off < 0) or k >= K. Row r starts at base + off(r). vec: cp.async in 16-byte chunks (K a multiple of
-// the chunk, rows aligned); else element by element.
+// invalid (off < 0) or k >= K. Row r starts at base + off(r). Each thread copies one fixed 16-byte column chunk
+// of every STEP-th row (no division; unrolled by 8: wider unrolls of the one-warp tiles hoisted every row's
+// address into registers, up to 255): vec: cp.async (K a multiple of the chunk, rows aligned); else element by
+// element.
 template <typename T, int R, int KC, int NTH, typename RowOff>
 __device__ __forceinline__ void load_tile(T* dst, int ss, const T* base, RowOff off, int k0, int K, bool vec) {
-    const int tid = threadIdx.x;
+    constexpr int E = 16 / sizeof(T), CPR = KC / E, STEP = NTH / CPR;
+    static_assert(KC % E == 0 && NTH % CPR == 0 && R % STEP == 0, "load_tile: the threads do not tile the rows");
+    const int r0 = threadIdx.x / CPR, c = threadIdx.x % CPR * E, k = k0 + c;
+    const int n = K - k;  // valid elements of this thread's chunk in every row (the whole chunk: >= E)
+    dst += r0 * ss + c;
     if (vec) {
-        constexpr int E = 16 / sizeof(T);
-        constexpr int CPR = KC / E;
-        for (int i = tid; i < R * CPR; i += NTH) {
-            const int r = i / CPR, k = k0 + (i % CPR) * E;
-            const long long o = off(r);
-            const bool valid = o >= 0 && k < K;
-            cp_async16(dst + r * ss + (i % CPR) * E, valid ? base + o + k : base, valid);
+#pragma unroll 8
+        for (int j = 0; j < R / STEP; ++j) {
+            const long long o = off(r0 + j * STEP);
+            const bool valid = o >= 0 && n > 0;
+            cp_async16(dst + j * STEP * ss, valid ? base + o + k : base, valid);
         }
     } else {
-        for (int i = tid; i < R * KC; i += NTH) {
-            const int r = i / KC, k = k0 + i % KC;
-            const long long o = off(r);
-            dst[r * ss + i % KC] = (o >= 0 && k < K) ? base[o + k] : zero_of<T>();
+#pragma unroll 8
+        for (int j = 0; j < R / STEP; ++j) {
+            const long long o = off(r0 + j * STEP);
+#pragma unroll
+            for (int i = 0; i < E; ++i) dst[j * STEP * ss + i] = o >= 0 && i < n ? base[o + k + i] : zero_of<T>();
         }
     }
 }
@@ -341,18 +363,12 @@ __host__ __device__ constexpr int gemm_stages(int budget) {
                                                                          : 2;
 }
 
-struct NoStageHook {
-    template <typename AT> __device__ void operator()(const AT*, int, int) const {}
-};
-
 // acc[BM, NT*8] = A[rows, :K] * B[:NT*8, :K]^T, both from global memory through an S-stage cp.async pipeline
 // (S - 1 K steps in flight while one is multiplied). Warp w owns rows [w*16*MT, (w+1)*16*MT). smem holds S
-// stages, each A [BM][BK + pad] then B [NT*8][BK + pad]. hook(A tile, its row stride, k0) runs on every
-// landed K step (all threads, before the multiply): a second use of the A tile without reloading it.
-template <typename AT, typename BT, int WARPS, int MT, int NT, int BK, int S, typename AOff, typename BOff,
-          typename Hook = NoStageHook>
+// stages, each A [BM][BK + pad] then B [NT*8][BK + pad].
+template <typename AT, typename BT, int WARPS, int MT, int NT, int BK, int S, typename AOff, typename BOff>
 __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, const BT* B, BOff b_off, int K,
-                            bool vec, unsigned char* smem, Hook hook = Hook()) {
+                            bool vec, unsigned char* smem) {
     constexpr int BM = WARPS * MT * 16, NTH = WARPS * 32;
     constexpr int SA = BK + 16 / sizeof(AT), SB = BK + 16 / sizeof(BT);
     constexpr int STAGE = gemm_stage_bytes<AT, BT, WARPS, MT, NT, BK>();
@@ -365,26 +381,27 @@ __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, co
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[mt][nt][j] = 0.0f;
     const int nk = (K + BK - 1) / BK;
-    auto load = [&](int kt) {
-        unsigned char* st = smem + (kt % S) * STAGE;
+    auto load = [&](int kt, int stage) {
+        unsigned char* st = smem + stage * STAGE;
         load_tile<AT, BM, BK, NTH>(reinterpret_cast<AT*>(st), SA, A, a_off, kt * BK, K, vec);
         load_tile<BT, NT * 8, BK, NTH>(reinterpret_cast<BT*>(st + BM * SA * sizeof(AT)), SB, B, b_off, kt * BK, K,
                                        vec);
     };
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-        if (s < nk) load(s);
+        if (s < nk) load(s, s);
         cp_async_commit();
     }
+    int use = 0;  // kt % S, counted without a division; step kt + S - 1 loads into stage (kt - 1) % S
     for (int kt = 0; kt < nk; ++kt) {
         cp_async_wait<S - 2>();  // step kt has landed (one commit group per step, empty ones included)
         __syncthreads();         // ... for every thread; and step kt-1's buffer is free
-        if (kt + S - 1 < nk) load(kt + S - 1);
+        if (kt + S - 1 < nk) load(kt + S - 1, use == 0 ? S - 1 : use - 1);
         cp_async_commit();
-        const unsigned char* st = smem + (kt % S) * STAGE;
-        hook(reinterpret_cast<const AT*>(st), SA, kt * BK);
+        const unsigned char* st = smem + use * STAGE;
         mma_tile<AT, BT, MT, NT>(acc, reinterpret_cast<const AT*>(st), SA, arow0,
                                  reinterpret_cast<const BT*>(st + BM * SA * sizeof(AT)), SB, BK / 16);
+        use = use + 1 == S ? 0 : use + 1;
     }
     cp_async_wait<0>();
     __syncthreads();  // the caller may reuse the buffers

@@ -76,16 +76,9 @@ __device__ void decode_router(const ELEM_T* x, long long xs, const ROUTER_T* wr,
         }
     }
     // The last block to arrive finishes the gates.
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (!last_to_arrive(arrivals, gridDim.x)) return;
     for (int t = warp; t < T; t += DECODE_WARPS)
         finish_token_gates(g + (long long)t * N, gt, t, T, N, bias_v, bias_s, threshold, max_active);
-    if (threadIdx.x == 0) *arrivals = 0u;
 }
 
 template <int TT>

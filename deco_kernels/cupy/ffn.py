@@ -33,11 +33,13 @@ def _empty(*shape, device, dtype):
 
 
 def _zeroed(device, dtype, n: int) -> torch.Tensor:
-    """A zero-filled scratch buffer per (device, dtype): the decode router's arrival counter, which the last
-    block leaves at zero again, so one buffer serves every call (and CUDA-graph replays) in stream order."""
+    """A zero-filled scratch buffer per (device, dtype): the routers' arrival counters (the decode router's one,
+    the prefill router's one per token block), which the last block to arrive leaves at zero again, so one buffer
+    serves every call (and CUDA-graph replays) in stream order. 1024 counters cover prefills of up to 65536
+    tokens without reallocating (a graph captured before a reallocation would keep the freed buffer)."""
     buf = _scratch.get((device, dtype))
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), device=device, dtype=dtype)
+        buf = torch.zeros(max(n, 1024), device=device, dtype=dtype)
         _scratch[(device, dtype)] = buf
     return buf
 
@@ -166,9 +168,11 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
     gt = _empty(n, T, device=dev, dtype=f32)
     mu = _empty(T, device=dev, dtype=f32)
     xs = _i64(x.stride(0))
+    # Only max_active needs the arrival counters (the top-k waits for all of a token block's expert chunks).
+    arrivals = _zeroed(dev, i32, grids["router_counters"]) if max_active else None
     launch("deco_prefill_router", grids["router"], grids["router_threads"],
            _p(x), xs, _p(w["w_router"]), _p(wbar), _p(bias_v), _f32(bias_s), _f32(threshold),
-           _i32(max_active or 0), _i32(T), _i32(n), _i32(d), _i32(vec), _p(g), _p(gt), _p(mu))
+           _i32(max_active or 0), _i32(T), _i32(n), _i32(d), _i32(vec), _p(g), _p(gt), _p(mu), _p(arrivals))
     tokens = _empty(n, T, device=dev, dtype=i32)
     counts = _empty(n, device=dev, dtype=i32)
     launch("deco_group_tokens", grids["group"], grids["group_threads"], _p(gt), _i32(T), _p(tokens), _p(counts))
@@ -177,7 +181,7 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     launch("deco_prefill_up", grids["up"], grids["expert_threads"],
            _p(x), xs, _p(w["w_up"]), _p(tokens), _p(counts), _p(g), _p(mu), _p(w["router_scale"]),
-           _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _f32(NORM_EPS), _p(act))
+           _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _f32(NORM_EPS), _p(act), smem=grids["up_smem"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator the experts'
     # down-projections add into with atomics.
     acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float().contiguous()

@@ -1,8 +1,9 @@
 """Host-side plan of the CuPy backend: which path, launch grids, tile sizes, compile options and the CUDA source.
 
-Pure Python (no cupy import), so CI tests it without a GPU. The shared-memory formulas mirror the constexpr ones
-in prefill.cu / common.cuh (whose static_asserts catch a drift when the kernels are compiled; prefill_down traps
-when launched with less dynamic shared memory than its tile needs).
+Pure Python (no cupy import), so CI tests it without a GPU. The tunable tile constants (ROUTER_EXPERTS,
+UP_STAGES) reach the kernels as -D options from here; the shared-memory formulas mirror the constexpr ones in
+prefill.cu / common.cuh (tests compare them with ptxas' figures; prefill_up and prefill_down trap when launched
+with less dynamic shared memory than their tile needs).
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ DECODE_MAX_T = 8
 DECODE_THREADS = 256  # 8 warps: one router row / up row / output feature per warp
 DECODE_WARPS = DECODE_THREADS // 32
 ROUTER_TOKENS = 64     # tokens per block of the prefill router (ROUTER_BM in prefill.cu): 16 per warp
+ROUTER_EXPERTS = 32    # experts per block of the prefill router (-DROUTER_EXPERTS): 4 chunks + mu at N = 102
 ROUTER_THREADS = 128
+ROUTER_SMEM_LIMIT = 48 * 1024 - 8 * ROUTER_TOKENS  # static shared memory less the row offsets
+K_STEP_BYTES = 128     # PF_UP_BK, ROUTER_BK: bytes of x per row and K step of the prefill GEMMs
+UP_STAGES = 3          # prefill_up's pipeline depth (-DPF_UP_STAGES): 3 x 27 KB of dynamic smem at 16-bit de=64
 GROUP_THREADS = 256
-SMEM_LIMIT = 48 * 1024 - 2560   # PF_SMEM_LIMIT: static shared memory less the per-row arrays
-DOWN_SMEM_LIMIT = 96 * 1024     # PF_DOWN_SMEM_LIMIT: prefill_down's dynamic shared memory (Orin: 163 KB a block)
+DYN_SMEM_LIMIT = 96 * 1024      # PF_DYN_SMEM_LIMIT: prefill_up / prefill_down dynamic shared memory (Orin: 163 KB)
 DOWN_BD = 64                    # PF_BD: output features per step of prefill_down
 DOWN_FEATURES = 512             # about this many output features per prefill_down block (grid z splits d)
 EXPERT_WIDTHS = (16, 32, 64, 128)
@@ -54,15 +58,16 @@ def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, 
                     prefill_warps: int | None = None, ldmatrix: bool = True) -> tuple:
     """NVRTC / nvcc options of one module: the storage types, the expert width, and which kernels it holds:
     the decode kernels for ``decode_tt`` tokens per pass and/or the prefill kernels with ``prefill_warps`` warps
-    per expert tile. One module per distinct tuple, compiled once (the launcher caches it); small modules keep
-    each NVRTC compile to a few seconds."""
+    per expert tile (with ROUTER_EXPERTS and UP_STAGES as they are now). One module per distinct tuple,
+    compiled once (the launcher caches it); small modules keep each NVRTC compile to a few seconds."""
     opts = ["-std=c++17", f"-DELEM_T={CTYPE[x_dtype]}", f"-DROUTER_T={CTYPE[router_dtype(w_router_dtype)]}",
             f"-DSCALE_T={CTYPE[scale_dtype]}", f"-DGAMMA_T={CTYPE[gamma_dtype]}", f"-DDE={de}",
             f"-DUSE_LDMATRIX={int(ldmatrix)}"]
     if decode_tt is not None:
         opts.append(f"-DDECODE_TT={decode_tt}")
     if prefill_warps is not None:
-        opts.append(f"-DPREFILL_WARPS={prefill_warps}")
+        opts += [f"-DPREFILL_WARPS={prefill_warps}", f"-DROUTER_EXPERTS={ROUTER_EXPERTS}",
+                 f"-DPF_UP_STAGES={UP_STAGES}"]
     return tuple(opts)
 
 
@@ -106,42 +111,40 @@ def _stage_bytes(a_size: int, b_size: int, rows: int, cols: int, bk: int) -> int
     return rows * (bk + 16 // a_size) * a_size + cols * (bk + 16 // b_size) * b_size
 
 
-def _stages(stage: int, limit: int = SMEM_LIMIT) -> int:
+def _stages(stage: int, limit: int) -> int:
     """gemm_stages: the deepest pipeline (4, 3 or 2 stages) that fits."""
     return next((s for s in (4, 3) if s * stage <= limit), 2)
 
 
 def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
-    """Tiles of prefill_up and prefill_down with ``warps`` warps: bm tokens (16 * mt per warp); up: bk K step,
-    pipeline stages and static smem bytes; down: bd output features per step, down_stages chunks of w_down in
-    flight and down_smem dynamic bytes (act tile, w_down chunks, each warp's [16, bd + 8] fp32 staging tile);
-    whether both fit."""
+    """Tiles of prefill_up and prefill_down with ``warps`` warps: bm tokens (16 * mt per warp); up: bk K step
+    (K_STEP_BYTES of x), UP_STAGES pipeline stages in up_smem dynamic bytes; down: bd output features per step,
+    down_stages chunks of w_down in flight and down_smem dynamic bytes (act tile, w_down chunks, each warp's
+    [16, bd + 8] fp32 staging tile); whether both fit."""
     es = torch.empty((), dtype=x_dtype).element_size()
-    pad, bk = 16 // es, 64 // es
+    pad, bk = 16 // es, K_STEP_BYTES // es
     mt = 2 if de <= 64 else 1
     bm = warps * mt * 16
-    stage = _stage_bytes(es, es, bm, de, bk)
-    stages = _stages(stage)
-    smem = stages * stage
+    up_smem = UP_STAGES * _stage_bytes(es, es, bm, de, bk)
 
     def down_bytes(s):
         return (bm + s * DOWN_BD) * (de + pad) * es + warps * 16 * (DOWN_BD + 8) * 4
 
-    down_stages = 3 if down_bytes(3) <= DOWN_SMEM_LIMIT else 2
+    down_stages = 3 if down_bytes(3) <= DYN_SMEM_LIMIT else 2
     down_smem = down_bytes(down_stages)
-    return dict(warps=warps, bm=bm, bk=bk, stages=stages, smem=smem, bd=DOWN_BD, down_stages=down_stages,
-                down_smem=down_smem, fits=smem <= SMEM_LIMIT and down_smem <= DOWN_SMEM_LIMIT)
+    return dict(warps=warps, bm=bm, bk=bk, stages=UP_STAGES, up_smem=up_smem, bd=DOWN_BD, down_stages=down_stages,
+                down_smem=down_smem, fits=up_smem <= DYN_SMEM_LIMIT and down_smem <= DYN_SMEM_LIMIT)
 
 
 def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
-    """Tile of prefill_router: ROUTER_TOKENS tokens x 128 experts, a 64-byte K step of x, stages that fit."""
+    """Tile of prefill_router: ROUTER_TOKENS tokens x ROUTER_EXPERTS experts, a K_STEP_BYTES K step of x, the
+    stages that fit in static shared memory (smem bytes)."""
     es = torch.empty((), dtype=x_dtype).element_size()
     rs = torch.empty((), dtype=router_dtype(w_router_dtype)).element_size()
-    bk = 64 // es
-    stage = _stage_bytes(es, rs, ROUTER_TOKENS, 128, bk)
-    limit = 48 * 1024 - 8 * ROUTER_TOKENS  # ROUTER_SMEM_LIMIT: static shared memory less the row offsets
-    stages = _stages(stage, limit)
-    return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= limit)
+    bk = K_STEP_BYTES // es
+    stage = _stage_bytes(es, rs, ROUTER_TOKENS, ROUTER_EXPERTS, bk)
+    stages = _stages(stage, ROUTER_SMEM_LIMIT)
+    return dict(bk=bk, stages=stages, smem=stages * stage, fits=stages * stage <= ROUTER_SMEM_LIMIT)
 
 
 def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:
@@ -160,16 +163,24 @@ def down_features(d: int) -> int:
     return DOWN_BD * math.ceil(chunks / math.ceil(d / DOWN_FEATURES))
 
 
+def router_grid(T: int, n: int) -> tuple:
+    """prefill_router's grid: (expert chunks of ROUTER_EXPERTS, then the mu block; token blocks of
+    ROUTER_TOKENS). Chunks of one token block are adjacent in launch order, so its x rows are read from DRAM once."""
+    return math.ceil(n / ROUTER_EXPERTS) + 1, math.ceil(T / ROUTER_TOKENS)
+
+
 def prefill_grids(T: int, n: int, d: int, x_dtype: torch.dtype, de: int) -> dict:
-    """Grids and block sizes of the four prefill launches; up: (expert, token tile); down: (expert, token tile,
-    block of ``fb`` output features), with ``down_smem`` bytes of dynamic shared memory."""
+    """Grids and block sizes of the four prefill launches; router: router_grid, with an arrival counter per token
+    block (``router_counters``) for max_active; up: (expert, token tile) with ``up_smem`` bytes of dynamic shared
+    memory; down: (expert, token tile, block of ``fb`` output features) with ``down_smem``."""
     tile = expert_tile(x_dtype, de, prefill_warps(T, x_dtype, de))
     fb = down_features(d)
     tiles = math.ceil(T / tile["bm"])
-    return dict(router=(math.ceil(T / ROUTER_TOKENS),), router_threads=ROUTER_THREADS,
+    router = router_grid(T, n)
+    return dict(router=router, router_threads=ROUTER_THREADS, router_counters=router[1],
                 group=(n,), group_threads=GROUP_THREADS,
                 up=(n, tiles), down=(n, tiles, math.ceil(d / fb)), expert_threads=32 * tile["warps"], fb=fb,
-                down_smem=tile["down_smem"], tile=tile)
+                up_smem=tile["up_smem"], down_smem=tile["down_smem"], tile=tile)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,40 +2,45 @@
 // GEMMs, no [T, N*DE] intermediate beyond the activations of the active pairs. Four launches, fixed grids whose
 // surplus blocks exit at once (no host synchronisation: CUDA-graph capturable):
 //
-// 1. prefill_router: one block of ROUTER_WARPS warps per ROUTER_BM tokens (a warp per 16 of them), all experts
-//    in chunks of 128: x tile @ w_router chunk^T on tensor cores (16-bit x and router of one dtype: products exact
-//    in fp32, fp32 sums) or fp32 FMAs (fp32 x, or a router of another dtype). mu = x.wbar is summed in fp32 from
-//    the same x tiles while the first chunk streams through shared memory. Then per token the knobs (one warp per
-//    token); writes g [T, N], its transpose gt [N, T] and mu [T].
+// 1. prefill_router: grid (expert chunks + 1, token blocks). Block (c, b) multiplies the x tile of ROUTER_BM
+//    tokens by chunk c (ROUTER_EXPERTS experts) of w_router on tensor cores (16-bit x and router of one dtype:
+//    products exact in fp32, fp32 sums) or with fp32 FMAs (fp32 x, or a router of another dtype) and writes the
+//    gates relu(r + bias) cut at threshold to g [T, N] and its transpose gt [N, T]. The block after the last
+//    chunk computes mu = x.wbar [T] in fp32 for the token block. With max_active the chunks write the raw
+//    logits instead, and the last chunk block of a token block to finish (an arrival counter per token block)
+//    applies the knobs and the top-k to all of its tokens, one warp per token.
 // 2. group_tokens: one block per expert, compacts the tokens with gt[e, t] > 0 into tokens[e, :counts[e]] in
 //    token order (ballot prefix sums).
 // 3. prefill_up: one block per (expert, tile of BM of its tokens). Gathers the tokens' rows of x, multiplies by
-//    the expert's [DE, d] slab of w_up, applies NormSiLU (mu from the router) and the scaled gate in registers
-//    and stores the activations, in x's dtype, to act [N, T, DE] (rows < counts[e] of expert e, as the Triton
-//    path's act buffer).
+//    the expert's [DE, d] slab of w_up through a PF_UP_STAGES-deep pipeline of 128-byte K steps in dynamic shared
+//    memory, applies NormSiLU (mu from the router) and the scaled gate in registers and stores the activations,
+//    in x's dtype, to act [N, T, DE] (rows < counts[e] of expert e, as the Triton path's act buffer).
 // 4. prefill_down: one block per (expert, tile of BM of its tokens, block of fb output features): the act tile
 //    stays in shared memory while w_down streams through in BD-feature chunks (cp.async pipeline); each warp
 //    stages its [16, BD] fp32 result in shared memory and adds whole row segments (BD * 4 contiguous bytes) into
 //    the fp32 accumulator yacc (seeded with the shared expert by the launcher) with red.global.add.v4.f32 on
 //    sm_90 (scalar atomics elsewhere, or when d % 4 != 0). Each output element gets one add per active expert of
 //    its token in no fixed order, so results can differ between runs in the last bits of fp32 (as on Triton).
+//
+// Set by geometry.compile_options with PREFILL_WARPS: ROUTER_EXPERTS (a multiple of 16) and PF_UP_STAGES.
 
-#define PF_BK (64 / (int)sizeof(ELEM_T))     // K step: 64 bytes of x per row
-#define PF_PAD (16 / (int)sizeof(ELEM_T))    // shared-tile row padding (keeps rows 16-byte aligned)
-#define PF_MT (DE <= 64 ? 2 : 1)             // 16-row m-tiles per warp
-#define PF_SMEM_LIMIT (48 * 1024 - 2560)     // static shared memory, less the per-row arrays
+#define PF_UP_BK (128 / (int)sizeof(ELEM_T))  // K step of prefill_up: 128 bytes of x per row
+#define PF_PAD (16 / (int)sizeof(ELEM_T))     // shared-tile row padding (keeps rows 16-byte aligned)
+#define PF_MT (DE <= 64 ? 2 : 1)              // 16-row m-tiles per warp
+#define PF_DYN_SMEM_LIMIT (96 * 1024)         // dynamic shared memory of prefill_up / prefill_down (Orin: 163 KB)
 
-#define PF_BD 64                             // output features per step of the down-projection
-#define PF_OUT_PAD 8                         // fp32 staging row padding (conflict-free float2 writes)
-#define PF_DOWN_SMEM_LIMIT (96 * 1024)       // dynamic shared memory of prefill_down (two blocks per SM on Orin)
+#define PF_BD 64                              // output features per step of the down-projection
+#define PF_OUT_PAD 8                          // fp32 staging row padding (conflict-free float2 writes)
 
 #define ROUTER_WARPS 4
-#define ROUTER_MT 1
-#define ROUTER_NT 16                          // 128 experts per chunk (one pass over x up to N = 128)
-#define ROUTER_BM (ROUTER_WARPS * ROUTER_MT * 16)
-#define ROUTER_BK (64 / (int)sizeof(ELEM_T))  // K step: 64 bytes of x per row (four stages fit)
+#define ROUTER_BM (ROUTER_WARPS * 16)         // tokens per block, 16 per warp
+#define ROUTER_BK (128 / (int)sizeof(ELEM_T))  // K step: 128 bytes of x per row
 #define ROUTER_SMEM_LIMIT (48 * 1024 - 8 * ROUTER_BM)  // static shared memory less a_off
-#define ROUTER_STAGES gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>(ROUTER_SMEM_LIMIT)
+#define ROUTER_STAGES \
+    gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, 1, ROUTER_EXPERTS / 8, ROUTER_BK>(ROUTER_SMEM_LIMIT)
+#if defined(PREFILL_WARPS) && !(defined(ROUTER_EXPERTS) && defined(PF_UP_STAGES))
+#error "geometry.compile_options sets ROUTER_EXPERTS and PF_UP_STAGES with PREFILL_WARPS"
+#endif
 
 struct RowsOf {  // rows base + r*stride for r < n, else invalid
     long long stride;
@@ -47,80 +52,61 @@ struct RowsAt {  // rows at offsets held in shared memory (-1: invalid)
     __device__ long long operator()(int r) const { return off[r]; }
 };
 
-#ifdef PREFILL_WARPS
-// mu += x[row, k0 : k0 + ROUTER_BK] . wbar[same] for this thread's half row of the A tile (two threads per row).
-struct RouterMu {
-    const float* wbar;
-    int D;
-    bool vec;
-    float* sum;
-    __device__ void operator()(const ELEM_T* sa, int sas, int k0) const {
-        constexpr int HALF = ROUTER_BK / 2;
-        const ELEM_T* a = sa + (threadIdx.x >> 1) * sas + (threadIdx.x & 1) * HALF;
-        const int k = k0 + (threadIdx.x & 1) * HALF;
-        float s = *sum;
-        if (vec) {  // D % 8 == 0: a chunk of 8 is all in or all out
-#pragma unroll
-            for (int j = 0; j < HALF; j += 8)
-                if (k + j < D) {
-                    float av[8], wv[8];
-                    load8(a + j, true, av);
-                    load8(wbar + k + j, true, wv);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) s += av[i] * wv[i];
-                }
-        } else {
-            for (int j = 0; j < HALF && k + j < D; ++j) s += to_f(a[j]) * wbar[k + j];
-        }
-        *sum = s;
-    }
-};
+// Traps unless the launch gave the kernel at least `bytes` of dynamic shared memory (geometry's up_smem /
+// down_smem for the tile).
+__device__ __forceinline__ void require_dynamic_smem(unsigned bytes) {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < bytes) __trap();
+}
 
+// Everything below is compiled only into prefill modules (PREFILL_WARPS set).
+#ifdef PREFILL_WARPS
 extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
     deco_prefill_router(const ELEM_T* x, long long xs, const ROUTER_T* wr, const float* wbar, const float* bias_v,
                         float bias_s, float threshold, int max_active, int T, int N, int D, int vec, float* g,
-                        float* gt, float* mu) {
-    constexpr int S = ROUTER_STAGES;
-    constexpr int SMEM = S * gemm_stage_bytes<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK>();
+                        float* gt, float* mu, unsigned* arrivals) {
+    constexpr int S = ROUTER_STAGES, NT = ROUTER_EXPERTS / 8;
+    constexpr int SMEM = S * gemm_stage_bytes<ELEM_T, ROUTER_T, ROUTER_WARPS, 1, NT, ROUTER_BK>();
     static_assert(SMEM <= ROUTER_SMEM_LIMIT, "prefill_router: shared memory over 48 KB");
-    static_assert(ROUTER_BM * 2 == ROUTER_WARPS * 32 && ROUTER_BK % 16 == 0, "RouterMu: two threads per row");
     __shared__ __align__(16) unsigned char smem[SMEM];
     __shared__ long long a_off[ROUTER_BM];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t0 = blockIdx.x * ROUTER_BM;
+    const int t0 = blockIdx.y * ROUTER_BM, n0 = blockIdx.x * ROUTER_EXPERTS;
+    if (n0 >= N) {  // the block after the last chunk: mu, 8 tokens per warp_dot
+        for (int t = t0 + warp * 8; t < min(T, t0 + ROUTER_BM); t += ROUTER_WARPS * 8) {
+            float out[8];
+            warp_dot<8>(wbar, x + t * xs, xs, min(8, T - t), D, vec, out);
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (lane == i && t + i < T) mu[t + i] = out[i];
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < ROUTER_BM; i += blockDim.x) a_off[i] = t0 + i < T ? (t0 + i) * xs : -1;
     __syncthreads();
+    float acc[1][NT][4];
+    gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, 1, NT, ROUTER_BK, S>(acc, x, RowsAt{a_off}, wr + (long long)n0 * D,
+                                                                   RowsOf{D, N - n0}, D, vec, smem);
     const int gq = lane >> 2, q = lane & 3;
-    float mu_sum = 0.0f;
-    for (int n0 = 0; n0 < N; n0 += ROUTER_NT * 8) {
-        float acc[ROUTER_MT][ROUTER_NT][4];
-        const ROUTER_T* wc = wr + (long long)n0 * D;
-        if (n0 == 0)  // mu from the first chunk's x tiles
-            gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK, S>(
-                acc, x, RowsAt{a_off}, wc, RowsOf{D, N - n0}, D, vec, smem, RouterMu{wbar, D, vec != 0, &mu_sum});
-        else
-            gemm_global<ELEM_T, ROUTER_T, ROUTER_WARPS, ROUTER_MT, ROUTER_NT, ROUTER_BK, S>(
-                acc, x, RowsAt{a_off}, wc, RowsOf{D, N - n0}, D, vec, smem);
 #pragma unroll
-        for (int mt = 0; mt < ROUTER_MT; ++mt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < ROUTER_NT; ++nt)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int t = t0 + warp * ROUTER_MT * 16 + mt * 16 + gq + (j >> 1) * 8;
-                    const int n = n0 + nt * 8 + 2 * q + (j & 1);
-                    if (t < T && n < N) g[(long long)t * N + n] = acc[mt][nt][j];
-                }
-    }
-    mu_sum += __shfl_xor_sync(0xffffffffu, mu_sum, 1);
-    if (!(threadIdx.x & 1) && t0 + (threadIdx.x >> 1) < T) mu[t0 + (threadIdx.x >> 1)] = mu_sum;
-    __threadfence();  // the logits are read back through L2 (ld.cg) by other warps of the block
-    __syncthreads();
-    for (int i = warp; i < ROUTER_BM; i += ROUTER_WARPS) {
-        const int t = t0 + i;
-        if (t >= T) break;
-        finish_token_gates(g + (long long)t * N, gt, t, T, N, bias_v, bias_s, threshold, max_active);
-    }
+        for (int j = 0; j < 4; ++j) {
+            const int t = t0 + warp * 16 + gq + (j >> 1) * 8, n = n0 + nt * 8 + 2 * q + (j & 1);
+            if (t >= T || n >= N) continue;
+            if (max_active > 0) {  // raw logits: the top-k below needs the whole row
+                g[(long long)t * N + n] = acc[0][nt][j];
+            } else {
+                const float gate = gate_knobs(acc[0][nt][j], bias_v ? bias_v[n] : bias_s, threshold);
+                g[(long long)t * N + n] = gate;
+                gt[(long long)n * T + t] = gate;
+            }
+        }
+    // max_active: the token block's last chunk block to finish (the mu block does not count) finishes its rows.
+    if (max_active <= 0 || !last_to_arrive(arrivals + blockIdx.y, gridDim.x - 1)) return;
+    for (int i = warp; i < ROUTER_BM && t0 + i < T; i += ROUTER_WARPS)
+        finish_token_gates(g + (long long)(t0 + i) * N, gt, t0 + i, T, N, bias_v, bias_s, threshold, max_active);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -143,17 +129,11 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     if (threadIdx.x == 0) counts[e] = base;
 }
-#endif  // PREFILL_WARPS
 
-// Pipeline depth of prefill_up: as deep as fits in static shared memory.
-template <int WARPS>
-__host__ __device__ constexpr int pf_up_stages() {
-    return gemm_stages<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_BK>(PF_SMEM_LIMIT);
-}
-
+// Dynamic shared memory of prefill_up: PF_UP_STAGES pipeline stages of x rows and the expert's w_up slab.
 template <int WARPS>
 __host__ __device__ constexpr int pf_up_smem_bytes() {
-    return pf_up_stages<WARPS>() * gemm_stage_bytes<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_BK>();
+    return PF_UP_STAGES * gemm_stage_bytes<ELEM_T, ELEM_T, WARPS, PF_MT, DE / 8, PF_UP_BK>();
 }
 
 // Dynamic shared memory of prefill_down with S w_down stages: the act tile, S chunks of w_down, and each warp's
@@ -166,7 +146,7 @@ __host__ __device__ constexpr int pf_down_smem_bytes(int S) {
 
 template <int WARPS>
 __host__ __device__ constexpr int pf_down_stages() {
-    return pf_down_smem_bytes<WARPS>(3) <= PF_DOWN_SMEM_LIMIT ? 3 : 2;
+    return pf_down_smem_bytes<WARPS>(3) <= PF_DYN_SMEM_LIMIT ? 3 : 2;
 }
 
 // p[0..3] += v, p 16-byte aligned (one vector reduction on sm_90, else four).
@@ -196,10 +176,11 @@ __device__ void prefill_up(const ELEM_T* x, long long xs, const ELEM_T* w_up, co
                            const float* g, const float* mu, const SCALE_T* scale, const GAMMA_T* gamma, int T, int N,
                            int D, int vec, float eps, ELEM_T* act) {
     constexpr int MT = PF_MT, NT = DE / 8, BM = WARPS * MT * 16, NTH = WARPS * 32;
-    static_assert(pf_up_smem_bytes<WARPS>() <= PF_SMEM_LIMIT, "prefill_up: shared memory over 48 KB");
-    __shared__ __align__(16) unsigned char smem[pf_up_smem_bytes<WARPS>()];
+    static_assert(pf_up_smem_bytes<WARPS>() <= PF_DYN_SMEM_LIMIT, "prefill_up: shared memory over budget");
+    extern __shared__ __align__(16) unsigned char dsmem[];
     __shared__ long long a_off[BM];
     __shared__ float mu_s[BM], gs_s[BM];
+    require_dynamic_smem(pf_up_smem_bytes<WARPS>());
     const int e = blockIdx.x, m0 = blockIdx.y * BM;
     const int cnt = counts[e];
     if (m0 >= cnt) return;
@@ -216,8 +197,8 @@ __device__ void prefill_up(const ELEM_T* x, long long xs, const ELEM_T* w_up, co
 
     // h [BM, DE] in registers, one warp per 16*MT rows; NormSiLU and the gate per row, stored pairwise.
     float acc[MT][NT][4];
-    gemm_global<ELEM_T, ELEM_T, WARPS, MT, NT, PF_BK, pf_up_stages<WARPS>()>(
-        acc, x, RowsAt{a_off}, w_up + (long long)e * DE * D, RowsOf{D, DE}, D, vec, smem);
+    gemm_global<ELEM_T, ELEM_T, WARPS, MT, NT, PF_UP_BK, PF_UP_STAGES>(
+        acc, x, RowsAt{a_off}, w_up + (long long)e * DE * D, RowsOf{D, DE}, D, vec, dsmem);
     const int arow0 = warp * MT * 16;
     ELEM_T* act_e = act + ((long long)e * T + m0) * DE;
 #pragma unroll
@@ -257,12 +238,10 @@ __device__ void prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int*
     constexpr int MT = PF_MT, BM = WARPS * MT * 16, NTH = WARPS * 32, BD = PF_BD, SE = DE + PF_PAD;
     constexpr int SO = BD + PF_OUT_PAD, S = pf_down_stages<WARPS>();
     constexpr int LPR = BD / 4, RPI = 32 / LPR;  // lanes per staged row (4 floats each), rows per pass
-    static_assert(pf_down_smem_bytes<WARPS>(S) <= PF_DOWN_SMEM_LIMIT, "prefill_down: shared memory over budget");
+    static_assert(pf_down_smem_bytes<WARPS>(S) <= PF_DYN_SMEM_LIMIT, "prefill_down: shared memory over budget");
     extern __shared__ __align__(16) unsigned char dsmem[];
     __shared__ int tok_s[BM];
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < pf_down_smem_bytes<WARPS>(S)) __trap();  // launched with less than geometry.expert_tile's down_smem
+    require_dynamic_smem(pf_down_smem_bytes<WARPS>(S));
     const int e = blockIdx.x, m0 = blockIdx.y * BM, c_lo = blockIdx.z * fb;
     const int cnt = counts[e];
     if (m0 >= cnt || c_lo >= D) return;
@@ -338,12 +317,13 @@ __device__ void prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int*
 
 // One tile size per compiled module (fast NVRTC compiles): PREFILL_WARPS is set by geometry.compile_options. A
 // tile that does not fit is never launched (geometry.prefill_warps), so its kernels compile empty.
-#ifdef PREFILL_WARPS
-extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32)
+// (min blocks 2: at most 255 registers either way, but without it ptxas caps the two-warp fp32 de=16 tile at 48
+// registers and spills)
+extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32, 2)
     deco_prefill_up(const ELEM_T* x, long long xs, const ELEM_T* w_up, const int* tokens, const int* counts,
                     const float* g, const float* mu, const SCALE_T* scale, const GAMMA_T* gamma, int T, int N, int D,
                     int vec, float eps, ELEM_T* act) {
-    if constexpr (pf_up_smem_bytes<PREFILL_WARPS>() <= PF_SMEM_LIMIT)
+    if constexpr (pf_up_smem_bytes<PREFILL_WARPS>() <= PF_DYN_SMEM_LIMIT)
         prefill_up<PREFILL_WARPS>(x, xs, w_up, tokens, counts, g, mu, scale, gamma, T, N, D, vec, eps, act);
 }
 
@@ -351,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32)
 extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32, 2)
     deco_prefill_down(const ELEM_T* act, const ELEM_T* w_down, const int* tokens, const int* counts, int T, int N,
                       int D, int fb, int vec, int vec4, float* yacc) {
-    if constexpr (pf_down_smem_bytes<PREFILL_WARPS>(pf_down_stages<PREFILL_WARPS>()) <= PF_DOWN_SMEM_LIMIT)
+    if constexpr (pf_down_smem_bytes<PREFILL_WARPS>(pf_down_stages<PREFILL_WARPS>()) <= PF_DYN_SMEM_LIMIT)
         prefill_down<PREFILL_WARPS>(act, w_down, tokens, counts, T, N, D, fb, vec, vec4, yacc);
 }
-#endif
+#endif  // PREFILL_WARPS
