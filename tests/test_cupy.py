@@ -98,6 +98,17 @@ def test_prefill_tile_is_the_widest_that_fits():
     assert geo.down_features(1792) == 448 and geo.down_features(768) == 384 and geo.down_features(40) == 64
 
 
+def test_long_prefill_warps_fall_back_where_the_copies_do_not_tile(monkeypatch):
+    monkeypatch.setattr(geo, "LONG_PREFILL_WARPS", 8)
+    # one m-tile per warp: blocks of MAX_BLOCK_TOKENS = 128 tokens, as with four warps of two m-tiles
+    assert geo.prefill_warps(4096, BF16, 64) == 8 and geo.expert_tile(BF16, 64, 8)["bm"] == 128
+    assert geo.m_tiles(64, 8) == 1 and geo.m_tiles(64, 4) == 2 and geo.m_tiles(128, 4) == 1
+    assert geo.prefill_warps(300, BF16, 64) == 1  # short prefills keep one warp
+    # de=16 with 8 warps: 256 threads copy 32 rows of 128-byte K steps at a time, but the expert has 16 rows
+    assert not geo.expert_tile(BF16, 16, 8)["fits"] and geo.prefill_warps(4096, BF16, 16) == 4
+    assert "-DPF_MT=1" in geo.compile_options(BF16, BF16, BF16, BF16, 64, prefill_warps=8)
+
+
 def test_check_supported():
     geo.check_supported(BF16, 64)
     with pytest.raises(ValueError, match="x"):
@@ -119,8 +130,8 @@ def test_compile_options():
     opts = geo.compile_options(BF16, torch.float64, torch.float32, BF16, 64, decode_tt=4)
     assert "-DELEM_T=bf16_t" in opts and "-DROUTER_T=float" in opts and "-DSCALE_T=float" in opts
     assert "-DDE=64" in opts and "-DDECODE_TT=4" in opts and not any("PREFILL" in o or "STAGES" in o for o in opts)
-    assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-4:] == \
-        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2", f"-DROUTER_EXPERTS={geo.ROUTER_EXPERTS}",
+    assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-5:] == \
+        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2", f"-DPF_MT={geo.m_tiles(32, 2)}", f"-DROUTER_EXPERTS={geo.ROUTER_EXPERTS}",
          f"-DPF_UP_STAGES={geo.UP_STAGES}")
 
 
@@ -233,6 +244,7 @@ NVCC_CASES = [  # (arch, x, router, scale, gamma, de, decode_tt, prefill_warps)
     *[(arch, dt, dt, dt, dt, 64, 8, 4) for arch in ("sm_87", "sm_90") for dt in geo.X_DTYPES],
     ("sm_87", BF16, FP32, torch.float64, FP32, 16, 1, 1),   # mixed storage types, the narrowest experts
     ("sm_90", FP32, FP16, BF16, FP16, 128, 2, 2),           # fp32 with the widest experts
+    ("sm_90", BF16, BF16, BF16, BF16, 64, 1, 8),            # eight warps (LONG_PREFILL_WARPS = 8)
 ]
 
 
@@ -271,6 +283,7 @@ def test_nvcc_compiles_every_kernel(tmp_path):
 SPILL_CASES = [  # (arch, x dtype, decode_tt, de, prefill_warps): decode's T=1 and T=8 extremes, the long-prefill
     # tiles (1.2b's bf16 de=64 among them) and a one-warp one, optimised as NVRTC does
     ("sm_90", BF16, 1, 64, 4), ("sm_90", FP16, 2, 128, 4), ("sm_87", FP32, 8, 16, 1), ("sm_87", BF16, 4, 32, 4),
+    ("sm_90", BF16, 1, 64, 8),
 ]
 
 

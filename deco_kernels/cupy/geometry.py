@@ -1,7 +1,7 @@
 """Host-side plan of the CuPy backend: which path, launch grids, tile sizes, compile options and the CUDA source.
 
 Pure Python (no cupy import), so CI tests it without a GPU. The tunable tile constants (ROUTER_EXPERTS,
-UP_STAGES) reach the kernels as -D options from here; the shared-memory formulas mirror the constexpr ones in
+UP_STAGES, M_TILES) reach the kernels as -D options from here; the shared-memory formulas mirror the constexpr ones in
 prefill.cu / common.cuh (tests compare them with ptxas' figures; prefill_up and prefill_down trap when launched
 with less dynamic shared memory than their tile needs).
 """
@@ -23,6 +23,9 @@ ROUTER_THREADS = 128
 ROUTER_SMEM_LIMIT = 48 * 1024 - 8 * ROUTER_TOKENS  # static shared memory less the row offsets
 K_STEP_BYTES = 128     # PF_UP_BK, ROUTER_BK: bytes of x per row and K step of the prefill GEMMs
 UP_STAGES = 3          # prefill_up's pipeline depth (-DPF_UP_STAGES): 3 x 27 KB of dynamic smem at 16-bit de=64
+LONG_PREFILL_WARPS = 4  # warps per prefill_up / prefill_down block from 1024 tokens on (1, 2, 4 or 8)
+M_TILES = {16: 2, 32: 2, 64: 2, 128: 1}  # 16-token m-tiles per warp of those blocks, by expert width (-DPF_MT),
+MAX_BLOCK_TOKENS = 128                   # ... fewer where the block would hold more tokens than this
 GROUP_THREADS = 256
 DYN_SMEM_LIMIT = 96 * 1024      # PF_DYN_SMEM_LIMIT: prefill_up / prefill_down dynamic shared memory (Orin: 163 KB)
 DOWN_BD = 64                    # PF_BD: output features per step of prefill_down
@@ -58,7 +61,7 @@ def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, 
                     prefill_warps: int | None = None, ldmatrix: bool = True) -> tuple:
     """NVRTC / nvcc options of one module: the storage types, the expert width, and which kernels it holds:
     the decode kernels for ``decode_tt`` tokens per pass and/or the prefill kernels with ``prefill_warps`` warps
-    per expert tile (with ROUTER_EXPERTS and UP_STAGES as they are now). One module per distinct tuple,
+    per expert tile (with M_TILES, ROUTER_EXPERTS and UP_STAGES as they are now). One module per distinct tuple,
     compiled once (the launcher caches it); small modules keep each NVRTC compile to a few seconds."""
     opts = ["-std=c++17", f"-DELEM_T={CTYPE[x_dtype]}", f"-DROUTER_T={CTYPE[router_dtype(w_router_dtype)]}",
             f"-DSCALE_T={CTYPE[scale_dtype]}", f"-DGAMMA_T={CTYPE[gamma_dtype]}", f"-DDE={de}",
@@ -66,7 +69,7 @@ def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, 
     if decode_tt is not None:
         opts.append(f"-DDECODE_TT={decode_tt}")
     if prefill_warps is not None:
-        opts += [f"-DPREFILL_WARPS={prefill_warps}", f"-DROUTER_EXPERTS={ROUTER_EXPERTS}",
+        opts += [f"-DPREFILL_WARPS={prefill_warps}", f"-DPF_MT={m_tiles(de, prefill_warps)}", f"-DROUTER_EXPERTS={ROUTER_EXPERTS}",
                  f"-DPF_UP_STAGES={UP_STAGES}"]
     return tuple(opts)
 
@@ -116,14 +119,27 @@ def _stages(stage: int, limit: int) -> int:
     return next((s for s in (4, 3) if s * stage <= limit), 2)
 
 
+def m_tiles(de: int, warps: int) -> int:
+    """16-token m-tiles per warp of prefill_up / prefill_down: M_TILES[de], at most MAX_BLOCK_TOKENS per block."""
+    return max(1, min(M_TILES[de], MAX_BLOCK_TOKENS // (16 * warps)))
+
+
+def _threads_tile(rows: int, cols: int, element_size: int, threads: int) -> bool:
+    """load_tile's static_assert: the threads copy whole 16-byte chunks of a [rows, cols] tile, each thread the
+    same chunk of every (threads / chunks per row)-th row."""
+    chunks = cols * element_size // 16
+    return cols * element_size % 16 == 0 and threads % chunks == 0 and rows % (threads // chunks) == 0
+
+
 def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
-    """Tiles of prefill_up and prefill_down with ``warps`` warps: bm tokens (16 * mt per warp); up: bk K step
-    (K_STEP_BYTES of x), UP_STAGES pipeline stages in up_smem dynamic bytes; down: bd output features per step,
-    down_stages chunks of w_down in flight and down_smem dynamic bytes (act tile, w_down chunks, each warp's
-    [16, bd + 8] fp32 staging tile); whether both fit."""
+    """Tiles of prefill_up and prefill_down with ``warps`` warps: bm tokens (16 * mt per warp, mt = m_tiles);
+    up: bk K step (K_STEP_BYTES of x), UP_STAGES pipeline stages in up_smem dynamic bytes; down: bd output
+    features per step, down_stages chunks of w_down in flight and down_smem dynamic bytes (act tile, w_down
+    chunks, each warp's [16, bd + 8] fp32 staging tile); whether both fit in shared memory and the block's
+    threads tile every copy."""
     es = torch.empty((), dtype=x_dtype).element_size()
     pad, bk = 16 // es, K_STEP_BYTES // es
-    mt = 2 if de <= 64 else 1
+    mt = m_tiles(de, warps)
     bm = warps * mt * 16
     up_smem = UP_STAGES * _stage_bytes(es, es, bm, de, bk)
 
@@ -132,8 +148,12 @@ def expert_tile(x_dtype: torch.dtype, de: int, warps: int) -> dict:
 
     down_stages = 3 if down_bytes(3) <= DYN_SMEM_LIMIT else 2
     down_smem = down_bytes(down_stages)
-    return dict(warps=warps, bm=bm, bk=bk, stages=UP_STAGES, up_smem=up_smem, bd=DOWN_BD, down_stages=down_stages,
-                down_smem=down_smem, fits=up_smem <= DYN_SMEM_LIMIT and down_smem <= DYN_SMEM_LIMIT)
+    threads = 32 * warps
+    copies = all(_threads_tile(rows, cols, es, threads)
+                 for rows, cols in ((bm, bk), (de, bk), (bm, de), (DOWN_BD, de)))
+    return dict(warps=warps, mt=mt, bm=bm, bk=bk, stages=UP_STAGES, up_smem=up_smem, bd=DOWN_BD,
+                down_stages=down_stages, down_smem=down_smem,
+                fits=up_smem <= DYN_SMEM_LIMIT and down_smem <= DYN_SMEM_LIMIT and copies)
 
 
 def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
@@ -148,10 +168,10 @@ def router_tile(x_dtype: torch.dtype, w_router_dtype: torch.dtype) -> dict:
 
 
 def prefill_warps(T: int, x_dtype: torch.dtype, de: int) -> int:
-    """Warps per prefill_up / prefill_down block (1, 2 or 4): 128-token tiles for long prefills (each expert sees
-    ~20% of the tokens), 32-token tiles below (fewer empty rows); the largest that fits in shared memory."""
-    want = 4 if T >= 1024 else 1
-    for warps in (4, 2, 1):
+    """Warps per prefill_up / prefill_down block (1, 2, 4 or 8): LONG_PREFILL_WARPS for long prefills (each
+    expert sees ~20% of the tokens), one warp below 1024 tokens (fewer empty rows); the largest that fits."""
+    want = LONG_PREFILL_WARPS if T >= 1024 else 1
+    for warps in (8, 4, 2, 1):
         if warps <= want and expert_tile(x_dtype, de, warps)["fits"]:
             return warps
     raise ValueError(f"gamma: no prefill tile fits de={de} with {x_dtype}")  # not reached for EXPERT_WIDTHS

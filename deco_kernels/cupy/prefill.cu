@@ -22,11 +22,11 @@
 //    sm_90 (scalar atomics elsewhere, or when d % 4 != 0). Each output element gets one add per active expert of
 //    its token in no fixed order, so results can differ between runs in the last bits of fp32 (as on Triton).
 //
-// Set by geometry.compile_options with PREFILL_WARPS: ROUTER_EXPERTS (a multiple of 16) and PF_UP_STAGES.
+// Set by geometry.compile_options with PREFILL_WARPS: PF_MT (16-row m-tiles per warp of prefill_up / down),
+// ROUTER_EXPERTS (a multiple of 16) and PF_UP_STAGES.
 
 #define PF_UP_BK (128 / (int)sizeof(ELEM_T))  // K step of prefill_up: 128 bytes of x per row
 #define PF_PAD (16 / (int)sizeof(ELEM_T))     // shared-tile row padding (keeps rows 16-byte aligned)
-#define PF_MT (DE <= 64 ? 2 : 1)              // 16-row m-tiles per warp
 #define PF_DYN_SMEM_LIMIT (96 * 1024)         // dynamic shared memory of prefill_up / prefill_down (Orin: 163 KB)
 
 #define PF_BD 64                              // output features per step of the down-projection
@@ -38,8 +38,8 @@
 #define ROUTER_SMEM_LIMIT (48 * 1024 - 8 * ROUTER_BM)  // static shared memory less a_off
 #define ROUTER_STAGES \
     gemm_stages<ELEM_T, ROUTER_T, ROUTER_WARPS, 1, ROUTER_EXPERTS / 8, ROUTER_BK>(ROUTER_SMEM_LIMIT)
-#if defined(PREFILL_WARPS) && !(defined(ROUTER_EXPERTS) && defined(PF_UP_STAGES))
-#error "geometry.compile_options sets ROUTER_EXPERTS and PF_UP_STAGES with PREFILL_WARPS"
+#if defined(PREFILL_WARPS) && !(defined(PF_MT) && defined(ROUTER_EXPERTS) && defined(PF_UP_STAGES))
+#error "geometry.compile_options sets PF_MT, ROUTER_EXPERTS and PF_UP_STAGES with PREFILL_WARPS"
 #endif
 
 struct RowsOf {  // rows base + r*stride for r < n, else invalid
