@@ -109,9 +109,21 @@ def scaled_combine(act, gs, w_down, shared=None):
     return ref.scaled_combine(act, gs, w_down, shared)
 
 
+def _swiglu_hidden(x, w_gate, w_up):
+    return torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up)
+
+
 def dense_swiglu(x, w_gate, w_up, w_down):
     """The dense SwiGLU layer (layer 0, the shared expert, the dense twin) through torch's matmuls in x's
     dtype: cuBLAS on the GPU."""
-    return torch.nn.functional.linear(
-        torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up),
-        w_down)
+    return torch.nn.functional.linear(_swiglu_hidden(x, w_gate, w_up), w_down)
+
+
+def dense_swiglu_fp32(x, w_gate, w_up, w_down):
+    """dense_swiglu of rows x [T, d] with an fp32 output: the seed of the prefill paths' fp32 accumulator. On
+    CUDA with 16-bit x, cuBLAS writes the down projection's fp32 sums directly (no rounding to x's dtype and no
+    separate cast pass over [T, d])."""
+    h = _swiglu_hidden(x, w_gate, w_up)
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(h, w_down.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(h, w_down).float()

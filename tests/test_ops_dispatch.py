@@ -352,6 +352,25 @@ def test_dense_swiglu_equals_reference(dtype):
     torch.testing.assert_close(y.to(ref.dtype), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_swiglu_fp32_is_the_layer_in_fp32(dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, w = layer(dtype, T=37)
+    x, w = x.to(device), {k: v.to(device) for k, v in w.items()}
+    args = (x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    y = ops.dense_swiglu_fp32(*args)
+    assert y.dtype == torch.float32 and y.shape == x.shape and y.is_contiguous()
+    ref = R.swiglu(*(t.cpu().double() for t in args))
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]  # fp32 out
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol)
+    # the 16-bit paths round only the hidden activations, not the output: at least as close as dense_swiglu
+    if dtype in (torch.bfloat16, torch.float16):
+        rounded = ops.dense_swiglu(*args).cpu().double()
+        assert (y.cpu().double() - ref).abs().max() <= (rounded - ref).abs().max()
+
+
 def test_an_op_a_backend_lacks_is_refused_by_name(monkeypatch):
     # CuPy runs deco_ffn only: the dispatch point says so for any other layer op, instead of an AttributeError.
     monkeypatch.setattr(backends, "available", lambda name, device: True)

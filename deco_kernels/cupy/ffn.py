@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import layout
-from ..ops import dense_swiglu
+from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
 from . import geometry as geo
 
@@ -184,7 +184,7 @@ def _prefill(launch, x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, ve
            _p(w["gamma"]), _i32(T), _i32(n), _i32(d), _i32(vec), _f32(NORM_EPS), _p(act), smem=grids["up_smem"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator the experts'
     # down-projections add into with atomics.
-    acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float().contiguous()
+    acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     launch("deco_prefill_down", grids["down"], grids["expert_threads"],
            _p(act), _p(w["w_down"]), _p(tokens), _p(counts), _i32(T), _i32(n), _i32(d), _i32(grids["fb"]),
            _i32(vec), _i32(VECTOR_REDUCTIONS and d % 4 == 0), _p(acc), smem=grids["down_smem"])

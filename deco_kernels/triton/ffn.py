@@ -10,7 +10,7 @@ import torch
 
 from .. import layout
 from ..autotune import config_for
-from ..ops import dense_swiglu
+from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
@@ -214,7 +214,7 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
                              T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m,
                              BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
-    acc = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"]).float()
+    acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
