@@ -365,10 +365,6 @@ def test_dense_swiglu_fp32_is_the_layer_in_fp32(dtype, device):
     ref = R.swiglu(*(t.cpu().double() for t in args))
     tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]  # fp32 out
     torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol)
-    # the 16-bit paths round only the hidden activations, not the output: at least as close as dense_swiglu
-    if dtype in (torch.bfloat16, torch.float16):
-        rounded = ops.dense_swiglu(*args).cpu().double()
-        assert (y.cpu().double() - ref).abs().max() <= (rounded - ref).abs().max()
 
 
 def test_an_op_a_backend_lacks_is_refused_by_name(monkeypatch):
