@@ -23,6 +23,7 @@ from deco_kernels.testing import rel_err
 
 # (four up stages of 128 tokens need 110 KB, over geometry.DYN_SMEM_LIMIT)
 KNOBS = dict(LONG_PREFILL_WARPS=[4, 8], m_tiles=[1, 2], UP_STAGES=[2, 3], DOWN_FEATURES=[256, 512, 1024])
+QUICK = dict(LONG_PREFILL_WARPS=[4], m_tiles=[1, 2], UP_STAGES=[2, 3], DOWN_FEATURES=[512])
 TOL = 2e-2  # bf16 outputs of two summation orders (the down projection's atomics add in no fixed order)
 
 
@@ -62,7 +63,9 @@ def main():
     p.add_argument("--preset", nargs="+", default=["1.2b"])
     p.add_argument("--tokens", nargs="+", type=int, default=[4096])
     p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="four warps only, 512 features per down block")
     args = p.parse_args()
+    knobs = QUICK if args.quick else KNOBS
     rows, summary = [], []
     for preset in args.preset:
         cfg = DecoConfig.preset(preset)
@@ -75,8 +78,8 @@ def main():
                 reference = ops.deco_ffn(x, **w, backend="cupy").float()
                 base = measure(x, w, default, de, None)
                 best, best_us = default, base.get("us")
-                for values in itertools.product(*KNOBS.values()):
-                    config = dict(zip(KNOBS, values))
+                for values in itertools.product(*knobs.values()):
+                    config = dict(zip(knobs, values))
                     result = measure(x, w, config, de, reference)
                     rows.append(dict(preset=preset, T=T, config=config, **result))
                     if "us" in result:

@@ -519,6 +519,21 @@ def test_long_prefill_tiles(poison, dtype, d, de):
 
 @pytest.mark.gpu
 @needs_cupy
+@pytest.mark.parametrize("m_tiles", [1, 2])
+def test_long_prefill_tile_constants(poison, monkeypatch, m_tiles):
+    # what benchmarks/sweep_cupy_prefill.py varies: eight warps of one m-tile, and four of m_tiles
+    T, d, de = 1100, 768, 64
+    monkeypatch.setitem(geo.M_TILES, de, m_tiles)
+    monkeypatch.setattr(geo, "LONG_PREFILL_WARPS", 8 if m_tiles == 1 else 4)
+    monkeypatch.setattr(geo, "UP_STAGES", 2)
+    tile = geo.expert_tile(BF16, de, geo.prefill_warps(T, BF16, de))
+    assert (tile["warps"], tile["mt"], tile["stages"]) == (8 if m_tiles == 1 else 4, m_tiles, 2)
+    x, w = make_layer(T, d, 23, de, 32, dtype=BF16, device="cuda", seed=6, active=0.3)
+    check(x, w)
+
+
+@pytest.mark.gpu
+@needs_cupy
 @pytest.mark.parametrize("T", [1, 8])
 def test_cuda_graph_capture_and_replay(T):
     x, w = make_layer(T, 768, 42, 64, 128, dtype=BF16, device="cuda", seed=1, active=0.2)

@@ -222,9 +222,11 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return a;
 }
 
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
+    cp_async16(smem_u32(dst), src, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
@@ -254,19 +256,24 @@ __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const AT* sa, 
     const int g = lane >> 2, q = lane & 3;
     if constexpr (same_type<AT, BT>::value && is_16bit<AT>::value) {
         static_assert(NT % 2 == 0, "NT must be even (B fragments come in pairs of n-tiles)");
+#if USE_LDMATRIX
+        // Each lane's ldmatrix row addresses, as 32-bit shared addresses resolved once: the unrolled loops below
+        // then add only compile-time byte offsets (ks, mt, np).
+        const unsigned a_lane = smem_u32(sa + (arow0 + (lane & 15)) * sas + (lane >> 4) * 8);
+        const unsigned b_lane = smem_u32(sb + ((lane >> 4) * 8 + (lane & 7)) * sbs + ((lane >> 3) & 1) * 8);
+#endif
 #pragma unroll
         for (int ks = 0; ks < ksteps; ++ks) {
             const int k0 = ks * 16;
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int r = arow0 + mt * 16;
 #if USE_LDMATRIX
-                const AT* p = sa + (r + (lane & 15)) * sas + k0 + (lane >> 4) * 8;
                 asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                              : "=r"(a[mt][0]), "=r"(a[mt][1]), "=r"(a[mt][2]), "=r"(a[mt][3])
-                             : "r"(smem_u32(p)));
+                             : "r"(a_lane + (unsigned)((mt * 16 * sas + k0) * (int)sizeof(AT))));
 #else
+                const int r = arow0 + mt * 16;
                 a[mt][0] = lds32(sa + (r + g) * sas + k0 + 2 * q);
                 a[mt][1] = lds32(sa + (r + g + 8) * sas + k0 + 2 * q);
                 a[mt][2] = lds32(sa + (r + g) * sas + k0 + 8 + 2 * q);
@@ -277,10 +284,9 @@ __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const AT* sa, 
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned b[4];
 #if USE_LDMATRIX
-                const BT* p = sb + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * sbs + k0 + ((lane >> 3) & 1) * 8;
                 asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                              : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                             : "r"(smem_u32(p)));
+                             : "r"(b_lane + (unsigned)((np * 16 * sbs + k0) * (int)sizeof(BT))));
 #else
                 b[0] = lds32(sb + (np * 16 + g) * sbs + k0 + 2 * q);
                 b[1] = lds32(sb + (np * 16 + g) * sbs + k0 + 8 + 2 * q);
@@ -349,6 +355,43 @@ __device__ __forceinline__ void load_tile(T* dst, int ss, const T* base, RowOff 
     }
 }
 
+// load_tile's vector path for the K loop of a gathered operand (rows at offsets held in shared memory): the
+// thread's rows are resolved once (a global pointer per row, null for an invalid one, and the shared address of
+// its chunk in the first row), so each K step adds only k0 and a stage offset instead of reloading and
+// re-checking every row's 64-bit offset. Same thread-to-chunk map as load_tile; a pointer per row costs two
+// registers, hence at most 8 rows per thread.
+template <typename T, int R, int KC, int NTH>
+struct TileCopy {
+    static constexpr int E = 16 / sizeof(T), CPR = KC / E, STEP = NTH / CPR, ROWS = R / STEP;
+    static_assert(KC % E == 0 && NTH % CPR == 0 && R % STEP == 0, "TileCopy: the threads do not tile the rows");
+    static_assert(ROWS <= 8, "TileCopy: more than 8 rows per thread (16 registers of pointers)");
+    const T* src[ROWS];
+    const T* base;
+    unsigned dst;  // shared address of row r0, chunk c, in a tile that starts at shared address 0
+    int col;
+    template <typename RowOff>
+    __device__ __forceinline__ TileCopy(const T* base_, RowOff off, int ss) : base(base_) {
+        const int r0 = threadIdx.x / CPR;
+        col = threadIdx.x % CPR * E;
+        dst = (unsigned)((r0 * ss + col) * (int)sizeof(T));
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+            const long long o = off(r0 + j * STEP);
+            src[j] = o >= 0 ? base + o + col : nullptr;
+        }
+    }
+    // Copies columns [k0, k0 + KC) of every row into the tile at shared address `tile` (row stride ss elements,
+    // as given to the constructor); zeros for invalid rows and columns >= K (K a multiple of E).
+    __device__ __forceinline__ void issue(unsigned tile, int ss, int k0, int K) const {
+        const bool k_in = k0 + col < K;
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+            const bool valid = k_in && src[j] != nullptr;
+            cp_async16(tile + dst + (unsigned)(j * STEP * ss * (int)sizeof(T)), valid ? src[j] + k0 : base, valid);
+        }
+    }
+};
+
 template <typename AT, typename BT, int WARPS, int MT, int NT, int BK>
 __host__ __device__ constexpr int gemm_stage_bytes() {
     return WARPS * MT * 16 * (BK + 16 / (int)sizeof(AT)) * (int)sizeof(AT) +
@@ -381,9 +424,14 @@ __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, co
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[mt][nt][j] = 0.0f;
     const int nk = (K + BK - 1) / BK;
+    const TileCopy<AT, BM, BK, NTH> copy_a(A, a_off, SA);  // the gathered rows, resolved once
+    const unsigned smem0 = smem_u32(smem);
     auto load = [&](int kt, int stage) {
         unsigned char* st = smem + stage * STAGE;
-        load_tile<AT, BM, BK, NTH>(reinterpret_cast<AT*>(st), SA, A, a_off, kt * BK, K, vec);
+        if (vec)
+            copy_a.issue(smem0 + (unsigned)(stage * STAGE), SA, kt * BK, K);
+        else
+            load_tile<AT, BM, BK, NTH>(reinterpret_cast<AT*>(st), SA, A, a_off, kt * BK, K, false);
         load_tile<BT, NT * 8, BK, NTH>(reinterpret_cast<BT*>(st + BM * SA * sizeof(AT)), SB, B, b_off, kt * BK, K,
                                        vec);
     };
