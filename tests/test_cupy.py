@@ -69,8 +69,8 @@ def test_prefill_tiles_fit_shared_memory(dtype, de):
             rt = geo.router_tile(dtype, router)
             assert rt["fits"] and rt["stages"] >= 2 and rt["bk"] == tile["bk"]
     assert geo.prefill_warps(4096, BF16, 64) == 4 and geo.prefill_warps(300, BF16, 64) == 1
-    # 1.2b, 4096 tokens: 82944 bytes, three 128-byte K steps of 128 tokens and the expert's 64 rows
-    assert geo.expert_tile(BF16, 64, 4)["up_smem"] == 3 * (128 + 64) * (64 + 8) * 2
+    # 1.2b, 4096 tokens: UP_STAGES 128-byte K steps of 128 tokens and the expert's 64 rows (55296 bytes for 2)
+    assert geo.expert_tile(BF16, 64, 4)["up_smem"] == geo.UP_STAGES * (128 + 64) * (64 + 8) * 2
 
 
 @pytest.mark.parametrize("T", [9, 63, 64, 65, 4096, 100_001])
@@ -520,14 +520,15 @@ def test_long_prefill_tiles(poison, dtype, d, de):
 @pytest.mark.gpu
 @needs_cupy
 @pytest.mark.parametrize("m_tiles", [1, 2])
-def test_long_prefill_tile_constants(poison, monkeypatch, m_tiles):
-    # what benchmarks/sweep_cupy_prefill.py varies: eight warps of one m-tile, and four of m_tiles
+@pytest.mark.parametrize("stages", [2, 3])
+def test_long_prefill_tile_constants(poison, monkeypatch, m_tiles, stages):
+    # what benchmarks/sweep_cupy_prefill.py varies: eight warps of one m-tile, and four of m_tiles; up stages
     T, d, de = 1100, 768, 64
     monkeypatch.setitem(geo.M_TILES, de, m_tiles)
     monkeypatch.setattr(geo, "LONG_PREFILL_WARPS", 8 if m_tiles == 1 else 4)
-    monkeypatch.setattr(geo, "UP_STAGES", 2)
+    monkeypatch.setattr(geo, "UP_STAGES", stages)
     tile = geo.expert_tile(BF16, de, geo.prefill_warps(T, BF16, de))
-    assert (tile["warps"], tile["mt"], tile["stages"]) == (8 if m_tiles == 1 else 4, m_tiles, 2)
+    assert (tile["warps"], tile["mt"], tile["stages"]) == (8 if m_tiles == 1 else 4, m_tiles, stages)
     x, w = make_layer(T, d, 23, de, 32, dtype=BF16, device="cuda", seed=6, active=0.3)
     check(x, w)
 

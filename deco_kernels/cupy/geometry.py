@@ -22,7 +22,10 @@ ROUTER_EXPERTS = 32    # experts per block of the prefill router (-DROUTER_EXPER
 ROUTER_THREADS = 128
 ROUTER_SMEM_LIMIT = 48 * 1024 - 8 * ROUTER_TOKENS  # static shared memory less the row offsets
 K_STEP_BYTES = 128     # PF_UP_BK, ROUTER_BK: bytes of x per row and K step of the prefill GEMMs
-UP_STAGES = 3          # prefill_up's pipeline depth (-DPF_UP_STAGES): 3 x 27 KB of dynamic smem at 16-bit de=64
+# prefill_up's pipeline depth (-DPF_UP_STAGES): 2 x 27 KB of dynamic smem at 16-bit de=64. With the gathered rows
+# resolved once per block, 2 stages beat 3 at every preset on the H200 (results/h200/sweep_cupy_prefill_quick.json:
+# 1.2b 386 vs 395 µs, 0.1b 121 vs 133 at T=4096).
+UP_STAGES = 2
 LONG_PREFILL_WARPS = 4  # warps per prefill_up / prefill_down block from 1024 tokens on (1, 2, 4 or 8)
 M_TILES = {16: 2, 32: 2, 64: 2, 128: 1}  # 16-token m-tiles per warp of those blocks, by expert width (-DPF_MT),
 MAX_BLOCK_TOKENS = 128                   # ... fewer where the block would hold more tokens than this
