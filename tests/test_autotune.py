@@ -320,6 +320,24 @@ def test_cost_model_split_k_kernels_more_work_is_never_faster():
             assert times == sorted(times), (prof.key, w.name, "programs", times)
 
 
+def test_decode_register_estimates_are_whole_counts_that_grow_with_the_tile():
+    """The register-FMA kernels' estimate is the thread's whole count (no REG_BASE, as compiled for sm_90: no MMA
+    or pipeline state), and a larger tile per thread never estimates fewer registers."""
+    def regs(T=1, k=model.CONSTANTS, **kw):
+        cfg = dict(dict(use_dot=False, rows=4, up_warps=4, block_d=16, slots=16, down_warps=8), **kw)
+        works = model.works_of(record("small_batch", cfg, T, *GEOM, torch.bfloat16), T, *GEOM, torch.bfloat16)
+        return {w.name: model._regs(w, k) for w in works}
+
+    base = regs()
+    assert base == regs(k=model.with_constants(reg_base=8.0)) == regs(k=model.with_constants(reg_base=128.0))
+    assert all(r <= 255 for r in base.values())
+    for kw in (dict(rows=8), dict(rows=16), dict(block_d=32), dict(slots=32)):
+        bigger = regs(**kw)
+        assert all(bigger[n] >= base[n] for n in base), (kw, base, bigger)
+    fewer_threads = regs(up_warps=2, down_warps=4)
+    assert all(fewer_threads[n] >= base[n] for n in base)
+
+
 def test_split_k_works_follow_the_kernels():
     import dataclasses
 
