@@ -38,18 +38,18 @@ estimate of its registers and shared memory. Its time on a profile is
   launches (the rest: 2 KB more for groups of 16 on 8 warps; the unpipelined down kernel's scratch at 17-32
   rows, half as large on sm_90).
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
-  largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts
-  show; for the small-batch ones also the MMA operands held in registers). The register-FMA (decode) kernels
-  keep no MMA fragments or pipeline state: their estimate is the whole count, matched to Triton 3.9's sm_90
-  counts (32-192), not REG_BASE plus a tile. With REG_BASE added they were estimated at 2-4x their compiled
-  registers (a 4-warp up program at 160 instead of 32-56), which cost the up kernel's ~1000-3000 programs
-  waves they do not run and the down kernel spills it does not have. Held out on the H200 (H100): 23 (14) with
-  REG_BASE added, 27 (13) with this estimate, 32 (14) with the decode kernels' compiled counts, so what is
-  left there is mostly the estimate (ROWS=16 up programs compile to 102-155 registers, estimated 40-64). Spilled bytes (compiled, else the
+  largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts show;
+  for the small-batch ones also the MMA operands held in registers). The register-FMA (decode) kernels keep no
+  MMA fragments or pipeline state: their estimate is the whole count, matched to Triton 3.9's sm_90 counts
+  (32-192), not REG_BASE plus a tile. With REG_BASE added they were estimated at 2-4x their compiled registers (a
+  4-warp up program at 160 instead of 32-56), which cost the up kernel's ~1000-3000 programs waves they do not
+  run and the down kernel spills it does not have. Held out on the H200 (H100): 23 (14) with REG_BASE added, 27
+  (13) with this estimate, 32 (14) with the decode kernels' compiled counts, so what is left there is mostly the
+  estimate (ROWS=16 up programs compile to 102-155 registers, estimated 40-64). Spilled bytes (compiled, else the
   excess over the 255-register limit) move through local memory and back once per loop iteration, or once per
-  token per iteration in the decode kernels that reuse the tile for every token: one more round trip each, and
-  in the feed term at a thread's own rate (ILP 16-byte loads in flight per thread), not at the rate of the
-  program's bulk tile loads.
+  token per iteration in the decode kernels that reuse the tile for every token: one more round trip each, and in
+  the feed term at a thread's own rate (ILP 16-byte loads in flight per thread), not at the rate of the program's
+  bulk tile loads.
 
 Work per kernel follows the kernels in deco_kernels/triton (small_batch.py, grouped.py, router.py); ~20% of
 the experts are active per token (SPEC §1), independently, so a batch of T tokens touches n * (1 - 0.8^T)
@@ -83,9 +83,12 @@ nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model 
 best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 14/15 (worst 1.126), held out 13/15
 (worst 1.126); NVIDIA H200 29/36 (worst 1.200), held out 27/36 (worst 1.200).
 
-The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone
-(no measured entry of the split-K kernels is fitted on yet); their model was checked against the H200 sweeps
-of the new kernels (benchmarks/results/h200/sweep_tiles_*.json, not fitted on). Earlier fits: the H100-only
+The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone;
+the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens), where most misses left
+are tensor-core entries of 3-16 tokens whose picks are 13-20% slower than the best (the residuals: BLOCK_K=64,
+8 down warps and 1-2 down stages are predicted too slow, SPLIT_K=6 and 2 up stages too fast) and decode at
+T=1, where every candidate runs one wave and the model cannot tell them apart (4 up warps beat 2 by 3 µs at
+ROWS=4, which no term here explains). Earlier fits: the H100-only
 fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile nothing (now
 every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits), and its high REG_BASE halved the
 residency of 8-warp grouped programs, which the 401-candidate H200 entries show costs nothing. With every
