@@ -9,15 +9,15 @@ combination that fits is timed (layer µs under a CUDA graph, and each prefill k
 its output checked against the default config's. Prints default vs best and writes every timing to JSON.
 """
 import argparse
+import contextlib
 import itertools
 import json
 from unittest import mock
 
 import torch
-from triton.testing import do_bench
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import cuda_graph, kernel_times, layer_inputs, write_result
+from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result
 from deco_kernels.cupy import geometry as geo
 from deco_kernels.testing import rel_err
 
@@ -25,20 +25,20 @@ from deco_kernels.testing import rel_err
 KNOBS = dict(LONG_PREFILL_WARPS=[4, 8], m_tiles=[1, 2], UP_STAGES=[2, 3], DOWN_FEATURES=[256, 512, 1024])
 QUICK = dict(LONG_PREFILL_WARPS=[4], m_tiles=[1, 2], UP_STAGES=[2, 3], DOWN_FEATURES=[512])
 TOL = 2e-2  # bf16 outputs of two summation orders (the down projection's atomics add in no fixed order)
+TIMER = GpuTimer(rep_ms=60, warmup_ms=10)
 
 
+@contextlib.contextmanager
 def patched(config: dict, de: int):
-    """A context in which geometry holds ``config`` (m_tiles: M_TILES[de])."""
+    """geometry holding ``config`` (m_tiles: M_TILES[de]) inside the with block."""
     values = {k: v for k, v in config.items() if k != "m_tiles"}
-    stack = mock.patch.multiple(geo, **values)
-    tiles = mock.patch.dict(geo.M_TILES, {de: config["m_tiles"]})
-    return stack, tiles
+    with mock.patch.multiple(geo, **values), mock.patch.dict(geo.M_TILES, {de: config["m_tiles"]}):
+        yield
 
 
 def measure(x, w, config: dict, de: int, reference) -> dict:
     """Layer µs (CUDA graph), per-kernel µs and the error against ``reference`` under ``config``."""
-    stack, tiles = patched(config, de)
-    with stack, tiles:
+    with patched(config, de):
         T = x.shape[0]
         tile = geo.expert_tile(x.dtype, de, geo.prefill_warps(T, x.dtype, de))
         if config["LONG_PREFILL_WARPS"] != tile["warps"] or config["m_tiles"] != tile["mt"]:
@@ -50,8 +50,7 @@ def measure(x, w, config: dict, de: int, reference) -> dict:
             err = rel_err(y, reference) if reference is not None else 0.0
             if err > TOL:
                 return dict(error=f"output differs from the default config's by {err:.2e}")
-            graph, _ = cuda_graph(call)
-            us = do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3
+            us = TIMER(call, graph=True)
             kernels = {k: v for k, v in kernel_times(call).items() if k.startswith("deco_")}
             return dict(us=us, kernels_us=kernels, err=err)
         except Exception as exc:  # noqa: BLE001  (a config that fails to compile or launch is recorded)

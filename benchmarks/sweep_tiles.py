@@ -15,10 +15,9 @@ import json
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 from deco_kernels import DecoConfig, layout
-from deco_kernels.benchmark import layer_inputs, write_result
+from deco_kernels.benchmark import GpuTimer, layer_inputs, write_result
 from deco_kernels.triton import ffn
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
@@ -29,15 +28,7 @@ SMALL_DOT = [dict(split_k=[1, 2, 3, 4, 6], block_k=[64, 128, 256]), dict(rows=[3
 GROUPED = [dict(router_block_t=[16, 32, 64]),
            dict(block_m=[64, 128], block_k=[64, 128]),
            dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]
-
-
-def graph_us(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3
+TIMER = GpuTimer(rep_ms=60, warmup_ms=10)  # every timing here is a CUDA-graph replay: TIMER(fn, graph=True)
 
 
 def layer_runner(x, w, bias, T, n):
@@ -74,13 +65,14 @@ def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
                                           g, mu)
     acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
     grid = (n, triton.cdiv(T, block_m))
-    return graph_us(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d))
+    return TIMER(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d),
+                 graph=True)
 
 
 def sweep(run, base, groups, T, results):
     best_cfg, best_us = dict(base), None
     try:
-        best_us = graph_us(lambda: run(best_cfg))
+        best_us = TIMER(lambda: run(best_cfg), graph=True)
     except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
         print("default failed", type(e).__name__, str(e)[:200])
     default_us = best_us
@@ -89,7 +81,7 @@ def sweep(run, base, groups, T, results):
         for values in itertools.product(*group.values()):
             cfg = {**best_cfg, **dict(zip(keys, values))}
             try:
-                us = graph_us(lambda: run(cfg))
+                us = TIMER(lambda: run(cfg), graph=True)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is skipped
                 print("fail", cfg, type(e).__name__, str(e)[:120])
                 us = None

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_layer
+from conftest import DEVICES, make_layer
 from deco_kernels import backends, ops
 from deco_kernels import reference as R
 from deco_kernels._validate import SAME_DTYPE_AS_X, WEIGHT_NAMES
@@ -352,11 +352,9 @@ def test_dense_swiglu_equals_reference(dtype):
     torch.testing.assert_close(y.to(ref.dtype), ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_swiglu_fp32_is_the_layer_in_fp32(dtype, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     x, w = layer(dtype, T=37)
     x, w = x.to(device), {k: v.to(device) for k, v in w.items()}
     args = (x, w["ws_gate"], w["ws_up"], w["ws_down"])

@@ -359,8 +359,8 @@ __device__ __forceinline__ void load_tile(T* dst, int ss, const T* base, RowOff 
 // thread's rows are resolved once (a global pointer per row, null for an invalid one, and the shared address of
 // its chunk in the first row), so each K step adds only k0 and a stage offset instead of reloading and
 // re-checking every row's 64-bit offset. Same thread-to-chunk map as load_tile; a pointer per row costs two
-// registers, hence at most 8 rows per thread.
-template <typename T, int R, int KC, int NTH>
+// registers, hence at most 8 rows per thread. SS: the shared tile's row stride in elements.
+template <typename T, int R, int KC, int NTH, int SS>
 struct TileCopy {
     static constexpr int E = 16 / sizeof(T), CPR = KC / E, STEP = NTH / CPR, ROWS = R / STEP;
     static_assert(KC % E == 0 && NTH % CPR == 0 && R % STEP == 0, "TileCopy: the threads do not tile the rows");
@@ -370,24 +370,24 @@ struct TileCopy {
     unsigned dst;  // shared address of row r0, chunk c, in a tile that starts at shared address 0
     int col;
     template <typename RowOff>
-    __device__ __forceinline__ TileCopy(const T* base_, RowOff off, int ss) : base(base_) {
+    __device__ __forceinline__ TileCopy(const T* base_, RowOff off) : base(base_) {
         const int r0 = threadIdx.x / CPR;
         col = threadIdx.x % CPR * E;
-        dst = (unsigned)((r0 * ss + col) * (int)sizeof(T));
+        dst = (unsigned)((r0 * SS + col) * (int)sizeof(T));
 #pragma unroll
         for (int j = 0; j < ROWS; ++j) {
             const long long o = off(r0 + j * STEP);
             src[j] = o >= 0 ? base + o + col : nullptr;
         }
     }
-    // Copies columns [k0, k0 + KC) of every row into the tile at shared address `tile` (row stride ss elements,
-    // as given to the constructor); zeros for invalid rows and columns >= K (K a multiple of E).
-    __device__ __forceinline__ void issue(unsigned tile, int ss, int k0, int K) const {
+    // Copies columns [k0, k0 + KC) of every row into the tile at shared address `tile`; zeros for invalid rows
+    // and columns >= K (K a multiple of E).
+    __device__ __forceinline__ void issue(unsigned tile, int k0, int K) const {
         const bool k_in = k0 + col < K;
 #pragma unroll
         for (int j = 0; j < ROWS; ++j) {
             const bool valid = k_in && src[j] != nullptr;
-            cp_async16(tile + dst + (unsigned)(j * STEP * ss * (int)sizeof(T)), valid ? src[j] + k0 : base, valid);
+            cp_async16(tile + dst + (unsigned)(j * STEP * SS * (int)sizeof(T)), valid ? src[j] + k0 : base, valid);
         }
     }
 };
@@ -424,12 +424,12 @@ __device__ void gemm_global(float (&acc)[MT][NT][4], const AT* A, AOff a_off, co
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[mt][nt][j] = 0.0f;
     const int nk = (K + BK - 1) / BK;
-    const TileCopy<AT, BM, BK, NTH> copy_a(A, a_off, SA);  // the gathered rows, resolved once
+    const TileCopy<AT, BM, BK, NTH, SA> copy_a(A, a_off);  // the gathered rows, resolved once
     const unsigned smem0 = smem_u32(smem);
     auto load = [&](int kt, int stage) {
         unsigned char* st = smem + stage * STAGE;
         if (vec)
-            copy_a.issue(smem0 + (unsigned)(stage * STAGE), SA, kt * BK, K);
+            copy_a.issue(smem0 + (unsigned)(stage * STAGE), kt * BK, K);
         else
             load_tile<AT, BM, BK, NTH>(reinterpret_cast<AT*>(st), SA, A, a_off, kt * BK, K, false);
         load_tile<BT, NT * 8, BK, NTH>(reinterpret_cast<BT*>(st + BM * SA * sizeof(AT)), SB, B, b_off, kt * BK, K,
