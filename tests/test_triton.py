@@ -328,3 +328,60 @@ def test_auto_never_picks_the_interpreter_for_cpu_tensors():
     assert backends.resolve("auto", x.device) == "torch"
     if HAS_CUDA:
         assert backends.resolve("auto", torch.device("cuda")) == "triton"
+
+
+def stationary_cfg(**kw):
+    return {**triton_ffn.grouped_config(65, "stationary"), "tile_m": 32, "chunk": 16, "block_d": 16, **kw}
+
+
+@pytest.mark.parametrize("T", [65, 130])
+@pytest.mark.parametrize("active", [0.3, "none", "all", "one"])
+@pytest.mark.parametrize("cfg", [stationary_cfg(), stationary_cfg(tile_m=16, block_d=32)], ids=["tile32", "tile16"])
+def test_stationary_down(triton_device, monkeypatch, T, active, cfg):
+    """The output-stationary down kernel: tiles of 32 / 16 tokens whose last one is partial (T = 65, 130),
+    d = 40 in feature blocks with a tail, and experts with more pairs in a tile than one 16-row chunk ("all",
+    "one": the overflow loop). Writes y itself, so a row it missed stays NaN."""
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: cfg)
+    down = _LaunchSpy(triton_ffn._stationary_down_kernel)
+    monkeypatch.setattr(triton_ffn, "_stationary_down_kernel", down)
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T + 3, active=active, hot_expert=5)
+    check(x, w)
+    check(x, w, bias=0.2, max_active=3)
+    assert len(down.launches) == 2 and down.launches[0]["TILE_M"] == cfg["tile_m"]
+
+
+def test_stationary_down_repeats_bit_for_bit(triton_device, monkeypatch):
+    """No atomics: two calls give identical outputs."""
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: stationary_cfg())
+    x, w = make_layer(100, 40, 13, 16, 24, device=triton_device, seed=8, active=0.4)
+    y1, y2 = (ops.deco_ffn(x, **w, backend="triton") for _ in range(2))
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None)
+@given(preset=st.sampled_from(sorted(PRESET_LAYERS)),
+       T=st.sampled_from([65, 300, 1000, 4096]),
+       active=st.sampled_from([0.05, 0.2, 0.5, "none", "all", "one"]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_gpu_presets_stationary_down(preset, T, active, dtype, seed):
+    """The stationary down kernel at preset sizes, its default tiles; then twice more: bit-for-bit equal."""
+    d, n, de, ds = PRESET_LAYERS[preset]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=active)
+    with pytest.MonkeyPatch.context() as mp:
+        poison_outputs(mp, triton_ffn)
+        mp.setattr(triton_ffn, "config_for", lambda *a, **k: triton_ffn.grouped_config(T, "stationary"))
+        y, _, y_ref, _ = run_both(x, w)
+        assert_rel_close(y, y_ref.to(dtype), 1e-2 if dtype == torch.bfloat16 else 1e-5, "y")
+        with torch.no_grad():
+            assert all(torch.equal(ops.deco_ffn(x, **w, backend="triton"), y) for _ in range(2))
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets_stationary_down(monkeypatch):
+    monkeypatch.setattr(triton_ffn, "config_for", lambda *a, **k: triton_ffn.grouped_config(65, "stationary"))
+    x, w = far_apart_rows(65)
+    y, _, y_ref, _ = run_both(x, w)
+    assert_rel_close(y, y_ref.to(y.dtype), 1e-2, "y")
