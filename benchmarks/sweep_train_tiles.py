@@ -24,10 +24,6 @@ GATHER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_K=[32, 64, 1
 SCATTER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_C=[32, 64, 128, 256])]
 KNOBS = {"up": GATHER, "y_scatter": SCATTER, "bwd": GATHER, "dx_scatter": SCATTER,
          "wgrad": [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_C=[64, 128, 256])]}
-# --stationary: the two pair sums on the output-stationary kernel (TILES["pair_sum"]), its knobs only.
-STATIONARY_KNOBS = {"pair_sum": [dict(GATHER_INPUT=[False, True]), dict(TILE_M=[32, 64, 128], BLOCK_D=[64, 128]),
-                                 dict(CHUNK=[16, 32, 64]),
-                                 dict(num_warps=[4, 8], num_stages=[2, 3])]}
 # bf16 gradients of two summation orders: the norm-wise error, and the largest element's error over the largest
 # element (an error confined to a few rows or pairs would hide in the norm).
 GRAD_TOL, GRAD_MAX_TOL = 2e-2, 5e-2
@@ -95,20 +91,11 @@ def main():
     p.add_argument("--preset", nargs="+", default=["1.2b"])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--out", default=None)
-    p.add_argument("--stationary", action="store_true",
-                   help="sweep the output-stationary pair sums from their defaults (and time the atomic default)")
     args = p.parse_args()
     out = []
     for preset in args.preset:
         step, grads = layer_step(DecoConfig.preset(preset), args.tokens)
-        if args.stationary:
-            atomic = sweep(step, grads, knobs={})["default_us"]
-            with mock.patch.dict(training.TILES, {"pair_sum": {**training.TILES["pair_sum"], "stationary": True}}):
-                result = dict(preset=preset, T=args.tokens, atomic_default_us=atomic,
-                              **sweep(step, grads, knobs=STATIONARY_KNOBS))
-            print(f"{preset} T={args.tokens}: atomic pair sums {atomic:.1f} µs")
-        else:
-            result = dict(preset=preset, T=args.tokens, **sweep(step, grads))
+        result = dict(preset=preset, T=args.tokens, **sweep(step, grads))
         print(f"{preset} T={args.tokens}: default {result['default_us']:.1f} µs, best {result['best_us']:.1f} µs "
               f"with {json.dumps(result['best'])}")
         out.append(result)

@@ -336,8 +336,7 @@ def stationary_cfg(**kw):
 
 @pytest.mark.parametrize("T", [65, 130])
 @pytest.mark.parametrize("active", [0.3, "none", "all", "one"])
-@pytest.mark.parametrize("cfg", [stationary_cfg(), stationary_cfg(tile_m=16, block_d=32, gather="input")],
-                         ids=["tile32", "tile16-gather-input"])
+@pytest.mark.parametrize("cfg", [stationary_cfg(), stationary_cfg(tile_m=16, block_d=32)], ids=["tile32", "tile16"])
 def test_stationary_down(triton_device, monkeypatch, T, active, cfg):
     """The output-stationary down kernel: tiles of 32 / 16 tokens whose last one is partial (T = 65, 130),
     d = 40 in feature blocks with a tail, and experts with more pairs in a tile than one 16-row chunk ("all",

@@ -192,33 +192,14 @@ def test_double_backward_raises_instead_of_dropping_the_routed_part(triton_devic
         gx.pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("stationary", [False, True], ids=["atomic", "stationary"])
-def test_other_tiles(triton_device, monkeypatch, stationary):
+def test_other_tiles(triton_device, monkeypatch):
     # Every launch takes its tiles from training.TILES (what benchmarks/sweep_train_tiles.py varies). Small ones
-    # give several pair blocks per expert and a partial last column step (d = 40 with BLOCK_C = 32); the
-    # stationary pair sums get 16-token tiles (the last one partial) and 16-row chunks.
-    small = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=32, num_warps=4, stationary=stationary, TILE_M=16, BLOCK_D=32,
-                 CHUNK=16, GATHER_INPUT=stationary, num_stages=2)
+    # give several pair blocks per expert and a partial last column step (d = 40 with BLOCK_C = 32).
+    small = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=32, num_warps=4)
     for key, tiles in list(training.TILES.items()):
         monkeypatch.setitem(training.TILES, key, {k: small[k] for k in tiles})
     x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=9, active=0.5)
     check(x, w)
-
-
-def stationary_sums(monkeypatch, **tiles):
-    """Route the training path's two pair sums (y, dx) through the output-stationary kernel."""
-    monkeypatch.setitem(training.TILES, "pair_sum", {**training.TILES["pair_sum"], "stationary": True,
-                                                     "TILE_M": 32, "CHUNK": 16, "BLOCK_D": 32, **tiles})
-
-
-@pytest.mark.parametrize("T, active", [(1, 0.5), (17, "none"), (40, "all"), (65, "one"), (70, 0.3)])
-def test_stationary_pair_sums(triton_device, monkeypatch, T, active):
-    """Gradients with the stationary y and dx sums: "all" and "one" put more pairs of an expert in a 32-token
-    tile than one 16-row chunk holds (the overflow loop); T = 40, 65, 70 end in partial tiles."""
-    stationary_sums(monkeypatch)
-    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T + 2, active=active, hot_expert=4)
-    check(x, w, seed=T)
-    check(x, w, seed=T, bias=0.2, max_active=3)
 
 
 def test_train_tile_sweep_keeps_the_fastest_correct_tiles(triton_device):
@@ -371,40 +352,6 @@ def test_gpu_presets_grads(preset, T, active, dtype, seed):
     _, g64 = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()}, return_gates=True)
     assume(torch.equal(g32 > 0, g64 > 0))
     check(x, w, tol=1e-2 if dtype == torch.bfloat16 else 1e-5, seed=seed)
-
-
-@pytest.mark.gpu
-@settings(max_examples=6, deadline=None)
-@given(preset=st.sampled_from(sorted(PRESET_LAYERS)),
-       T=st.sampled_from([65, 300, 1024, 4096]),
-       active=st.sampled_from([0.05, 0.2, "all", "one"]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
-       seed=st.integers(0, 2**16))
-def test_gpu_presets_grads_stationary_sums(preset, T, active, dtype, seed):
-    d, n, de, ds = PRESET_LAYERS[preset]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=active)
-    _, g32 = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, return_gates=True)
-    _, g64 = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()}, return_gates=True)
-    assume(torch.equal(g32 > 0, g64 > 0))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(training.TILES, "pair_sum", {**training.TILES["pair_sum"], "stationary": True})
-        check(x, w, tol=1e-2 if dtype == torch.bfloat16 else 1e-5, seed=seed)
-
-
-@pytest.mark.gpu
-def test_gpu_stationary_sums_repeat_bit_for_bit(monkeypatch):
-    monkeypatch.setitem(training.TILES, "pair_sum", {**training.TILES["pair_sum"], "stationary": True})
-    x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.bfloat16, device="cuda", seed=9, active=0.2)
-    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
-    runs = []
-    for _ in range(3):
-        xr, wr = x.clone().requires_grad_(), {k: v.clone().requires_grad_() for k, v in w.items()}
-        y, g, dt = grads(xr, wr, cy, "both", "triton")
-        runs.append({"y": y.detach(), **dt})
-    for run in runs[1:]:
-        for name in run:
-            assert torch.equal(run[name], runs[0][name]), name
 
 
 @pytest.mark.gpu

@@ -102,12 +102,11 @@ def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g
 def _group_gates(gt, tile=0):
     """The tokens of each expert from the transposed gates gt [N, T] (fp32): tokens [N, T] and counts [N] (int32),
     expert e's tokens in token order in tokens[e, :counts[e]]; with tile > 0 also starts [N, cdiv(T, tile) + 1]
-    (int64), e * T + expert e's slots before each tile of `tile` tokens (the stationary down kernel's row table,
-    see stationary_down), else None."""
+    (int32), expert e's slots before each tile of `tile` tokens (the stationary down kernel's table), else None."""
     n, T = gt.shape
     tokens = _empty(n, T, device=gt.device, dtype=torch.int32)
     counts = _empty(n, device=gt.device, dtype=torch.int32)
-    starts = _empty(n, cdiv(T, tile) + 1, device=gt.device, dtype=torch.int64) if tile else None
+    starts = _empty(n, cdiv(T, tile) + 1, device=gt.device, dtype=torch.int32) if tile else None
     _group_kernel[(n,)](gt, tokens, counts, counts if starts is None else starts, T, TILE=tile, BLOCK=1024)
     return tokens, counts, starts
 
@@ -195,8 +194,7 @@ def grouped_config(T: int, down: str | None = None) -> dict:
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection. Two
     down-projections: the atomic one (_grouped_down_kernel, no "down" key) and down="stationary"
-    (_stationary_down_kernel: tile_m tokens per program, expert products of chunk rows, gathered to the tokens'
-    rows as products or, gather="input", as activations). `down` picks the
+    (_stationary_down_kernel: tile_m tokens per program, expert products of chunk rows). `down` picks the
     regime's defaults (None: the default regime at T)."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
     # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
@@ -207,7 +205,7 @@ def grouped_config(T: int, down: str | None = None) -> dict:
         cfg = dict(router_block_t=64, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
                    down_stages=3)
     if down == "stationary":
-        cfg.update(down="stationary", tile_m=64, chunk=32, gather="output", block_d=128, down_warps=4, down_stages=3)
+        cfg.update(down="stationary", tile_m=64, chunk=32, block_d=128, down_warps=4, down_stages=3)
     return cfg
 
 
@@ -231,27 +229,15 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     if stationary:
-        tiles = dict(TILE_M=cfg["tile_m"], BLOCK_D=cfg["block_d"], CHUNK=cfg["chunk"],
-                     GATHER_INPUT=cfg["gather"] == "input", num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
-        stationary_down(act.view(n * T, de), w["w_down"], (n * de, 1), gt, starts, acc, y, tiles)
+        _stationary_down_kernel[(cdiv(T, cfg["tile_m"]), cdiv(d, cfg["block_d"]))](
+            act, w["w_down"], gt, starts, acc, y, T, n, d, n * de, 1, y.stride(0), DE=de, PREC=prec,
+            TILE_M=cfg["tile_m"], BLOCK_D=cfg["block_d"], CHUNK=cfg["chunk"], num_warps=cfg["down_warps"],
+            num_stages=cfg["down_stages"])
         return
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     y.copy_(acc)
-
-
-def stationary_down(a, w, w_strides, gates_t, starts, seed, out, tiles):
-    """out [T, C] = seed [T, C] (fp32) + for each token t the sum over its experts e of a[pair (t, e)] @ W_e^T,
-    with the output-stationary kernel (no atomics): a [rows, de] holds expert e's pairs in token order,
-    tile j's (of tiles["TILE_M"] tokens) at rows starts[e, j] .. starts[e, j + 1] - 1; W_e[c, i] at
-    w[c * w_strides[0] + (e * de + i) * w_strides[1]]; gates_t [N, T] (a view: any strides) is > 0 where t
-    uses e. The prefill's down-projection and the training path's two pair sums (y and dx) go through here."""
-    T, C = out.shape
-    n, de = gates_t.shape[0], a.shape[1]
-    grid = (cdiv(T, tiles["TILE_M"]), cdiv(C, tiles["BLOCK_D"]))
-    _stationary_down_kernel[grid](a, w, gates_t, gates_t.stride(0), gates_t.stride(1), starts, seed, out, T, n, C,
-                                  *w_strides, out.stride(0), DE=de, PREC=_precision(a.dtype), **tiles)
 
 
 def check_expert_width(de: int) -> None:

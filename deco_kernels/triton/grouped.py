@@ -26,10 +26,9 @@ from ._jit import norm_silu_gate
 
 @triton.jit
 def _group_kernel(gt_ptr, tok_ptr, count_ptr, start_ptr, T, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """With TILE > 0 also the row table of the stationary down kernel (int64): start[e, j] = e * T + expert e's
-    slots before token j * TILE, for j = 0..cdiv(T, TILE) (the last entry is e * T + count[e]), so tile j's
-    pairs of e are the rows start[e, j] .. start[e, j + 1] - 1 of the [N * T, DE] activations (slots are in
-    token order)."""
+    """With TILE > 0 also the slot table of the stationary down kernel: start[e, j] = expert e's slots before
+    token j * TILE for j = 0..cdiv(T, TILE) (the last entry is count[e]), so tile j's pairs of e are the slots
+    start[e, j] .. start[e, j + 1] - 1 (slots are in token order)."""
     e = tl.program_id(0).to(tl.int64)
     base = 0
     for t0 in range(0, T, BLOCK):
@@ -38,12 +37,12 @@ def _group_kernel(gt_ptr, tok_ptr, count_ptr, start_ptr, T, TILE: tl.constexpr, 
         before = tl.cumsum(active, axis=0) - active
         tl.store(tok_ptr + e * T + base + before, ts, mask=active > 0)
         if TILE > 0:
-            tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + ts // TILE, e * T + base + before,
+            tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + ts // TILE, base + before,
                      mask=(ts % TILE == 0) & (ts < T))
         base += tl.sum(active, axis=0)
     tl.store(count_ptr + e, base)
     if TILE > 0:
-        tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + tl.cdiv(T, TILE), e * T + base)
+        tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + tl.cdiv(T, TILE), base)
 
 
 @triton.jit
@@ -121,46 +120,34 @@ def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
 
 
 @triton.jit
-def _stationary_chunk(acc, a_ptr, w_ptr, mask_ptr, stride_me, stride_mt, e64, first, count, c0, rows, rmask, cols,
-                      cmask, stride_wc, stride_wi, DE: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
-                      GATHER_INPUT: tl.constexpr):
-    """acc [TILE_M, BLOCK_D] + the product of expert e's pairs c0 .. c0 + CHUNK - 1 of this tile (rows first + c0
-    .. of a, count of them in the tile) with W_e, each product row added to the row of its token. GATHER_INPUT
-    moves the pairs' activation rows to their tokens' rows first ([TILE_M, DE], zero elsewhere) and multiplies
-    the whole tile (TILE_M / CHUNK times the MMA work, DE / BLOCK_D the gathered elements); else the [CHUNK,
-    BLOCK_D] product is gathered."""
-    active = tl.load(mask_ptr + e64 * stride_me + rows * stride_mt, mask=rmask, other=0.0) > 0
-    # Pairs are in token order: the i-th active row of the tile holds the tile's i-th pair of e.
+def _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, c0, rows, rmask, cols, cmask, T, stride_wc,
+                      stride_wi, DE: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr):
+    """acc [TILE_M, BLOCK_D] + the product of expert e's pairs c0 .. c0 + CHUNK - 1 of this tile (slots first + c0
+    .., of count in the tile) with W_e, each product row added to the row of its token."""
+    active = tl.load(gt_ptr + e64 * T + rows, mask=rmask, other=0.0) > 0
+    # Slots are in token order: the i-th active row of the tile holds the tile's i-th pair of e.
     slot = tl.cumsum(active.to(tl.int32), axis=0) - 1 - c0
     take = active & (slot >= 0) & (slot < CHUNK)
     ps = c0 + tl.arange(0, CHUNK)
-    a = tl.load(a_ptr + (first + ps)[:, None] * DE + tl.arange(0, DE)[None, :], mask=(ps < count)[:, None],
-                other=0.0)
+    a = tl.load(a_ptr + (e64 * T + first + ps.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
+                mask=(ps < count)[:, None], other=0.0)
     w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + ((e64 * DE + tl.arange(0, DE)) * stride_wi)[None, :],
                 mask=cmask[:, None], other=0.0)
-    if GATHER_INPUT:
-        src = tl.broadcast_to(tl.where(take, slot, 0)[:, None], (acc.shape[0], DE))
-        a_tile = tl.where(take[:, None], tl.gather(a, src, axis=0), 0.0).to(a.dtype)
-        return acc + tl.dot(a_tile, tl.trans(w), input_precision=PREC)
     prod = tl.dot(a, tl.trans(w), input_precision=PREC)
     rows_of_prod = tl.broadcast_to(tl.where(take, slot, 0)[:, None], acc.shape)
     return acc + tl.where(take[:, None], tl.gather(prod, rows_of_prod, axis=0), 0.0)
 
 
 @triton.jit
-def _stationary_down_kernel(a_ptr, w_ptr, mask_ptr, stride_me, stride_mt, start_ptr, seed_ptr, out_ptr, T, N, C,
-                            stride_wc, stride_wi, stride_ot, DE: tl.constexpr, PREC: tl.constexpr,
-                            TILE_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                            GATHER_INPUT: tl.constexpr):
-    """out[tile, block] = seed[tile, block] + sum over experts e of a[e's pairs in the tile] @ W_e^T, one program
-    per (tile of TILE_M tokens, block of BLOCK_D of the C output columns); W_e[c, i] at w_ptr + c*stride_wc +
-    (e*DE + i)*stride_wi; token t uses expert e where mask[e*stride_me + t*stride_mt] > 0 (the gates); tile j's
-    pairs of e are the rows start[e, j] .. start[e, j+1] - 1 of a (see _group_kernel); seed [T, C] fp32.
-    Output-stationary: the sum runs in registers, expert by expert in a fixed order, and is written once, so there
-    are no atomics and results repeat bit for bit. Each expert's product has CHUNK rows (its pairs in the tile,
-    usually far fewer than TILE_M) and reaches the token rows through tl.gather (or, GATHER_INPUT, its activation
-    rows do; see _stationary_chunk); an expert with more than CHUNK pairs in the tile takes further chunks after
-    the main loop.
+def _stationary_down_kernel(a_ptr, w_ptr, gt_ptr, start_ptr, seed_ptr, y_ptr, T, N, C, stride_wc, stride_wi,
+                            stride_yt, DE: tl.constexpr, PREC: tl.constexpr, TILE_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """y[tile, block] = seed[tile, block] + sum over experts e of a[e's pairs in the tile] @ W_e^T, one program per
+    (tile of TILE_M tokens, block of BLOCK_D of the C output columns); W_e[c, i] at w_ptr + c*stride_wc +
+    (e*DE + i)*stride_wi. Output-stationary: the sum runs in registers, expert by expert in a fixed order, and is
+    written once, so there are no atomics and results repeat bit for bit. Each expert's product has CHUNK rows
+    (its pairs in the tile, usually far fewer than TILE_M) and reaches the token rows through tl.gather; an
+    expert with more than CHUNK pairs in the tile takes further chunks after the main loop.
     Bytes: every program reads every expert's [BLOCK_D, DE] block of W, so W is read cdiv(T, TILE_M) times
     (from L2); the gathers move TILE_M * BLOCK_D elements per expert, T * C * N in all."""
     tile = tl.program_id(0)
@@ -168,25 +155,24 @@ def _stationary_down_kernel(a_ptr, w_ptr, mask_ptr, stride_me, stride_mt, start_
     rmask = rows < T
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < C
-    rows64 = rows.to(tl.int64)
-    acc = tl.load(seed_ptr + rows64[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    acc = tl.load(seed_ptr + out, mask=rmask[:, None] & cmask[None, :], other=0.0)
     per_expert = tl.cdiv(T, TILE_M) + 1
     most = 0
     for e in range(0, N):
         e64 = tl.cast(e, tl.int64)
         first = tl.load(start_ptr + e64 * per_expert + tile)
-        count = (tl.load(start_ptr + e64 * per_expert + tile + 1) - first).to(tl.int32)
+        count = tl.load(start_ptr + e64 * per_expert + tile + 1) - first
         most = tl.maximum(most, count)
-        acc = _stationary_chunk(acc, a_ptr, w_ptr, mask_ptr, stride_me, stride_mt, e64, first, count, 0, rows64,
-                                rmask, cols, cmask, stride_wc, stride_wi, DE, PREC, CHUNK, GATHER_INPUT)
+        acc = _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, 0, rows, rmask, cols, cmask, T,
+                                stride_wc, stride_wi, DE, PREC, CHUNK)
     if most > CHUNK:
         for e in range(0, N):
             e64 = tl.cast(e, tl.int64)
             first = tl.load(start_ptr + e64 * per_expert + tile)
-            count = (tl.load(start_ptr + e64 * per_expert + tile + 1) - first).to(tl.int32)
+            count = tl.load(start_ptr + e64 * per_expert + tile + 1) - first
             for c0 in range(CHUNK, count, CHUNK):
-                acc = _stationary_chunk(acc, a_ptr, w_ptr, mask_ptr, stride_me, stride_mt, e64, first, count, c0,
-                                        rows64, rmask, cols, cmask, stride_wc, stride_wi, DE, PREC, CHUNK,
-                                        GATHER_INPUT)
-    tl.store(out_ptr + rows64[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                acc = _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, c0, rows, rmask, cols,
+                                        cmask, T, stride_wc, stride_wi, DE, PREC, CHUNK)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])

@@ -27,8 +27,7 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
                                    over the expert's pairs: deterministic, every expert written
 Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
-prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it). With
-TILES["pair_sum"]["stationary"] both sums run ffn.stationary_down instead (no atomics, repeatable bit for bit).
+prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
 The shared expert runs through torch (cuBLAS) and its own autograd; its output seeds y's fp32 accumulator
 inside the op, so y is rounded once, exactly as in inference.
 
@@ -65,10 +64,6 @@ TILES = {
     "bwd": dict(BLOCK_M=64, BLOCK_K=128, num_warps=8),        # _pair_bwd_kernel
     "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
-    # With stationary=True the two pair sums (y, dx) run the output-stationary kernel (ffn.stationary_down, no
-    # atomics, bit-for-bit repeatable) with these tiles instead of _pair_scatter_kernel.
-    "pair_sum": dict(stationary=False, TILE_M=64, BLOCK_D=128, CHUNK=32, GATHER_INPUT=False, num_warps=4,
-                     num_stages=3),
 }
 
 
@@ -223,40 +218,6 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
-def _stationary() -> dict | None:
-    """The output-stationary kernel's tiles when TILES selects it for the pair sums, else None."""
-    tiles = dict(TILES["pair_sum"])
-    return tiles if tiles.pop("stationary") else None
-
-
-def _pair_rows(g, offsets, tile: int):
-    """The stationary kernel's row table of the flat pair buffers, from the gates g [T, N]: starts[e, j] =
-    offsets[e] + expert e's pairs before token j * tile (int64 [N, cdiv(T, tile) + 1]). The forward gets it from
-    the group kernel; the backward rebuilds it (a few small ops) rather than saving it through the custom op."""
-    T, n = g.shape
-    tiles = ffn.cdiv(T, tile)
-    active = torch.zeros(tiles * tile, n, device=g.device, dtype=torch.int64)
-    active[:T] = g > 0
-    starts = offsets[:-1].long()[:, None].repeat(1, tiles + 1)
-    starts[:, 1:] += active.view(tiles, tile, n).sum(1).t().cumsum(1)
-    return starts
-
-
-def _pair_sum(launch, a, w, w_strides, pair_tok, offsets, gates_t, starts, acc, T, C):
-    """acc [T, C] (fp32, seeded) + every pair's a[p] @ W_e^T added into its token's row, in a's dtype: with the
-    stationary kernel (gates_t [N, T] any strides, starts its row table) or with fp32 atomics (TILES[launch])."""
-    n, de = offsets.shape[0] - 1, a.shape[1]
-    stationary = _stationary()
-    if stationary is not None:
-        out = ffn._empty(T, C, device=a.device, dtype=a.dtype)
-        ffn.stationary_down(a, w, w_strides, gates_t, starts, acc, out, stationary)
-        return out
-    tiles = TILES[launch]
-    _pair_scatter_kernel[_pair_grid(n, T, tiles)](a, w, *w_strides, pair_tok, offsets, acc, T, C, DE=de,
-                                                   PREC=ffn._precision(a.dtype), **tiles)
-    return acc.to(a.dtype)
-
-
 def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active,
              gates=None):
     """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], pair_tok [P],
@@ -270,32 +231,25 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
     acc = shared.to(f32, copy=True)                       # the shared expert seeds the fp32 accumulator
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
-    stationary = _stationary()
-    tile = stationary["TILE_M"] if stationary else 0
-    starts = None
     if T > 0:
         if gates is None:
-            gt, tokens, counts, starts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold,
-                                                              max_active, g, mu, tile=tile)
+            _, tokens, counts, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
         else:
             g.copy_(gates)
             torch.mv(x.float(), wbar, out=mu)
-            gt = g.t().contiguous()
-            tokens, counts, starts = ffn._group_gates(gt, tile)
+            tokens, counts, _ = ffn._group_gates(g.t().contiguous())
         torch.cumsum(counts, 0, out=offsets[1:])
-        if starts is not None:  # rows of the [N * T] layout -> rows of the flat pair buffers
-            starts += (offsets[:-1].long() - torch.arange(n, device=dev) * T)[:, None]
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
     h = ffn._empty(P, de, device=dev, dtype=f32)
     if P > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
-        up = TILES["up"]
+        up, scatter = TILES["up"], TILES["y_scatter"]
         _train_up_kernel[_pair_grid(n, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
                                                T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
-        y = _pair_sum("y_scatter", a, w_down, (n * de, 1), pair_tok, offsets, gt, starts, acc, T, d)
-        return y, g, mu, offsets, pair_tok, h, wbar
+        _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                                         DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
@@ -350,9 +304,9 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dx = dmu[:, None] * wbar  # seeds dx's fp32 accumulator
     dwbar, dw_router = _router_grads(x, dr, dmu, w_router, dx)
     dgates = none if has_router else dr  # without a router, the caller's autograd owns it: dL/dg is dr
-    stationary = _stationary()
-    starts = _pair_rows(g, offsets, stationary["TILE_M"]) if stationary else None
-    dx = _pair_sum("dx_scatter", dh, w_up, (1, d), pair_tok, offsets, g.t(), starts, dx, T, d)
+    scatter = TILES["dx_scatter"]
+    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+                                                     DE=de, PREC=prec, **scatter)
 
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
@@ -365,7 +319,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     # Fixed-order sums of the per-program partials: deterministic.
     dgamma = dgamma_part.sum(0).to(gamma.dtype)
     dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
-    return dx, dw_router, dscale, dw_up, dgamma, dw_down, dgates
+    return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
 # ---------------------------------------------------------------------------------------------------------
