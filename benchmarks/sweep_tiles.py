@@ -28,9 +28,6 @@ SMALL_DOT = [dict(split_k=[1, 2, 3, 4, 6], block_k=[64, 128, 256]), dict(rows=[3
 GROUPED = [dict(router_block_t=[16, 32, 64]),
            dict(block_m=[64, 128], block_k=[64, 128]),
            dict(up_warps=[4, 8], up_stages=[2, 3, 4]), dict(block_d=[64, 128], down_warps=[4, 8], down_stages=[2, 3])]
-# The output-stationary down-projection (--down stationary): its own knobs, the rest at the grouped defaults.
-STATIONARY = [dict(tile_m=[32, 64, 128], block_d=[64, 128]), dict(chunk=[16, 32, 64]),
-              dict(down_warps=[4, 8], down_stages=[1, 2, 3])]
 TIMER = GpuTimer(rep_ms=60, warmup_ms=10)  # every timing here is a CUDA-graph replay: TIMER(fn, graph=True)
 
 
@@ -64,8 +61,8 @@ def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
     n = w["w_router"].shape[0]
     g = torch.empty(T, n, device="cuda", dtype=torch.float32)
     mu = torch.empty(T, device="cuda", dtype=torch.float32)
-    _, tokens, counts, _ = ffn._group_by_expert(x, w["w_router"], layout.expert_mean(w["w_up"]), bias, None, 0.0, None,
-                                                g, mu)
+    tokens, counts = ffn._group_by_expert(x, w["w_router"], layout.expert_mean(w["w_up"]), bias, None, 0.0, None,
+                                          g, mu)
     acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
     grid = (n, triton.cdiv(T, block_m))
     return TIMER(lambda: _scatter_only_kernel[grid](tokens, counts, acc, T, d, BLOCK_M=block_m, BLOCK_D=block_d),
@@ -100,8 +97,6 @@ def main():
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 4096])
     p.add_argument("--out", default="sweep.json")
     p.add_argument("--quick", action="store_true", help="sweep only the first group of knobs of each path")
-    p.add_argument("--down", choices=["atomic", "stationary"], default="atomic",
-                   help="prefill: sweep this down-projection's knobs (stationary also times the atomic default)")
     args = p.parse_args()
     model = DecoConfig.preset(args.preset)
     results, summary = [], []
@@ -113,14 +108,12 @@ def main():
             base = ffn.small_batch_config(T, x.dtype)
             groups = SMALL_DOT if base["use_dot"] else SMALL_FMA
         else:
-            base, groups = ffn.grouped_config(T, args.down), GROUPED if args.down == "atomic" else STATIONARY
+            base, groups = ffn.grouped_config(T), GROUPED
         groups = groups[:1] if args.quick else groups
         with torch.no_grad():
             default_us, best_us, best_cfg = sweep(run, base, groups, T, results)
             line = dict(T=T, default_us=default_us, best_us=best_us, best=best_cfg)
-            if T > ffn.SMALL_BATCH_MAX and args.down == "stationary":
-                line["atomic_default_us"] = TIMER(lambda: run(ffn.grouped_config(T, "atomic")), graph=True)
-            elif T > ffn.SMALL_BATCH_MAX:
+            if T > ffn.SMALL_BATCH_MAX:
                 line["scatter_only_us"] = scatter_floor_us(x, w, bias, best_cfg["block_m"], best_cfg["block_d"])
         summary.append(line)
         print(json.dumps(line), flush=True)

@@ -12,7 +12,7 @@ from .. import layout
 from ..autotune import config_for
 from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
-from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel, _stationary_down_kernel
+from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
 from .small_batch import _decode_down_kernel, _union_down_kernel, _up_kernel
 
@@ -88,27 +88,23 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
         SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64)
 
 
-def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None,
-                     tile=0):
-    """Router (gates g, mu) then the tokens of each expert: see _group_gates, whose (tokens, counts, starts) it
-    returns with the transposed gates gt [N, T]. Shared by the prefill and the training forward."""
+def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
+    """Router (gates g, mu) then the tokens of each expert: (tokens [N, T] int32, counts [N] int32), expert e's
+    tokens in token order in tokens[e, :counts[e]]. Shared by the prefill and the training forward."""
     T = x.shape[0]
     n = w_router.shape[0]
     gt = _empty(n, T, device=x.device, dtype=torch.float32)
     _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
-    return (gt, *_group_gates(gt, tile))
+    return _group_gates(gt)
 
 
-def _group_gates(gt, tile=0):
-    """The tokens of each expert from the transposed gates gt [N, T] (fp32): tokens [N, T] and counts [N] (int32),
-    expert e's tokens in token order in tokens[e, :counts[e]]; with tile > 0 also starts [N, cdiv(T, tile) + 1]
-    (int32), expert e's slots before each tile of `tile` tokens (the stationary down kernel's table), else None."""
+def _group_gates(gt):
+    """The tokens of each expert from the transposed gates gt [N, T] (fp32): (tokens [N, T], counts [N])."""
     n, T = gt.shape
     tokens = _empty(n, T, device=gt.device, dtype=torch.int32)
     counts = _empty(n, device=gt.device, dtype=torch.int32)
-    starts = _empty(n, cdiv(T, tile) + 1, device=gt.device, dtype=torch.int32) if tile else None
-    _group_kernel[(n,)](gt, tokens, counts, counts if starts is None else starts, T, TILE=tile, BLOCK=1024)
-    return tokens, counts, starts
+    _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    return tokens, counts
 
 
 def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: bool | None = None) -> dict:
@@ -188,38 +184,29 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
                              BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
 
 
-def grouped_config(T: int, down: str | None = None) -> dict:
+def grouped_config(T: int) -> dict:
     """Default tile config of the prefill path (a tuned cache, deco_kernels.autotune, wins).
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
-    block_k: K step of the up-projection; block_d: output features per step of the down-projection. Two
-    down-projections: the atomic one (_grouped_down_kernel, no "down" key) and down="stationary"
-    (_stationary_down_kernel: tile_m tokens per program, expert products of chunk rows). `down` picks the
-    regime's defaults (None: the default regime at T)."""
+    block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
     # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
     if T <= 1024:
-        cfg = dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
-                   down_stages=3)
-    else:
-        cfg = dict(router_block_t=64, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
-                   down_stages=3)
-    if down == "stationary":
-        cfg.update(down="stationary", tile_m=64, chunk=32, block_d=128, down_warps=4, down_stages=3)
-    return cfg
+        return dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
+                    down_stages=3)
+    return dict(router_block_t=64, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
+                down_stages=3)
 
 
 def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
-    cached = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, w["ws_gate"].shape[0])
-    cfg = cached or grouped_config(T)
-    stationary = cfg.get("down") == "stationary"
+    cfg = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, w["ws_gate"].shape[0]) or grouped_config(T)
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
-    gt, tokens, counts, starts = _group_by_expert(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active,
-                                                  g, mu, cfg["router_block_t"], cfg["tile_m"] if stationary else 0)
+    tokens, counts = _group_by_expert(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu,
+                                      cfg["router_block_t"])
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     block_m = cfg["block_m"]
     grid = (n, cdiv(T, block_m))
@@ -228,12 +215,6 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
                              BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
-    if stationary:
-        _stationary_down_kernel[(cdiv(T, cfg["tile_m"]), cdiv(d, cfg["block_d"]))](
-            act, w["w_down"], gt, starts, acc, y, T, n, d, n * de, 1, y.stride(0), DE=de, PREC=prec,
-            TILE_M=cfg["tile_m"], BLOCK_D=cfg["block_d"], CHUNK=cfg["chunk"], num_warps=cfg["down_warps"],
-            num_stages=cfg["down_stages"])
-        return
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])

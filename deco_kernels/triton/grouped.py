@@ -12,10 +12,6 @@ only the first count[e] rows of expert e are written and read, so time follows t
    BLOCK_D output features at a time, and adds the result into the fp32 output at the tokens' rows with
    atomics (each output element receives one add per active expert of its token: the order of those adds is
    not fixed, so results can differ between runs in the last bits of fp32; tests bound that).
-   Or (config `down="stationary"`) `_stationary_down_kernel`, one program per (tile of TILE_M tokens, block of
-   output features): loops over the experts, adding each one's product for the tile's pairs into a register
-   accumulator, and writes y once: no atomics, and results repeat bit for bit. It reads all of w_down once
-   per token tile (from L2), where the atomic kernel reads it once; the tuner picks between them per bucket.
 Programs of an expert whose tokens end before their block exit at once.
 """
 import triton
@@ -25,24 +21,16 @@ from ._jit import norm_silu_gate
 
 
 @triton.jit
-def _group_kernel(gt_ptr, tok_ptr, count_ptr, start_ptr, T, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """With TILE > 0 also the slot table of the stationary down kernel: start[e, j] = expert e's slots before
-    token j * TILE for j = 0..cdiv(T, TILE) (the last entry is count[e]), so tile j's pairs of e are the slots
-    start[e, j] .. start[e, j + 1] - 1 (slots are in token order)."""
+def _group_kernel(gt_ptr, tok_ptr, count_ptr, T, BLOCK: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
     base = 0
     for t0 in range(0, T, BLOCK):
         ts = t0 + tl.arange(0, BLOCK)
         active = (tl.load(gt_ptr + e * T + ts, mask=ts < T, other=0.0) > 0).to(tl.int32)
-        before = tl.cumsum(active, axis=0) - active
-        tl.store(tok_ptr + e * T + base + before, ts, mask=active > 0)
-        if TILE > 0:
-            tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + ts // TILE, base + before,
-                     mask=(ts % TILE == 0) & (ts < T))
+        pos = base + tl.cumsum(active, axis=0) - 1
+        tl.store(tok_ptr + e * T + pos, ts, mask=active > 0)
         base += tl.sum(active, axis=0)
     tl.store(count_ptr + e, base)
-    if TILE > 0:
-        tl.store(start_ptr + e * (tl.cdiv(T, TILE) + 1) + tl.cdiv(T, TILE), base)
 
 
 @triton.jit
@@ -117,62 +105,3 @@ def _grouped_down_kernel(a_ptr, wd_ptr, tok_ptr, count_ptr, y_ptr, T, N, D,
         a = tl.load(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
                     mask=mmask[:, None], other=0.0)
         _expert_scatter_add(a, toks, mmask, wd_ptr, e64, N * DE, 1, y_ptr, D, DE, PREC, BLOCK_D)
-
-
-@triton.jit
-def _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, c0, rows, rmask, cols, cmask, T, stride_wc,
-                      stride_wi, DE: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr):
-    """acc [TILE_M, BLOCK_D] + the product of expert e's pairs c0 .. c0 + CHUNK - 1 of this tile (slots first + c0
-    .., of count in the tile) with W_e, each product row added to the row of its token."""
-    active = tl.load(gt_ptr + e64 * T + rows, mask=rmask, other=0.0) > 0
-    # Slots are in token order: the i-th active row of the tile holds the tile's i-th pair of e.
-    slot = tl.cumsum(active.to(tl.int32), axis=0) - 1 - c0
-    take = active & (slot >= 0) & (slot < CHUNK)
-    ps = c0 + tl.arange(0, CHUNK)
-    a = tl.load(a_ptr + (e64 * T + first + ps.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
-                mask=(ps < count)[:, None], other=0.0)
-    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + ((e64 * DE + tl.arange(0, DE)) * stride_wi)[None, :],
-                mask=cmask[:, None], other=0.0)
-    prod = tl.dot(a, tl.trans(w), input_precision=PREC)
-    rows_of_prod = tl.broadcast_to(tl.where(take, slot, 0)[:, None], acc.shape)
-    return acc + tl.where(take[:, None], tl.gather(prod, rows_of_prod, axis=0), 0.0)
-
-
-@triton.jit
-def _stationary_down_kernel(a_ptr, w_ptr, gt_ptr, start_ptr, seed_ptr, y_ptr, T, N, C, stride_wc, stride_wi,
-                            stride_yt, DE: tl.constexpr, PREC: tl.constexpr, TILE_M: tl.constexpr,
-                            BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
-    """y[tile, block] = seed[tile, block] + sum over experts e of a[e's pairs in the tile] @ W_e^T, one program per
-    (tile of TILE_M tokens, block of BLOCK_D of the C output columns); W_e[c, i] at w_ptr + c*stride_wc +
-    (e*DE + i)*stride_wi. Output-stationary: the sum runs in registers, expert by expert in a fixed order, and is
-    written once, so there are no atomics and results repeat bit for bit. Each expert's product has CHUNK rows
-    (its pairs in the tile, usually far fewer than TILE_M) and reaches the token rows through tl.gather; an
-    expert with more than CHUNK pairs in the tile takes further chunks after the main loop.
-    Bytes: every program reads every expert's [BLOCK_D, DE] block of W, so W is read cdiv(T, TILE_M) times
-    (from L2); the gathers move TILE_M * BLOCK_D elements per expert, T * C * N in all."""
-    tile = tl.program_id(0)
-    rows = tile * TILE_M + tl.arange(0, TILE_M)
-    rmask = rows < T
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < C
-    out = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    acc = tl.load(seed_ptr + out, mask=rmask[:, None] & cmask[None, :], other=0.0)
-    per_expert = tl.cdiv(T, TILE_M) + 1
-    most = 0
-    for e in range(0, N):
-        e64 = tl.cast(e, tl.int64)
-        first = tl.load(start_ptr + e64 * per_expert + tile)
-        count = tl.load(start_ptr + e64 * per_expert + tile + 1) - first
-        most = tl.maximum(most, count)
-        acc = _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, 0, rows, rmask, cols, cmask, T,
-                                stride_wc, stride_wi, DE, PREC, CHUNK)
-    if most > CHUNK:
-        for e in range(0, N):
-            e64 = tl.cast(e, tl.int64)
-            first = tl.load(start_ptr + e64 * per_expert + tile)
-            count = tl.load(start_ptr + e64 * per_expert + tile + 1) - first
-            for c0 in range(CHUNK, count, CHUNK):
-                acc = _stationary_chunk(acc, a_ptr, w_ptr, gt_ptr, e64, first, count, c0, rows, rmask, cols,
-                                        cmask, T, stride_wc, stride_wi, DE, PREC, CHUNK)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])

@@ -233,11 +233,11 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
     if T > 0:
         if gates is None:
-            _, tokens, counts, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
+            tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
         else:
             g.copy_(gates)
             torch.mv(x.float(), wbar, out=mu)
-            tokens, counts, _ = ffn._group_gates(g.t().contiguous())
+            tokens, counts = ffn._group_gates(g.t().contiguous())
         torch.cumsum(counts, 0, out=offsets[1:])
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
