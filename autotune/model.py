@@ -36,7 +36,10 @@ estimate of its registers and shared memory. Its time on a profile is
   warpgroup MMA (wgmma) that reads its operands from shared memory (the compiled sm_90 kernels show both). The
   small-batch estimates equal Triton 3.9's compiled sizes for 232 of 240 sm_90 and 127 of 131 sm_87 sampled
   launches (the rest: 2 KB more for groups of 16 on 8 warps; the unpipelined down kernel's scratch at 17-32
-  rows, half as large on sm_90).
+  rows, half as large on sm_90). Occupancy counts each resident block's shared memory plus the 1 KB the driver
+  reserves per block (sm_80 and later; why a block may use 227 of an SM's 228 KB): two programs of 114 KB, as
+  the split-K down kernel compiles at BLOCK_D=256 and 3 stages, do not share an SM. Without the reservation the
+  model had the H200's 3-16-token picks at BLOCK_D=256 run two such programs per SM, one wave instead of two.
 - Registers: the compiled count when given (compile.py), else REG_BASE plus the fp32 values of the kernel's
   largest register tile per thread (for the grouped kernels the dot's accumulator, as compiled sm_90 counts show;
   for the small-batch ones also the MMA operands held in registers). The register-FMA (decode) kernels keep no
@@ -425,8 +428,8 @@ def _regs(w: Work, k: Constants) -> float:
 def _occupancy(w: Work, profile, k: Constants = CONSTANTS) -> int:
     occ = min(profile.max_blocks_per_sm, profile.max_warps_per_sm // max(w.warps, 1))
     smem = w.smem + (w.wgmma_smem if tuple(profile.capability) >= (9, 0) else 0)
-    if smem:
-        occ = min(occ, profile.smem_per_sm // smem)
+    if smem:   # every resident block also holds the driver's reserved shared memory
+        occ = min(occ, profile.smem_per_sm // (smem + profile.smem_reserved_per_block))
     if w.regs or w.tile_regs:
         regs = min(_regs(w, k), REG_LIMIT)
         occ = min(occ, int(profile.regs_per_sm // (math.ceil(regs / 8) * 8 * 32 * w.warps)))
