@@ -87,11 +87,11 @@ best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 14/
 (worst 1.126); NVIDIA H200 34/36 (worst 1.170), held out 30/36 (worst 1.182).
 
 The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone;
-the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens), where most misses left
-are tensor-core entries of 3-16 tokens whose picks are 13-20% slower than the best (the residuals: BLOCK_K=64,
-8 down warps and 1-2 down stages are predicted too slow, SPLIT_K=6 and 2 up stages too fast) and decode at
-T=1, where every candidate runs one wave and the model cannot tell them apart (4 up warps beat 2 by 3 µs at
-ROWS=4, which no term here explains). Earlier fits: the H100-only
+the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens). Their misses at 3-16
+tokens (picks 13-20% slower than the best, at BLOCK_D=256) were the reserved shared memory (see Shared memory):
+with it they pass in-sample; held out, 0.2b at 3-16 tokens still misses (the fold without that geometry fits
+other constants). Left: decode at T=1, where every candidate runs one wave and the model cannot tell them apart
+(4 up warps beat 2 by 3 µs at ROWS=4, which no term here explains). Earlier fits: the H100-only
 fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile nothing (now
 every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits), and its high REG_BASE halved the
 residency of 8-warp grouped programs, which the 401-candidate H200 entries show costs nothing. With every
