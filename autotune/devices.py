@@ -37,6 +37,9 @@ class DeviceProfile:
     sms: int
     smem_per_block: int         # bytes a block may use (opt-in maximum)
     smem_per_sm: int            # bytes
+    # Shared memory the CUDA driver reserves for every resident block on sm_80 and later
+    # (cudaDevAttrReservedSharedMemoryPerBlock; why smem_per_block is 1 KB short of smem_per_sm).
+    smem_reserved_per_block: int = 1024
     regs_per_sm: int = 65536
     max_regs_per_thread: int = 255
     max_warps_per_sm: int = 48

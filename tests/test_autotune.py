@@ -385,6 +385,22 @@ def test_atomics_are_paced_by_the_busiest_sm():
     assert (two - H100.launch_us) == pytest.approx(2 * (one - H100.launch_us), rel=1e-6)
 
 
+def test_every_resident_block_holds_the_reserved_shared_memory():
+    # 114 KB programs: two fill the H100's 228 KB exactly, but each block also holds the driver's 1 KB (why a block
+    # may use 227 KB), so one is resident: the H200's split-K down kernels at block_d 256 (116736 B compiled for
+    # sm_90) ran one program per SM.
+    for prof in (H100, ORIN):
+        assert prof.smem_per_block + prof.smem_reserved_per_block == prof.smem_per_sm
+        half = _work(programs=264, bytes=1e3, flops=1e3, smem=prof.smem_per_sm // 2, regs=32)
+        assert model._occupancy(half, prof) == 1
+        fits = _work(programs=264, bytes=1e3, flops=1e3, smem=prof.smem_per_sm // 2 - prof.smem_reserved_per_block,
+                     regs=32)
+        assert model._occupancy(fits, prof) == 2
+    # one resident program more is never predicted slower
+    k = model.with_constants(overlap=0.0)
+    assert model.kernel_us(fits, H100, k) <= model.kernel_us(half, H100, k)
+
+
 def test_wgmma_keeps_one_more_stage_on_hopper_only():
     import dataclasses
 
