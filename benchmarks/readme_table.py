@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+from deco_kernels.benchmark import output_off
+
 BEGIN, END = "<!-- RESULTS:BEGIN (benchmarks/readme_table.py) -->", "<!-- RESULTS:END -->"
 KERNELS = ("triton", "cupy")
 PLOTS = (("speedup_vs_T.png", "speed-up vs T"), ("fraction_of_floor.png", "fraction of floor"),
@@ -145,12 +147,25 @@ def plot_links(json_dir: str, link_prefix: str) -> str:
     return "Plots: " + ", ".join(links) + "." if links else ""
 
 
+def output_failures(result: dict) -> str:
+    """A warning line naming every layer row whose kernel output was off the reference (empty if none)."""
+    bad = [f"{k} at {r['preset']} T={r['T']} ({output_off(rel, result['dtype'])})"
+           for r in result.get("rows", []) for k, rel in r.get("rel_err", {}).items()
+           if output_off(rel, result["dtype"])]
+    if not bad:
+        return ""
+    return ("**Wrong outputs in this run** (their times are of a wrong result; see benchmarks/NOTES.md): "
+            + "; ".join(bad) + ".")
+
+
 def table(result: dict, plots: str = "") -> str:
     """The whole results block: header, layer table, training table, model table, active-ratio line and
     ``plots``."""
     parts = [header(result)]
     if result.get("rows"):
         parts.append(layer_table(result))
+        if output_failures(result):
+            parts.append(output_failures(result))
     if result.get("train", {}).get("rows"):
         parts.append(train_table(result))
     if result.get("model", {}).get("rows"):

@@ -357,6 +357,17 @@ def layer_inputs(cfg: DecoConfig, max_tokens: int, device, dtype=torch.bfloat16,
     return x, w, make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=seed + 1)
 
 
+# The largest rel_err a kernel's output may have against the reference, by dtype name (the issues' bounds):
+# a figure timed on an output beyond it is recorded as an error of its row.
+OUTPUT_BOUND = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
+
+
+def output_off(rel: float, dtype_name: str) -> str | None:
+    """The error text for an output rel_err beyond OUTPUT_BOUND[dtype_name], else None."""
+    bound = OUTPUT_BOUND[dtype_name]
+    return f"output off the reference: rel_err {rel:.3g} > {bound:g}" if rel > bound else None
+
+
 def layer_case(cfg: DecoConfig, preset: str, x, w, dense, timer, bw: float, flops: float, names: list[str],
                with_reference: bool = True, bias: float = 0.0, dense_us: float | None = None) -> dict:
     """One (preset, T) row: µs of the dense twin (measured here unless ``dense_us`` is given), the torch
@@ -383,6 +394,9 @@ def layer_case(cfg: DecoConfig, preset: str, x, w, dense, timer, bw: float, flop
             try:
                 if name not in ("dense_twin", "torch"):
                     row["rel_err"][name] = rel_err(fn(), y_ref)
+                    off = output_off(row["rel_err"][name], str(x.dtype).removeprefix("torch."))
+                    if off:
+                        row["errors"][name] = off
                 row["us"][name] = timer(fn, use_graph)
                 if not graph and name != "torch":  # the kernels' own time, without the host's launch cost
                     row.setdefault("graph_us", {})[name] = timer(fn, True)

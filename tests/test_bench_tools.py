@@ -394,3 +394,20 @@ def test_source_digest_names_the_code(tmp_path):
     (tmp_path / "autotune" / "a.py").write_text("x = 'changed'\n")
     assert bench.source_digest(tmp_path) != first
     assert len(bench.environment()["source_sha256"]) == 64
+
+
+def test_an_output_off_the_reference_is_flagged_in_the_row_and_the_readme(monkeypatch):
+    """A kernel whose output misses the dtype's bound still gets timed, but its row records the error and the
+    README block names it under the layer table."""
+    x, w, dense = bench.layer_inputs(SMALL, 16, "cpu", dtype=torch.float32)
+    real = bench.ops.deco_ffn
+    monkeypatch.setattr(bench.ops, "deco_ffn", lambda *a, **k: real(*a, **{**k, "backend": "torch"}) * 1.001)
+    row = bench.layer_case(SMALL, "small", x[:8], w, dense, cpu_timer, 1e9, 1e12, ["triton"])
+    assert "triton" in row["us"] and row["rel_err"]["triton"] == pytest.approx(1e-3, rel=1e-3)
+    assert row["errors"]["triton"] == "output off the reference: rel_err 0.001 > 1e-05"
+    rt = _readme_table()
+    result = synthetic_result()
+    assert "Wrong outputs" not in rt.table(result)
+    result["rows"][0]["rel_err"] = {"triton": 0.025}
+    text = rt.table(result)
+    assert "**Wrong outputs in this run**" in text and "triton at 0.1b T=" in text and "rel_err 0.025 > 0.01" in text

@@ -1,0 +1,56 @@
+"""Time the prefill path's router launch geometry: ffn.ROUTER_SPLIT_BLOCKS (below this many token blocks the
+router also splits K over programs) against the grouped config's router_block_t, whole layer under a CUDA graph
+(bf16, the benchmark's layer, ~20% active). Every output is compared with the default geometry's.
+
+    python benchmarks/sweep_router_split.py --presets 1.2b 0.1b --tokens 512 4096 --out sweep_router_split.json
+"""
+import argparse
+import itertools
+from unittest import mock
+
+import torch
+from sweep_tiles import TIMER
+
+from deco_kernels import DecoConfig, layout
+from deco_kernels.benchmark import layer_inputs, write_result
+from deco_kernels.triton import ffn
+
+SPLIT_BLOCKS = [ffn.ROUTER_SPLIT_BLOCKS, 132, 264, 528]
+BLOCK_T = [16, 32, 64]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", nargs="+", default=["1.2b", "0.1b"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    for preset, T in itertools.product(args.presets, args.tokens):
+        model = DecoConfig.preset(preset)
+        x, w, _ = layer_inputs(model, T, "cuda", seed=T)
+        g = torch.empty(T, model.num_experts, device="cuda", dtype=torch.float32)
+        y = torch.empty_like(x)
+        wbar = layout.expert_mean(w["w_up"])
+
+        def run(cfg):
+            ffn._grouped(x, w, wbar, 0.0, None, 0.0, None, g, y, cfg)
+            return y
+
+        base = ffn.grouped_config(T)
+        with torch.no_grad():
+            y_ref = run(base).clone()
+            for split_blocks, block_t in itertools.product(SPLIT_BLOCKS, BLOCK_T):
+                cfg = {**base, "router_block_t": block_t}
+                with mock.patch.object(ffn, "ROUTER_SPLIT_BLOCKS", split_blocks):
+                    diff = float((run(cfg).float() - y_ref.float()).abs().max())
+                    us = TIMER(lambda: run(cfg), graph=True)
+                rows.append(dict(preset=preset, T=T, split_blocks=split_blocks, router_block_t=block_t, us=us,
+                                 max_abs_diff=diff, y_max=float(y_ref.float().abs().max())))
+                print(rows[-1], flush=True)
+    if args.out:
+        write_result(args.out, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
