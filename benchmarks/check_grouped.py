@@ -75,10 +75,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="1.2b")
     p.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096])
+    p.add_argument("--device", default="cuda", help="cpu runs the Triton interpreter (TRITON_INTERPRET=1)")
     args = p.parse_args()
     model = DecoConfig.preset(args.preset)
     for T in args.tokens:
-        x, w, _ = layer_inputs(model, T, "cuda", seed=T)
+        x, w, _ = layer_inputs(model, T, args.device, seed=T,
+                               dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
         base = ffn.grouped_config(T)
         cached = config_for("grouped", x.device, T, x.dtype, model.d_model, model.num_experts, model.expert_dim,
                             model.shared_dim)

@@ -3,7 +3,8 @@
 # archive, $OUT/results.tgz (the device tool brings back at most 8 files), and each step's log tail is printed.
 #   bash benchmarks/gpu_session.sh                       # every step
 #   STEPS="check tests bench" bash benchmarks/gpu_session.sh
-# Steps (default order): check (per-case path checks of triton and cupy), host (the Python cost of an eager call,
+# Steps (default order): check (per-case path checks of triton and cupy; the prefill launches one by one,
+# benchmarks/check_grouped.py), host (the Python cost of an eager call,
 # benchmarks/host_overhead.py), tests (the gpu-marked tests),
 # sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, with the
 # cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
@@ -26,7 +27,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-declare -A LIMIT=([check]=150 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
+declare -A LIMIT=([check]=270 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
                   [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120
                   [layer_profile]=150 [train_sweep]=300)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
@@ -34,7 +35,9 @@ TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=
 run_step() {
   local name=$1
   case $name in
-    check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py ;;
+    check) python3 benchmarks/check_triton_paths.py && python3 benchmarks/check_cupy.py \
+             && (cd benchmarks && python3 check_grouped.py --preset 1.2b --tokens 512 4096 \
+                 && python3 check_grouped.py --preset 0.1b --tokens 4096) ;;
     host) python3 benchmarks/host_overhead.py && python3 benchmarks/host_overhead.py --train ;;
     tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
