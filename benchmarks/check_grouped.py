@@ -86,7 +86,8 @@ def main():
                             model.shared_dim)
         variants = [("default", base), ("cache", cached)] + [
             (f"{k}={v}", {**base, k: v}) for k, v in [("block_m", 64), ("block_d", 32), ("down_warps", 4),
-                                                       ("up_warps", 4), ("router_block_t", 16)]]
+                                                       ("up_warps", 4), ("router_block_t", 16),
+                                                       ("down_stages", 1), ("up_stages", 1)]]
         with torch.no_grad():
             for label, cfg in variants:
                 if cfg is not None:
