@@ -32,9 +32,9 @@ def main():
                                                              backend="triton")}
             with torch.no_grad():
                 for name, fn in variants.items():
-                    row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True), kernels_us=kernel_times(fn, 20))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.append(dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
+                                     kernels_us=kernel_times(fn, 20)))
+                    print(json.dumps(rows[-1]), flush=True)
     if args.out:
         write_result(args.out, rows=rows)
 

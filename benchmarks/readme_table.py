@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+import torch
+
 from deco_kernels.benchmark import output_off
 
 BEGIN, END = "<!-- RESULTS:BEGIN (benchmarks/readme_table.py) -->", "<!-- RESULTS:END -->"
@@ -149,13 +151,12 @@ def plot_links(json_dir: str, link_prefix: str) -> str:
 
 def output_failures(result: dict) -> str:
     """A warning line naming every layer row whose kernel output was off the reference (empty if none)."""
-    bad = [f"{k} at {r['preset']} T={r['T']} ({output_off(rel, result['dtype'])})"
-           for r in result.get("rows", []) for k, rel in r.get("rel_err", {}).items()
-           if output_off(rel, result["dtype"])]
-    if not bad:
-        return ""
+    dtype = getattr(torch, result["dtype"])
+    verdicts = [(k, r, output_off(rel, dtype)) for r in result.get("rows", [])
+                for k, rel in r.get("rel_err", {}).items()]
+    bad = [f"{k} at {r['preset']} T={r['T']} ({off})" for k, r, off in verdicts if off]
     return ("**Wrong outputs in this run** (their times are of a wrong result; see benchmarks/NOTES.md): "
-            + "; ".join(bad) + ".")
+            + "; ".join(bad) + ".") if bad else ""
 
 
 def table(result: dict, plots: str = "") -> str:
@@ -163,9 +164,7 @@ def table(result: dict, plots: str = "") -> str:
     ``plots``."""
     parts = [header(result)]
     if result.get("rows"):
-        parts.append(layer_table(result))
-        if output_failures(result):
-            parts.append(output_failures(result))
+        parts += [layer_table(result)] + [line for line in [output_failures(result)] if line]
     if result.get("train", {}).get("rows"):
         parts.append(train_table(result))
     if result.get("model", {}).get("rows"):

@@ -9,9 +9,9 @@ import itertools
 from unittest import mock
 
 import torch
-from sweep_tiles import TIMER
+from sweep_tiles import TIMER, layer_runner
 
-from deco_kernels import DecoConfig, layout
+from deco_kernels import DecoConfig
 from deco_kernels.benchmark import layer_inputs, write_result
 from deco_kernels.triton import ffn
 
@@ -29,14 +29,7 @@ def main():
     for preset, T in itertools.product(args.presets, args.tokens):
         model = DecoConfig.preset(preset)
         x, w, _ = layer_inputs(model, T, "cuda", seed=T)
-        g = torch.empty(T, model.num_experts, device="cuda", dtype=torch.float32)
-        y = torch.empty_like(x)
-        wbar = layout.expert_mean(w["w_up"])
-
-        def run(cfg):
-            ffn._grouped(x, w, wbar, 0.0, None, 0.0, None, g, y, cfg)
-            return y
-
+        run = layer_runner(x, w, 0.0, T, model.num_experts)
         base = ffn.grouped_config(T)
         with torch.no_grad():
             y_ref = run(base).clone()

@@ -41,7 +41,7 @@ from .config import DecoConfig
 from .elastic import calibrate
 from .modules import DecoForCausalLM
 from .reference import ops as ref
-from .testing import make_dense_twin, make_layer, rel_err
+from .testing import GPU_REL_TOL, make_dense_twin, make_layer, rel_err
 
 PARTS = ("layer", "model", "ratio", "train")
 PRESETS = ("0.1b", "0.2b", "0.5b", "1.2b")
@@ -357,14 +357,10 @@ def layer_inputs(cfg: DecoConfig, max_tokens: int, device, dtype=torch.bfloat16,
     return x, w, make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=seed + 1)
 
 
-# The largest rel_err a kernel's output may have against the reference, by dtype name (the issues' bounds):
-# a figure timed on an output beyond it is recorded as an error of its row.
-OUTPUT_BOUND = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
-
-
-def output_off(rel: float, dtype_name: str) -> str | None:
-    """The error text for an output rel_err beyond OUTPUT_BOUND[dtype_name], else None."""
-    bound = OUTPUT_BOUND[dtype_name]
+def output_off(rel: float, dtype: torch.dtype) -> str | None:
+    """The error text of an output whose rel_err against the reference is beyond testing.GPU_REL_TOL[dtype]
+    (a figure timed on it is recorded as an error of its row), else None."""
+    bound = GPU_REL_TOL[dtype]
     return f"output off the reference: rel_err {rel:.3g} > {bound:g}" if rel > bound else None
 
 
@@ -394,7 +390,7 @@ def layer_case(cfg: DecoConfig, preset: str, x, w, dense, timer, bw: float, flop
             try:
                 if name not in ("dense_twin", "torch"):
                     row["rel_err"][name] = rel_err(fn(), y_ref)
-                    off = output_off(row["rel_err"][name], str(x.dtype).removeprefix("torch."))
+                    off = output_off(row["rel_err"][name], x.dtype)
                     if off:
                         row["errors"][name] = off
                 row["us"][name] = timer(fn, use_graph)

@@ -131,8 +131,8 @@ def test_compile_options():
     assert "-DELEM_T=bf16_t" in opts and "-DROUTER_T=float" in opts and "-DSCALE_T=float" in opts
     assert "-DDE=64" in opts and "-DDECODE_TT=4" in opts and not any("PREFILL" in o or "STAGES" in o for o in opts)
     assert geo.compile_options(FP16, FP16, FP16, FP16, 32, prefill_warps=2, ldmatrix=False)[-5:] == \
-        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2", f"-DPF_MT={geo.m_tiles(32, 2)}", f"-DROUTER_EXPERTS={geo.ROUTER_EXPERTS}",
-         f"-DPF_UP_STAGES={geo.UP_STAGES}")
+        ("-DUSE_LDMATRIX=0", "-DPREFILL_WARPS=2", f"-DPF_MT={geo.m_tiles(32, 2)}",
+         f"-DROUTER_EXPERTS={geo.ROUTER_EXPERTS}", f"-DPF_UP_STAGES={geo.UP_STAGES}")
 
 
 def kernel_signatures() -> dict:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from deco_kernels import DecoConfig, DecoMoE, backends, ops, reference
 from deco_kernels._validate import WEIGHT_NAMES
+from deco_kernels.testing import GPU_REL_TOL
 
 triton_ffn = pytest.importorskip("deco_kernels.triton.ffn")
 training = pytest.importorskip("deco_kernels.triton.training")
@@ -351,7 +352,7 @@ def test_gpu_presets_grads(preset, T, active, dtype, seed):
     _, g32 = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, return_gates=True)
     _, g64 = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()}, return_gates=True)
     assume(torch.equal(g32 > 0, g64 > 0))
-    check(x, w, tol=1e-2 if dtype == torch.bfloat16 else 1e-5, seed=seed)
+    check(x, w, tol=GPU_REL_TOL[dtype], seed=seed)
 
 
 @pytest.mark.gpu

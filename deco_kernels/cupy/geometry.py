@@ -72,8 +72,8 @@ def compile_options(x_dtype, w_router_dtype, scale_dtype, gamma_dtype, de: int, 
     if decode_tt is not None:
         opts.append(f"-DDECODE_TT={decode_tt}")
     if prefill_warps is not None:
-        opts += [f"-DPREFILL_WARPS={prefill_warps}", f"-DPF_MT={m_tiles(de, prefill_warps)}", f"-DROUTER_EXPERTS={ROUTER_EXPERTS}",
-                 f"-DPF_UP_STAGES={UP_STAGES}"]
+        opts += [f"-DPREFILL_WARPS={prefill_warps}", f"-DPF_MT={m_tiles(de, prefill_warps)}",
+                 f"-DROUTER_EXPERTS={ROUTER_EXPERTS}", f"-DPF_UP_STAGES={UP_STAGES}"]
     return tuple(opts)
 
 

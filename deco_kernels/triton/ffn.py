@@ -199,6 +199,13 @@ def grouped_config(T: int) -> dict:
 
 
 def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
+    y.copy_(grouped_stages(x, w, wbar, bias_s, bias_v, threshold, max_active, g, cfg)[-1])
+
+
+def grouped_stages(x, w, wbar, bias_s, bias_v, threshold, max_active, g, cfg=None):
+    """The prefill path's launches (router, grouping, up, shared expert, down), returning what each leaves:
+    (mu, tokens, counts, act, acc); g is written in place, acc is the fp32 output before the cast into y.
+    benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
     cfg = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, w["ws_gate"].shape[0]) or grouped_config(T)
@@ -218,7 +225,7 @@ def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
                                DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
                                num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
-    y.copy_(acc)
+    return mu, tokens, counts, act, acc
 
 
 def check_expert_width(de: int) -> None:
