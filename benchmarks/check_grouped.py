@@ -1,6 +1,7 @@
 """Localise an error of the Triton prefill path: run it (ffn.grouped_stages) at a preset size and check what
 each launch leaves against torch in fp32 on the same inputs, for the default tiles, the tuned cache's and
-one-knob variants; three calls each expose run-to-run differences.
+one-knob variants. Five calls each expose run-to-run differences, stage by stage: gates and mu (router), token
+lists (grouping), activations (up), output (down); the first stage that differs is where a race lives.
 
     python benchmarks/check_grouped.py --preset 1.2b --tokens 1024 4096
     TRITON_INTERPRET=1 python benchmarks/check_grouped.py --preset tiny --tokens 100 --device cpu
@@ -27,16 +28,30 @@ def stages(x, w, wbar, cfg):
     return (g, *ffn.grouped_stages(x, w, wbar, 0.0, None, 0.0, None, g, cfg))
 
 
+def valid(run, i):
+    """Stage i of a run as fp32, the token lists and activations only where written (slots < counts; a run
+    whose counts differ from the first run's shows in the counts spread)."""
+    t = run[i].float()
+    if i in (2, 4):
+        slots = torch.arange(t.shape[1], device=t.device)[None, :] < run[3][:, None]
+        t = torch.where(slots if i == 2 else slots[..., None], t, 0.0)
+    return t
+
+
 def check(x, w, cfg, label):
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
     wf = {k: v.float() for k, v in w.items()}
     wbar = layout.expert_mean(w["w_up"])
     y_ref, g_ref = ref.deco_ffn(x.float(), **wf, return_gates=True)
-    runs = [stages(x, w, wbar, cfg) for _ in range(3)]
+    runs = [stages(x, w, wbar, cfg) for _ in range(5)]
     g, mu, tokens, counts, act, acc = runs[0]
     out = [label, f"gates same set {bool(torch.equal(g > 0, g_ref > 0))} rel {rel_err(g, g_ref):.1e}",
            f"mu rel {rel_err(mu, x.float() @ wbar):.1e}"]
     # Each expert's activations and down projection in torch, from the kernels' own gates and token lists.
+    # The grouping against torch: expert e's list is the tokens with g[:, e] > 0, in token order.
+    wrong_lists = sum(not torch.equal(tokens[e, :int(counts[e])].long(), torch.nonzero(g[:, e] > 0).flatten())
+                      for e in range(n))
+    out.append(f"token lists wrong for {wrong_lists} of {n} experts")
     act_err = 0.0
     down_ref = ops.dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     for e in range(n):
@@ -50,8 +65,8 @@ def check(x, w, cfg, label):
         down_ref.index_add_(0, toks, act[e, :c].float() @ wf["w_down"][:, e * de:(e + 1) * de].t())
     out += [f"act rel {act_err:.1e} (worst expert)", f"down vs torch on the kernel's act: {rel_err(acc, down_ref):.1e}",
             f"y vs reference {rel_err(acc, y_ref):.1e}"]
-    spread = {name: max(float((r[i].float() - runs[0][i].float()).abs().nan_to_num(1e9).max()) for r in runs[1:])
-              for i, name in ((0, "g"), (1, "mu"), (3, "counts"), (5, "y"))}
+    spread = {name: max(float((valid(r, i) - valid(runs[0], i)).abs().nan_to_num(1e9).max()) for r in runs[1:])
+              for i, name in ((0, "g"), (1, "mu"), (3, "counts"), (2, "tokens"), (4, "act"), (5, "y"))}
     out.append(f"run-to-run max diff {spread}")
     print(" | ".join(out), flush=True)
 
