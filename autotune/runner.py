@@ -6,8 +6,10 @@ and faster than the default.
 candidates[0] is the default config. `measure(cfg) -> µs` and `output(cfg) -> tensors` are injected: on a GPU
 they come from `LayerBench` (a CUDA graph of the launcher call, replayed, median µs); tests pass fakes. Every
 exception of a candidate (compile error, out of resources, launch failure) is recorded and the tune goes on;
-a candidate whose output differs from the default's is rejected; the default is re-measured against the
-winner at the end, and the winner is written only if it is still faster. If the CUDA context is lost (an
+a candidate whose output is off the `reference` (LayerBench.reference(): torch in fp32), or without one off
+the default's output, is rejected, the default included (a compiler bug can make one config wrong, the
+default as much as any: ffn.ROUTER_STAGES); the default is re-measured against the winner at the end, and the
+winner is written only if it is still faster. If the CUDA context is lost (an
 illegal address poisons it), `ContextLost` stops the whole tune; what was measured before is kept.
 """
 from __future__ import annotations
@@ -17,26 +19,28 @@ import time
 
 import torch
 
+from deco_kernels.testing import GPU_REL_TOL, rel_err
+
 
 class ContextLost(RuntimeError):
     """The CUDA context no longer works: nothing more can be measured in this process."""
 
 
-TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+# Gates are fp32 sums of exact products in every config: only the order of the sum differs.
+GATE_REL_TOL = 1e-4
 
 
 def close_enough(dtype):
-    tol = TOLERANCE.get(dtype, 2e-2)
-
+    """close(out, ref) for LayerBench outputs (y, g): y within testing.GPU_REL_TOL[dtype]; gates g (when
+    given) with the same active set and within GATE_REL_TOL. Non-finite outputs are never close."""
     def close(out, ref):
-        return all(rel_err(o, r) <= tol for o, r in zip(out, ref))
+        y, y_ref = out[0], ref[0]
+        if not torch.isfinite(y).all() or rel_err(y, y_ref) > GPU_REL_TOL[dtype]:
+            return False
+        if len(out) < 2:
+            return True
+        g, g_ref = out[1], ref[1]
+        return bool(torch.equal(g > 0, g_ref > 0)) and rel_err(g, g_ref) <= GATE_REL_TOL
     return close
 
 
@@ -48,7 +52,7 @@ def _error(e: BaseException) -> str:
 
 
 def tune_one(candidates, measure, output=None, close=None, deadline=None, clock=time.monotonic,
-             healthy=None, confirm: int = 1, on_step=None) -> dict:
+             healthy=None, confirm: int = 1, on_step=None, reference=None) -> dict:
     """Measure candidates in order until `deadline` (clock seconds); returns
     {"config", "us", "default_us", "candidates": [{"config", "us", "error"?}], "stopped": bool}.
     The default (candidates[0]) is always measured, whatever the deadline. healthy() -> bool is called after a
@@ -63,7 +67,10 @@ def tune_one(candidates, measure, output=None, close=None, deadline=None, clock=
         try:
             if output is not None:
                 out = output(cfg)
-                if i == 0:
+                if reference is not None:
+                    if not close(out, reference):
+                        raise ValueError("output off the reference")
+                elif i == 0:
                     ref = out
                 elif ref is not None and close is not None and not close(out, ref):
                     raise ValueError("output differs from the default config's")
@@ -157,6 +164,13 @@ class LayerBench:
 
     def run(self, cfg):
         self.launcher(self.x, self.w, self.wbar, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
+
+    def reference(self):
+        """(y, g) of the torch reference in fp32 on the same inputs."""
+        from deco_kernels import reference as ref
+        w = {k: v.float() for k, v in self.w.items()}
+        with torch.no_grad():
+            return ref.deco_ffn(self.x.float(), **w, bias=self.bias, return_gates=True)
 
     def output(self, cfg):
         self.y.fill_(float("nan"))

@@ -182,7 +182,7 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
             try:
                 bench = runner.LayerBench(task["path"], task["T"], *task["geom"], dtype=dtype, seed=args.seed)
                 res = runner.tune_one(ordered, bench.measure, output=bench.output, close=runner.close_enough(dtype),
-                                      deadline=share, healthy=runner.cuda_healthy)
+                                      deadline=share, healthy=runner.cuda_healthy, reference=bench.reference())
             except runner.ContextLost as e:
                 print(f"\ndeco-kernels tune: {e}; stopping (entries so far are written)", file=sys.stderr)
                 break

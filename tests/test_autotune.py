@@ -234,6 +234,26 @@ def test_runner_keeps_the_fastest_correct_candidate_and_survives_failures():
     assert rows[3]["us"] is None and "differs" in rows[3]["error"]   # fast but wrong: rejected
 
 
+def test_runner_checks_every_candidate_against_the_reference_the_default_too():
+    # config 0 (the default) and 3 are wrong: with a reference both are rejected, and 1 wins though slower than 0
+    bench = FakeBench({0: 1.0, 1: 9.0, 2: 5.0, 3: 0.5}, wrong={0, 3}, fail={2})
+    res = _tune(bench, 4, reference=(torch.ones(3),))
+    rows = {r["config"]["id"]: r for r in res["candidates"]}
+    assert rows[0]["us"] is None and "off the reference" in rows[0]["error"]
+    assert rows[3]["us"] is None and "off the reference" in rows[3]["error"]
+    assert res["config"] == {"id": 1} and res["us"] == 9.0
+
+
+def test_close_enough_needs_the_same_active_gates():
+    close = runner.close_enough(torch.bfloat16)
+    y, g = torch.ones(4, 3), torch.tensor([[0.0, 0.5], [0.25, 0.0]])
+    assert close((y, g), (y, g))
+    assert not close((y, g * 1.001), (y, g))                             # values beyond fp32 rounding
+    assert not close((y, torch.tensor([[0.0, 0.5], [0.25, 1e-7]])), (y, g))  # one more active expert, tiny gate
+    assert not close((y * 1.02, g), (y, g))                              # y beyond the bf16 bound
+    assert not close((torch.full_like(y, float("nan")), g), (y, g))
+
+
 def test_runner_never_writes_a_config_slower_than_the_default():
     assert _tune(FakeBench({0: 5.0, 1: 6.0, 2: 7.0}), 3)["config"] == {"id": 0}
     # the winner was a lucky measurement: timed again it loses to the default, which stays

@@ -12,7 +12,7 @@ from conftest import HAS_CUDA, assert_rel_close, backend_and_reference, far_apar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deco_kernels import DecoConfig, ops, reference
+from deco_kernels import DecoConfig, layout, ops, reference
 from deco_kernels.benchmark import layer_inputs
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
@@ -344,3 +344,27 @@ def test_gpu_long_prefill_matches_the_reference(preset, T):
         y_ref = reference.deco_ffn(x, **w)
         errs = [rel_err(ops.deco_ffn(x, **w, backend="triton"), y_ref) for _ in range(2)]
     assert max(errs) <= GPU_REL_TOL[torch.bfloat16], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
+@pytest.mark.parametrize("block_t", [16, 32, 64])
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gpu_router_is_exact_at_every_block(preset, block_t, warps):
+    """The prefill router at every token block the tuner may pick, three calls: the same gates each call, the
+    active set of the fp32 torch router and its values to fp32 rounding. With a pipelined K loop Triton 3.6 got
+    64-token blocks of 1.2b's 128 experts wrong on the H200, differently on every call (ffn.ROUTER_STAGES)."""
+    x, w, _ = layer_inputs(DecoConfig.preset(preset), 4096, "cuda")
+    n = w["w_router"].shape[0]
+    wbar = layout.expert_mean(w["w_up"])
+    g_ref = torch.relu(x.float() @ w["w_router"].float().t())
+    calls = []
+    for _ in range(3):
+        g, mu, gt = (torch.full(s, float("nan"), device="cuda") for s in ((4096, n), (4096,), (n, 4096)))
+        triton_ffn._router(x, w["w_router"], wbar, 0.0, None, 0.0, None, g, mu, gt, block_t, warps=warps)
+        calls.append(g)
+        assert torch.equal(gt, g.t())
+        assert rel_err(mu, x.float() @ wbar) <= 1e-5
+    assert all(torch.equal(c, calls[0]) for c in calls[1:])
+    assert torch.equal(calls[0] > 0, g_ref > 0)
+    assert rel_err(calls[0], g_ref) <= 1e-5

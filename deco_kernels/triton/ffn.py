@@ -27,6 +27,11 @@ FMA_MAX_T = 2
 FMA_SLAB = 16384
 # Router launches of fewer token blocks than this also split K over programs (see _router).
 ROUTER_SPLIT_BLOCKS = 32
+# The router's K loop is not software-pipelined. Triton 3.6 on the H200 pipelines it wrongly at 64-token blocks
+# of 128 experts (1.2b): gates off by up to 0.6 and different on every call for num_stages 2-4 (at 4 warps or
+# 8); one stage is exact at every block and as fast (results/h200/probe_router.json; tests/test_triton.py
+# test_gpu_router_is_exact_at_every_block checks it).
+ROUTER_STAGES = 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -71,7 +76,8 @@ def _bias_args(bias, n: int, device):
     return float(bias), None
 
 
-def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None):
+def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None,
+            stages=ROUTER_STAGES, warps=4):
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
@@ -85,7 +91,7 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), 64) * 64, bias_s,
         float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64)
+        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps, num_stages=stages)
 
 
 def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
