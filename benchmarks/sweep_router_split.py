@@ -1,6 +1,7 @@
 """Time the prefill path's router launch geometry: ffn.ROUTER_SPLIT_BLOCKS (below this many token blocks the
-router also splits K over programs) against the grouped config's router_block_t, whole layer under a CUDA graph
-(bf16, the benchmark's layer, ~20% active). Every output is compared with the default geometry's.
+router also splits K over programs) against the grouped config's router_block_t and the router's num_stages
+(ffn.router_stages), whole layer under a CUDA graph (bf16, the benchmark's layer, ~20% active). Every output is
+checked against the fp32 torch reference, and three calls against each other.
 
     python benchmarks/sweep_router_split.py --presets 1.2b 0.1b --tokens 512 4096 --out sweep_router_split.json
 """
@@ -11,12 +12,14 @@ from unittest import mock
 import torch
 from sweep_tiles import TIMER, layer_runner
 
-from deco_kernels import DecoConfig
+from deco_kernels import DecoConfig, reference
 from deco_kernels.benchmark import layer_inputs, write_result
+from deco_kernels.testing import rel_err
 from deco_kernels.triton import ffn
 
-SPLIT_BLOCKS = [ffn.ROUTER_SPLIT_BLOCKS, 132, 264, 528]
+SPLIT_BLOCKS = [32, 132, 264]
 BLOCK_T = [16, 32, 64]
+STAGES = [1, 3]
 
 
 def main():
@@ -32,14 +35,16 @@ def main():
         run = layer_runner(x, w, 0.0, T, model.num_experts)
         base = ffn.grouped_config(T)
         with torch.no_grad():
-            y_ref = run(base).clone()
-            for split_blocks, block_t in itertools.product(SPLIT_BLOCKS, BLOCK_T):
+            y_ref = reference.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()})
+            for split_blocks, block_t, stages in itertools.product(SPLIT_BLOCKS, BLOCK_T, STAGES):
                 cfg = {**base, "router_block_t": block_t}
-                with mock.patch.object(ffn, "ROUTER_SPLIT_BLOCKS", split_blocks):
-                    diff = float((run(cfg).float() - y_ref.float()).abs().max())
+                with mock.patch.object(ffn, "ROUTER_SPLIT_BLOCKS", split_blocks), \
+                        mock.patch.object(ffn, "router_stages", lambda _: stages):
+                    ys = [run(cfg).clone() for _ in range(3)]
                     us = TIMER(lambda: run(cfg), graph=True)
-                rows.append(dict(preset=preset, T=T, split_blocks=split_blocks, router_block_t=block_t, us=us,
-                                 max_abs_diff=diff, y_max=float(y_ref.float().abs().max())))
+                rows.append(dict(preset=preset, T=T, split_blocks=split_blocks, router_block_t=block_t,
+                                 stages=stages, us=us, rel_err=rel_err(ys[0], y_ref),
+                                 spread=max(float((y - ys[0]).float().abs().max()) for y in ys[1:])))
                 print(rows[-1], flush=True)
     if args.out:
         write_result(args.out, rows=rows)

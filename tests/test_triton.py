@@ -353,7 +353,7 @@ def test_gpu_long_prefill_matches_the_reference(preset, T):
 def test_gpu_router_is_exact_at_every_block(preset, block_t, warps):
     """The prefill router at every token block the tuner may pick, three calls: the same gates each call, the
     active set of the fp32 torch router and its values to fp32 rounding. With a pipelined K loop Triton 3.6 got
-    64-token blocks of 1.2b's 128 experts wrong on the H200, differently on every call (ffn.ROUTER_STAGES)."""
+    64-token blocks of 1.2b's 128 experts wrong on the H200, differently on every call (ffn.router_stages)."""
     x, w, _ = layer_inputs(DecoConfig.preset(preset), 4096, "cuda")
     n = w["w_router"].shape[0]
     wbar = layout.expert_mean(w["w_up"])

@@ -25,13 +25,12 @@ SMALL_BATCH_MAX = 64
 FMA_MAX_T = 2
 # Elements of the largest [rows, d] slab one FMA program loads at once.
 FMA_SLAB = 16384
-# Router launches of fewer token blocks than this also split K over programs (see _router).
-ROUTER_SPLIT_BLOCKS = 32
-# The router's K loop is not software-pipelined. Triton 3.6 on the H200 pipelines it wrongly at 64-token blocks
-# of 128 experts (1.2b): gates off by up to 0.6 and different on every call for num_stages 2-4 (at 4 warps or
-# 8); one stage is exact at every block and as fast (results/h200/probe_router.json; tests/test_triton.py
-# test_gpu_router_is_exact_at_every_block checks it).
-ROUTER_STAGES = 1
+# Router launches of fewer token blocks than this also split K over programs (see _router): one per SM of an
+# H100/H200. Against 32, whole layer on the H200 (results/h200/sweep_router_split.json, 16-token blocks): 1.2b
+# T=512 116.1 -> 105.9 µs, 0.1b 50.5 -> 47.8; T=4096 makes enough blocks either way.
+ROUTER_SPLIT_BLOCKS = 132
+# Software-pipelining stages of the router's K loop (router_stages gives 1 at 64-token blocks).
+ROUTER_STAGES = 3
 
 
 def cdiv(a: int, b: int) -> int:
@@ -76,22 +75,33 @@ def _bias_args(bias, n: int, device):
     return float(bias), None
 
 
-def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None,
-            stages=ROUTER_STAGES, warps=4):
+def router_stages(block_t: int) -> int:
+    """num_stages of the router at block_t tokens per program. 64-token blocks are warpgroup MMAs, whose
+    pipelined K loop Triton 3.6 gets wrong on the H200 at 1.2b's 128 experts: gates off by up to 0.6 and
+    different on every call, for num_stages 2-4 at 4 or 8 warps; unpipelined they are exact
+    (results/h200/defect_router/probe_router.json). tests/test_triton.py test_gpu_router_is_exact_at_every_block
+    checks every block size the tuner may pick with what this returns."""
+    return 1 if block_t >= 64 else ROUTER_STAGES
+
+
+def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
+            warps=4):
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
     blocks = cdiv(T, block_t)
     # Under ROUTER_SPLIT_BLOCKS token blocks, K is split too (chunks of >= 256 columns), so that a decode step's
-    # router reads w_router on several SMs instead of one.
-    split = min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks))
+    # router reads w_router on several SMs instead of one. 64-token blocks never split: adding their [64, BLOCK_N]
+    # partial tiles costs more than the split saves (1.2b T=512: 139 -> 164 µs, sweep_router_split.json).
+    split = 1 if block_t >= 64 else min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks))
     block_n = max(16, pow2(n))
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
     _router_kernel[(blocks, split)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), 64) * 64, bias_s,
         float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps, num_stages=stages)
+        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps,
+        num_stages=router_stages(block_t) if stages is None else stages)
 
 
 def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
