@@ -32,7 +32,8 @@ GATE_REL_TOL = 1e-4
 
 def close_enough(dtype):
     """close(out, ref) for LayerBench outputs (y, g): y within testing.GPU_REL_TOL[dtype]; gates g (when
-    given) with the same active set and within GATE_REL_TOL. Non-finite outputs are never close."""
+    given) within GATE_REL_TOL and with the same active set up to gates within GATE_REL_TOL * max|g| of zero.
+    Non-finite outputs are never close."""
     def close(out, ref):
         y, y_ref = out[0], ref[0]
         if not torch.isfinite(y).all() or rel_err(y, y_ref) > GPU_REL_TOL[dtype]:
@@ -40,7 +41,11 @@ def close_enough(dtype):
         if len(out) < 2:
             return True
         g, g_ref = out[1], ref[1]
-        return bool(torch.equal(g > 0, g_ref > 0)) and rel_err(g, g_ref) <= GATE_REL_TOL
+        # A gate within rounding of the threshold may fall either side (LayerBench sets the bias at a quantile of
+        # the logits, so one gate sits on it): only flips of gates above that margin count.
+        margin = GATE_REL_TOL * float(g_ref.abs().max())
+        flips = ((g > 0) != (g_ref > 0)) & (torch.maximum(g, g_ref) > margin)
+        return not bool(flips.any()) and rel_err(g, g_ref) <= GATE_REL_TOL
     return close
 
 

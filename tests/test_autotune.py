@@ -249,7 +249,8 @@ def test_close_enough_needs_the_same_active_gates():
     y, g = torch.ones(4, 3), torch.tensor([[0.0, 0.5], [0.25, 0.0]])
     assert close((y, g), (y, g))
     assert not close((y, g * 1.001), (y, g))                             # values beyond fp32 rounding
-    assert not close((y, torch.tensor([[0.0, 0.5], [0.25, 1e-7]])), (y, g))  # one more active expert, tiny gate
+    assert not close((y, torch.tensor([[0.0, 0.5], [0.25, 0.01]])), (y, g))  # one more active expert
+    assert close((y, torch.tensor([[0.0, 0.5], [0.25, 1e-7]])), (y, g))  # a gate on the threshold, either side
     assert not close((y * 1.02, g), (y, g))                              # y beyond the bf16 bound
     assert not close((torch.full_like(y, float("nan")), g), (y, g))
 
