@@ -129,12 +129,12 @@ SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 3
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
-    tc_efficiency: float = 0.7
+    tc_efficiency: float = 0.2891
     fma_efficiency: float = 0.35
-    atomic_efficiency: float = 1.0
-    sync_cycles: float = 236.0
-    overlap: float = 0.21
-    reg_base: float = 95.2
+    atomic_efficiency: float = 2.0
+    sync_cycles: float = 548.8
+    overlap: float = 0.42
+    reg_base: float = 112.0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -85,7 +85,7 @@ def router_stages(block_t: int) -> int:
 
 
 def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
-            warps=4):
+            warps=4, block_k=64):
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
@@ -98,9 +98,9 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
     _router_kernel[(blocks, split)](
         x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
-        _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), 64) * 64, bias_s,
-        float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps,
+        _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
+        bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
+        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=router_stages(block_t) if stages is None else stages)
 
 
@@ -206,11 +206,13 @@ def grouped_config(T: int) -> dict:
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
     block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
-    # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json).
+    # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json). The router's 64-token blocks of that sweep are
+    # 32 since router_stages (H200, whole layer at T=4096: 1.2b 353.2 -> 348.6 µs, 0.1b 112.5 -> 109.5,
+    # results/h200/sweep_router_split.json).
     if T <= 1024:
         return dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
                     down_stages=3)
-    return dict(router_block_t=64, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
+    return dict(router_block_t=32, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
                 down_stages=3)
 
 
