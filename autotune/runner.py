@@ -9,8 +9,8 @@ exception of a candidate (compile error, out of resources, launch failure) is re
 a candidate whose output is off the `reference` (LayerBench.reference(): torch in fp32), or without one off
 the default's output, is rejected, the default included (a compiler bug can make one config wrong, the
 default as much as any: ffn.router_stages); the default is re-measured against the winner at the end, and the
-winner is written only if it is still faster. If the CUDA context is lost (an
-illegal address poisons it), `ContextLost` stops the whole tune; what was measured before is kept.
+winner is written only if it is still faster. If the CUDA context is lost (an illegal address poisons it),
+`ContextLost` stops the whole tune; what was measured before is kept.
 """
 from __future__ import annotations
 
