@@ -13,8 +13,9 @@
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
 # MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
 # profile (tile sweep and kernel profile), layer_profile (one layer's training step, benchmarks/profile_model.py)
-# train_sweep (the training kernels' tiles, benchmarks/sweep_train_tiles.py) and router (the prefill router
-# launch alone over its geometry, benchmarks/probe_router.py); the last eight are not in the default list.
+# train_sweep (the training kernels' tiles, benchmarks/sweep_train_tiles.py), router (the prefill router
+# launch alone over its geometry, benchmarks/probe_router.py) and decode (the small-batch paths with and without
+# programmatic dependent launch, benchmarks/probe_decode_paths.py); the last nine are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths, TEST_ARGS replaces "-m gpu"
 # (e.g. TEST_ARGS=-x also runs the interpreter tests, on the GPU); TUNE_BUDGET (s) the tune's
 # budget, TUNE_ARGS more tune arguments (e.g. --kernels small_batch); SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
@@ -29,7 +30,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 declare -A LIMIT=([check]=270 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
                   [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120
-                  [layer_profile]=150 [train_sweep]=300 [router]=240)
+                  [layer_profile]=150 [train_sweep]=300 [router]=240 [decode]=200)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
 run_step() {
@@ -54,6 +55,8 @@ run_step() {
              (cd benchmarks && python3 sweep_tiles.py --preset "${spec%%:*}" --tokens $(echo "${spec#*:}" | tr , " ") \
                --out "$RES/sweep_tiles_${spec%%:*}.json")
            done ;;
+    decode) python3 benchmarks/probe_decode_paths.py --presets 1.2b 0.1b --tokens 1 2 8 64 --prefill \
+              --out "$RES/probe_decode_paths.json" ;;
     router) (cd benchmarks && python3 probe_router.py --preset 1.2b 0.1b --tokens 512 4096 --block-k 64 128 \
                --stages 1 3 --out "$RES/probe_router.json") ;;
     train_sweep) python3 benchmarks/sweep_train_tiles.py --preset 1.2b 0.1b --out "$RES/sweep_train_tiles.json" ;;

@@ -1,6 +1,7 @@
 """Decode and prefill paths side by side (T = 1..8 and one prefill size), each under a CUDA graph, with each
 kernel's own time (torch.profiler): the register-FMA and tensor-core small-batch kernels of the Triton path at
-the same token counts (which one should take 2-4 tokens: ffn.FMA_MAX_T), the CuPy path, and the dense twin.
+the same token counts (which one should take 2-4 tokens: ffn.FMA_MAX_T), the Triton path as dispatched with and
+without programmatic dependent launch (ffn.USE_PDL), the CuPy path, and the dense twin.
 Tune caches are ignored (DECO_KERNELS_AUTOTUNE=0): these are the defaults.
 
     python benchmarks/probe_decode_paths.py --presets 1.2b 0.1b --tokens 1 2 3 4 8 --prefill 4096 --out p.json
@@ -19,7 +20,8 @@ from deco_kernels import DecoConfig, backends, ops  # noqa: E402
 from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result  # noqa: E402
 from deco_kernels.triton import ffn  # noqa: E402
 
-COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "cupy", "cupy_prefill", "cupy_scalar_red")
+COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "triton_pdl_off", "cupy", "cupy_prefill",
+           "cupy_scalar_red")
 
 
 def variants(x, w, dense, T):
@@ -36,8 +38,9 @@ def variants(x, w, dense, T):
             out["triton_fma"] = (triton, (ffn, "FMA_MAX_T", 8))
         if T >= 2:
             out["triton_dot"] = (triton, (ffn, "FMA_MAX_T", 1))
-    else:
-        out["triton"] = (triton, None)
+    out["triton"] = (triton, None)
+    if T <= ffn.SMALL_BATCH_MAX:  # the small-batch down kernel without programmatic dependent launch
+        out["triton_pdl_off"] = (triton, (ffn, "USE_PDL", False))
     if backends.available("cupy", x.device):
         from deco_kernels.cupy import ffn as cupy_ffn, geometry as cupy_geometry
 

@@ -307,6 +307,35 @@ def test_gpu_cuda_graph_capture_and_replay(T):
                 torch.testing.assert_close(static_y, eager, rtol=2**-7, atol=2**-8 * 2**-7 * scale)
 
 
+def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
+    assert not triton_ffn.pdl_launch(torch.device("cpu"))
+    monkeypatch.setattr(triton_ffn, "USE_PDL", False)
+    assert not triton_ffn.pdl_launch(torch.device("cuda", 0))  # switched off: decided before asking the device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])   # the decode kernels: the only launch with PDL
+def test_gpu_pdl_launch_matches_plain_launches(T, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert triton_ffn.pdl_launch(torch.device("cuda"))
+    x, w = make_layer(T, 1792, 102, 64, 128, dtype=torch.bfloat16, device="cuda", seed=3, active=0.2)
+    with torch.no_grad():
+        runs = {}
+        for on in (True, False):
+            monkeypatch.setattr(triton_ffn, "USE_PDL", on)
+            runs[on] = [ops.deco_ffn(x, **w, backend="triton", return_gates=True) for _ in range(3)]
+        torch.cuda.synchronize()
+    y_ref = run_both(x, w)[2]
+    g_plain = runs[False][0][1]
+    for on, calls in runs.items():
+        for y, g in calls:
+            assert torch.equal(g, g_plain), f"PDL {on}: gates"   # the same kernels sum them in a fixed order
+            assert_rel_close(y, y_ref.to(y.dtype), GPU_REL_TOL[torch.bfloat16], f"y (PDL {on})")
+    # The decode kernels sum in a fixed order: bit-identical with and without PDL.
+    assert all(torch.equal(y, runs[False][0][0]) for on in runs for y, _ in runs[on])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [4, 65])
 def test_gpu_int64_offsets(T):

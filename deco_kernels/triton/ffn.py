@@ -6,9 +6,12 @@ training.py.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
-from .. import layout
+from .. import backends, layout
 from ..autotune import config_for
 from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
@@ -31,6 +34,8 @@ FMA_SLAB = 16384
 ROUTER_SPLIT_BLOCKS = 132
 # Software-pipelining stages of the router's K loop (router_stages gives 1 at 64-token blocks).
 ROUTER_STAGES = 3
+# Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
+USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -61,6 +66,19 @@ def _zeroed(device, dtype, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 1024), device=device, dtype=dtype)
         _scratch[(device, dtype)] = buf
     return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Launch the decode down kernel with programmatic dependent launch: on sm_90+ it starts while the up kernel
+    still runs (which lets it go at once) and waits in-kernel (griddepcontrol.wait) before reading the up
+    kernel's outputs, so its launch hides behind the up kernel's tail. Off in the interpreter, below sm_90 and
+    with DECO_KERNELS_PDL=0 (USE_PDL)."""
+    return USE_PDL and device.type == "cuda" and not backends.interpreting() and _sm90(device.index or 0)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -176,20 +194,22 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     if gates_given:
         _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
     bias_ptr = bias_v if bias_v is not None else g
+    pdl = not use_dot and pdl_launch(dev)   # the decode kernels only (see small_batch.py)
     programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
     _up_kernel[(programs,)](
         x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, h, hs, r, mu,
         T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
-        BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), num_warps=cfg["up_warps"],
+        BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"])
     if not use_dot:
         _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, T, n, d, ds, y.stride(0),
                                                         NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"],
-                                                        BLOCK_DS=max(16, pow2(ds)), **meta)
+                                                        BLOCK_DS=max(16, pow2(ds)), PDL=pdl, **meta,
+                                                        **(dict(launch_pdl=True) if pdl else {}))
         return
     group = int(cfg["group"])
     grid = (cdiv(d, cfg["block_d"]), 1 + cdiv(n, group))   # the shared expert, then the groups of experts

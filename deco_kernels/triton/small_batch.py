@@ -16,7 +16,12 @@ loads the whole [ROWS, d] slab in one more round and writes h [T, ROWS] in fp32.
 `_decode_down_kernel`, one program per block of BLOCK_D output features, which it owns for every active
 expert, so there is no cross-program reduction: it compacts the active experts from the gates in registers
 (cumsum, no host sync), applies NormSiLU + the scaled gate to their h, multiplies by the [BLOCK_D, SLOTS, DE]
-gather of w_down, adds the shared expert and writes y.
+gather of w_down, adds the shared expert and writes y. On sm_90+ it is launched with programmatic dependent
+launch (ffn.pdl_launch): it starts while the up kernel runs, loads its block of ws_down and gamma, and waits
+(griddepcontrol.wait) before reading what the up kernel writes, so its launch hides behind the up kernel. H200,
+CUDA graphs (results/h200/probe_decode_paths_pdl.json): 1.2b T=1 20.8 -> 20.4 µs, T=2 30.9 -> 30.3; 0.1b T=1
+12.5 -> 11.8, T=2 17.9 -> 16.9. The same for the union down kernel below was no gain at 64 tokens and a loss at
+8 (0.1b 18.3 -> 20.9 µs), so it launches plainly.
 
 Small batches (3-64 tokens, tensor cores, USE_DOT): split-K up, expert-group down.
 
@@ -149,18 +154,24 @@ def _gate_of(r, e, bias_ptr, bias, threshold, tmask, HAS_BIAS_VEC: tl.constexpr)
 
 
 @triton.jit
-def _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
-    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32) and the
-    [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features. They do not depend on the gates,
-    so the decode down kernel issues these loads first, overlapping the compaction's."""
+def _shared_down_weights(wsd_ptr, cols64, cmask, DS, BLOCK_DS: tl.constexpr):
+    """The [BLOCK_D, BLOCK_DS] block of ws_down for the program's output features: loaded first, before the
+    decode down kernel waits for the up kernel (PDL) and before the compaction's loads."""
     ss = tl.arange(0, BLOCK_DS)
-    smask = ss < DS
-    mask = tmask[:, None] & smask[None, :]
+    return tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & (ss < DS)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _shared_hidden(hs_ptr, ts64, tmask, DS, BLOCK_DS: tl.constexpr):
+    """The shared expert's hidden activations silu(gate) * up [BLOCK_T, BLOCK_DS] (fp32) from the up kernel's
+    gate and up columns. They do not depend on the gates, so they are issued before the compaction's loads."""
+    ss = tl.arange(0, BLOCK_DS)
+    mask = tmask[:, None] & (ss < DS)[None, :]
     ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
     gate = tl.load(ptrs, mask=mask, other=0.0)
     up = tl.load(ptrs + DS, mask=mask, other=0.0)
-    ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
-    return gate * tl.sigmoid(gate) * up, ws
+    return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -229,12 +240,15 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
                T, N, D, DS, stride_xt, k_chunk, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
                SPLIT_K: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr):
+               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, PDL: tl.constexpr):
     """Programs, in launch order: the shared expert's (row block, K-chunk) programs, then (tensor cores without
     GATES_GIVEN) one mu program per K-chunk, then the (expert, row block, K-chunk) programs. Chunk s covers the
     columns s*k_chunk .. (s+1)*k_chunk of d; every output is a partial sum indexed by s (h [SPLIT_K, T, N*DE],
     hs [SPLIT_K, T, 2*DS], r [SPLIT_K, T, N], mu [SPLIT_K, T]). Decode (USE_DOT off) has SPLIT_K = 1 and,
-    without GATES_GIVEN, writes the gates g and mu [T] itself."""
+    without GATES_GIVEN, writes the gates g and mu [T] itself. With PDL (decode) every program lets the decode
+    down kernel launch at once (it waits for this grid before reading anything this one writes)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -292,7 +306,7 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
 def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr, y_ptr,
                         T, N, D, DS, stride_yt, eps,
                         DE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr):
+                        SLOTS: tl.constexpr, BLOCK_DS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
@@ -303,14 +317,17 @@ def _decode_down_kernel(h_ptr, hs_ptr, mu_ptr, g_ptr, scale_ptr, gamma_ptr, wd_p
     NDE = tl.cast(N, tl.int64) * DE
     ks = tl.arange(0, DE)
 
-    hs, ws = _shared_down_inputs(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, DS, BLOCK_DS)
+    ws = _shared_down_weights(wsd_ptr, cols64, cmask, DS, BLOCK_DS)
+    gamma = tl.load(gamma_ptr + ks).to(tl.float32)
+    if PDL:  # the weights above overlap the up kernel's tail; what follows reads its outputs
+        tl.extra.cuda.gdc_wait()
+    hs = _shared_hidden(hs_ptr, ts64, tmask, DS, BLOCK_DS)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t in tl.static_range(BLOCK_T):
         hs_t = tl.sum(tl.where(ts[:, None] == t, hs, 0.0), axis=0)
         acc = tl.where(ts[:, None] == t, acc + tl.sum(ws.to(tl.float32) * hs_t[None, :], axis=1)[None, :], acc)
 
     active, pos, count = _active_experts(g_ptr, T, N, BLOCK_T, BLOCK_N)
-    gamma = tl.load(gamma_ptr + ks).to(tl.float32)
     for c0 in range(0, count, SLOTS):
         slots = c0 + tl.arange(0, SLOTS)
         svalid = slots < count
