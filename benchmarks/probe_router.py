@@ -1,6 +1,6 @@
-"""The prefill router launch alone over (router_block_t, block_k, num_stages, num_warps): its gates against torch
-in fp32 (same active set, rel error), the run-to-run spread of the gates over five calls, and µs of the launch
-replayed in a CUDA graph (the kernel's own time; buffers allocated once, outside the graph).
+"""The prefill router launch alone over (router_block_t, block_k, num_stages, num_warps, ROUTER_SPLIT_BLOCKS): its
+gates against torch in fp32 (same active set, rel error), the run-to-run spread of the gates over five calls, and
+µs of the launch replayed in a CUDA graph (the kernel's own time; buffers allocated once, outside the graph).
 
     python benchmarks/probe_router.py --preset 1.2b 0.1b --tokens 512 4096 --out results/h200/probe_router.json
 """
@@ -36,6 +36,8 @@ def main():
     p.add_argument("--block-k", nargs="+", type=int, default=[64])
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--split-blocks", nargs="+", type=int, default=[ffn.ROUTER_SPLIT_BLOCKS],
+                   help="values of ffn.ROUTER_SPLIT_BLOCKS: below this many token blocks K is split")
     p.add_argument("--out")
     args = p.parse_args()
     rows = []
@@ -43,9 +45,11 @@ def main():
         x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda", seed=T)
         wbar = layout.expert_mean(w["w_up"])
         g_ref = torch.relu(x.float() @ w["w_router"].float().t())
-        for block_t, block_k, stages, warps in itertools.product(args.block_t, args.block_k, args.stages,
-                                                                  args.warps):
-            row = dict(preset=preset, T=T, router_block_t=block_t, block_k=block_k, stages=stages, warps=warps)
+        for block_t, block_k, stages, warps, split_blocks in itertools.product(
+                args.block_t, args.block_k, args.stages, args.warps, args.split_blocks):
+            row = dict(preset=preset, T=T, router_block_t=block_t, block_k=block_k, stages=stages, warps=warps,
+                       split_blocks=split_blocks)
+            ffn.ROUTER_SPLIT_BLOCKS = split_blocks
             try:
                 call = router_call(x, w, wbar, block_t=block_t, stages=stages, warps=warps, block_k=block_k)
                 runs = [call().clone() for _ in range(5)]
