@@ -248,6 +248,24 @@ def test_wbar_cache_refreshes_when_weights_change(triton_device):
     torch.testing.assert_close(wbar, w["w_up"].float().mean(0))
 
 
+def test_mean_split_sums_to_wbar():
+    """The router's tensor-core mu reads wbar as three bf16 rows: their fp32 sum is wbar to fp32 rounding at
+    any magnitude (bf16 keeps fp32's exponent range), the split is kept while wbar lives and dropped after."""
+    import gc
+    from deco_kernels import layout
+    gen = torch.Generator().manual_seed(0)
+    wbar = torch.randn(4099, generator=gen) * torch.logspace(-30, 30, 4099)
+    split = layout.mean_split(wbar)
+    assert split.dtype == torch.bfloat16 and split.shape == (3, 4099)
+    total = split[0].double() + split[1].double() + split[2].double()
+    assert ((total - wbar.double()).abs() <= wbar.double().abs() * 2.0**-24).all()
+    assert layout.mean_split(wbar) is split
+    n = len(layout._splits)
+    del wbar
+    gc.collect()
+    assert len(layout._splits) == n - 1
+
+
 def test_rejects_odd_expert_width(triton_device):
     # Inference and training (autograd; its gradients are tested in test_triton_grad.py) alike.
     for requires_grad in (False, True):
@@ -379,21 +397,24 @@ def test_gpu_long_prefill_matches_the_reference(preset, T):
 @pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
 @pytest.mark.parametrize("block_t", [16, 32, 64])
 @pytest.mark.parametrize("warps", [4, 8])
-def test_gpu_router_is_exact_at_every_block(preset, block_t, warps):
+@pytest.mark.parametrize("T", [300, 4096])
+def test_gpu_router_is_exact_at_every_block(preset, block_t, warps, T):
     """The prefill router at every token block the tuner may pick, three calls: the same gates each call, the
-    active set of the fp32 torch router and its values to fp32 rounding. With a pipelined K loop Triton 3.6 got
+    active set of the fp32 torch router and its values to fp32 rounding, and mu (from the tensor-core product,
+    router.py MU_MMA) to fp32 rounding. T=300 splits K over programs. With a pipelined K loop Triton 3.6 got
     64-token blocks of 1.2b's 128 experts wrong on the H200, differently on every call (ffn.router_stages)."""
-    x, w, _ = layer_inputs(DecoConfig.preset(preset), 4096, "cuda")
+    x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda")
     n = w["w_router"].shape[0]
     wbar = layout.expert_mean(w["w_up"])
     g_ref = torch.relu(x.float() @ w["w_router"].float().t())
+    mu_ref = (x.double() @ wbar.double()).float()
     calls = []
     for _ in range(3):
-        g, mu, gt = (torch.full(s, float("nan"), device="cuda") for s in ((4096, n), (4096,), (n, 4096)))
+        g, mu, gt = (torch.full(s, float("nan"), device="cuda") for s in ((T, n), (T,), (n, T)))
         triton_ffn._router(x, w["w_router"], wbar, 0.0, None, 0.0, None, g, mu, gt, block_t, warps=warps)
         calls.append(g)
         assert torch.equal(gt, g.t())
-        assert rel_err(mu, x.float() @ wbar) <= 1e-5
+        assert rel_err(mu, mu_ref) <= 1e-6
     assert all(torch.equal(c, calls[0]) for c in calls[1:])
     assert torch.equal(calls[0] > 0, g_ref > 0)
     assert rel_err(calls[0], g_ref) <= 1e-5

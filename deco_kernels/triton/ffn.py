@@ -113,12 +113,15 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     # partial tiles costs more than the split saves (1.2b T=512: 139 -> 164 µs, sweep_router_split.json).
     split = 1 if block_t >= 64 else min(cdiv(d, 256), max(1, ROUTER_SPLIT_BLOCKS // blocks))
     block_n = max(16, pow2(n))
+    # mu on tensor cores beside the logits where the tile has three spare rows (router.py, MU_MMA).
+    mu_mma = x.dtype == torch.bfloat16 and w_router.dtype == torch.bfloat16 and n + 3 <= block_n
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
     _router_kernel[(blocks, split)](
-        x, w_router, wbar, bias_v if bias_v is not None else g, g, gt if gt is not None else g, mu, part,
+        x, w_router, wbar, layout.mean_split(wbar) if mu_mma else w_router, bias_v if bias_v is not None else g,
+        g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
         bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
-        SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        MU_MMA=mu_mma, SPLIT_K=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=router_stages(block_t) if stages is None else stages)
 
 

@@ -4,7 +4,8 @@ A token block's gates are finished by one program that holds ALL experts' logits
 per-token top-max_active selection happens in registers. Few tokens make few token blocks: then the K
 dimension is split over SPLIT_K programs per block (at T=1 one program would read all of w_router alone). For 16-bit x and router weights of the same dtype the logits come from tensor cores
 with fp32 accumulation: the products of two bf16/fp16 numbers are exact in fp32, so this equals
-fp32(x) @ fp32(w_router)^T up to the order of the sum.
+fp32(x) @ fp32(w_router)^T up to the order of the sum; with bf16 x and router weights mu = x.wbar comes from the
+same product (MU_MMA below).
 """
 import triton
 import triton.language as tl
@@ -13,14 +14,20 @@ from ._jit import gate_knobs, router_dot
 
 
 @triton.jit
-def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr, part_ptr, counter_ptr,
+def _router_kernel(x_ptr, wr_ptr, wbar_ptr, wsplit_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr, part_ptr, counter_ptr,
                    T, N, D, stride_xt, k_chunk, bias, threshold, max_active,
-                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   HAS_BIAS_VEC: tl.constexpr, WRITE_GT: tl.constexpr, MU_MMA: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (i, j) sums K-chunk j (k_chunk columns of d) of the logits and mu of token block i. With
     SPLIT_K > 1 each writes its partial sums to part [SPLIT_K, T, BLOCK_N + 1] (mu in the last column) and
     bumps token block i's arrival counter; the last to arrive adds the chunks in chunk order (the result does
-    not depend on which program arrives last), re-zeroes the counter (CUDA graphs) and finishes the block."""
+    not depend on which program arrives last), re-zeroes the counter (CUDA graphs) and finishes the block.
+
+    MU_MMA (bf16 x and router): mu rides in the tensor-core product as three more rows of the router tile,
+    wsplit [3, d] = wbar split into bf16 parts (hi + mid + lo = wbar to fp32 precision; their products with
+    bf16 x are exact in fp32), in logit columns N .. N+2 (BLOCK_N >= N + 3). Otherwise mu is a CUDA-core
+    row sum per K step, which took about half of the launch (H200, 1.2b T=4096: 38.0 µs with it, 21.4 without,
+    results/h200/probe_router_mu.json)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     ts = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -38,12 +45,20 @@ def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr, par
         kmask = ks < D
         x = tl.load(x_ptr + ts64[:, None] * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
                     other=0.0)
-        w = tl.load(wr_ptr + ns64[:, None] * D + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc += router_dot(x, w)
-        wbar = tl.load(wbar_ptr + ks, mask=kmask, other=0.0)
-        mu += tl.sum(x.to(tl.float32) * wbar[None, :], axis=1)
+        if MU_MMA:  # rows N .. N+2 of the tile come from wsplit: one load from two bases
+            rows = tl.where(nmask, wr_ptr + ns64 * D, wsplit_ptr + (ns64 - N) * D)
+            w = tl.load(rows[:, None] + ks[None, :], mask=(ns < N + 3)[:, None] & kmask[None, :], other=0.0)
+            acc += router_dot(x, w)
+        else:
+            w = tl.load(wr_ptr + ns64[:, None] * D + ks[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0)
+            acc += router_dot(x, w)
+            wbar = tl.load(wbar_ptr + ks, mask=kmask, other=0.0)
+            mu += tl.sum(x.to(tl.float32) * wbar[None, :], axis=1)
 
     if SPLIT_K == 1:
+        if MU_MMA:
+            mu = _mu_columns(acc, ns, N)
         _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, mu_ptr, T, N, bias, threshold,
                 max_active, HAS_BIAS_VEC, WRITE_GT, BLOCK_T, BLOCK_N)
     else:
@@ -60,8 +75,16 @@ def _router_kernel(x_ptr, wr_ptr, wbar_ptr, bias_ptr, g_ptr, gt_ptr, mu_ptr, par
                 acc += tl.load(part[:, None] + ns[None, :], mask=tmask[:, None], other=0.0, cache_modifier=".cg")
                 mu += tl.load(part + BLOCK_N, mask=tmask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + pid, 0)
+            if MU_MMA:
+                mu = _mu_columns(acc, ns, N)
             _finish(acc, mu, ts, ts64, tmask, ns, ns64, nmask, bias_ptr, g_ptr, gt_ptr, mu_ptr, T, N, bias,
                     threshold, max_active, HAS_BIAS_VEC, WRITE_GT, BLOCK_T, BLOCK_N)
+
+
+@triton.jit
+def _mu_columns(acc, ns, N):
+    """mu [BLOCK_T] = the sum of logit columns N .. N+2 (x times wbar's three bf16 parts)."""
+    return tl.sum(tl.where(((ns >= N) & (ns < N + 3))[None, :], acc, 0.0), axis=1)
 
 
 @triton.jit
