@@ -1,14 +1,13 @@
 """Derived weight layouts the kernels read, computed once per weight version and cached.
 
-Every backend reads the canonical weights in place (w_up's expert slabs are contiguous rows; w_down's expert
-blocks are 2*de-byte row segments); the only derived tensors are wbar, the fp32 mean of w_up's rows, which turns
-the global NormSiLU mean into one dot product per token, and its split into three bf16 rows (mean_split) for the
-tensor-core router. The cache is keyed by the tensor's storage and its
-version counter, so an optimizer step or a load_state_dict (both bump the version or change the storage)
-refreshes it, and a module and a functional caller share it. A refill that bypasses the version counter
-(writes through ``.data``, as FSDP's all-gather into a persistent buffer does) is invisible to it: the
-training path therefore never uses the cache (``cached=False``), and inference after such a refill needs
-``clear_cache()``.
+Every backend reads the canonical weights in place (w_up's expert slabs are contiguous rows; w_down's expert blocks
+are 2*de-byte row segments); the only derived tensors are wbar, the fp32 mean of w_up's rows, which turns the
+global NormSiLU mean into one dot product per token, and its split into three bf16 rows (mean_split) for the
+tensor-core router. The cache is keyed by the tensor's storage and its version counter, so an optimizer step or a
+load_state_dict (both bump the version or change the storage) refreshes it, and a module and a functional caller
+share it. A refill that bypasses the version counter (writes through ``.data``, as FSDP's all-gather into a
+persistent buffer does) is invisible to it: the training path therefore never uses the cache (``cached=False``),
+and inference after such a refill needs ``clear_cache()``.
 """
 from __future__ import annotations
 
