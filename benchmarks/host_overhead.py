@@ -32,14 +32,18 @@ class _NoLaunch:
 
 
 class _FixedCounts:
-    """The grouping kernel stubbed to give every expert the same number of tokens (the training forward reads
-    the total back to size its pair buffers)."""
+    """The grouping kernel stubbed to give every expert the same number of tokens, and the pair offsets that
+    follow (the training forward reads the total back to size its pair buffers)."""
 
     def __init__(self, per_expert: int):
         self.per_expert = per_expert
 
     def __getitem__(self, grid):
-        return lambda gt, tokens, counts, *args, **kwargs: counts.fill_(self.per_expert)
+        def launch(gt, tokens, counts, offsets, *args, **kwargs):
+            counts.fill_(self.per_expert)
+            if offsets is not counts:
+                torch.arange(0, offsets.numel() * self.per_expert, self.per_expert, out=offsets)
+        return launch
 
 
 def _time(fn, calls: int, rounds: int) -> list[float]:

@@ -105,22 +105,33 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     pair_tok_ptr, h_ptr, a_ptr, T, N, D, stride_xt, eps,
+                     pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr, T, N, D, stride_xt, eps,
                      DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Programs (e < N, block): expert e's pairs. Programs (N, block): y's fp32 accumulator acc [T, D] seeded
+    with the shared expert's output at tokens block*BLOCK_M.. (the scatter, a later launch, adds into it)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    off, count = _expert_span(off_ptr, e)
-    if m0 < count:
-        e64 = e.to(tl.int64)
-        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        pairs = off.to(tl.int64) + ms
-        tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
-        h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
-        cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
-        tl.store(h_ptr + cells, h, mask=mmask[:, None])
-        _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
-        a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
-        tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+    if e == N:
+        ts = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        tmask = ts < T
+        for c0 in range(0, D, BLOCK_K):
+            cs = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask = tmask[:, None] & (cs < D)[None, :]
+            v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask, other=0.0)
+            tl.store(acc_ptr + ts[:, None] * D + cs[None, :], v.to(tl.float32), mask=mask)
+    else:
+        off, count = _expert_span(off_ptr, e)
+        if m0 < count:
+            e64 = e.to(tl.int64)
+            ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
+            pairs = off.to(tl.int64) + ms
+            tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
+            h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
+            cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
+            tl.store(h_ptr + cells, h, mask=mmask[:, None])
+            _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
+            a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
+            tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
 @triton.jit
@@ -228,28 +239,32 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     dev, f32 = x.device, torch.float32
     g = ffn._empty(T, n, device=dev, dtype=f32)
     mu = ffn._empty(T, device=dev, dtype=f32)
-    offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
-    acc = shared.to(f32, copy=True)                       # the shared expert seeds the fp32 accumulator
+    offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
+    acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
-    if T > 0:
-        if gates is None:
-            tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
-        else:
-            g.copy_(gates)
-            torch.mv(x.float(), wbar, out=mu)
-            tokens, counts = ffn._group_gates(g.t().contiguous())
-        torch.cumsum(counts, 0, out=offsets[1:])
+    if T == 0:
+        offsets.zero_()
+    elif gates is None:
+        tokens, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu,
+                                         offsets=offsets)
+    else:
+        g.copy_(gates)
+        torch.mv(x.float(), wbar, out=mu)
+        tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
     h = ffn._empty(P, de, device=dev, dtype=f32)
-    if P > 0:
+    if T > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
         up, scatter = TILES["up"], TILES["y_scatter"]
-        _train_up_kernel[_pair_grid(n, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
-                                               T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
-        _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
-                                                         DE=de, PREC=prec, **scatter)
+        # One more row of programs (expert index n) seeds acc with the shared expert's output.
+        _train_up_kernel[_pair_grid(n + 1, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok,
+                                                   h, a, shared, shared.stride(0), shared.stride(1), acc, T, n, d,
+                                                   x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
+        if P > 0:
+            _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                                             DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
