@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import layout
 from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
-from . import ffn
+from . import ffn, swiglu
 from ._jit import norm_silu_gate
 from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
@@ -519,12 +519,13 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     deco_ffn_from_gates with ``gates`` [T, N] (w without w_router; the knobs unused). Returns (y [T, d],
     g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no gradient (a
     tensor bias is treated as a constant)."""
-    shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    tracing = _tracing(x)
+    shared = (dense_swiglu if tracing else swiglu.dense_swiglu)(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     n = w["router_scale"].shape[0]
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
         gates = gates.float().contiguous()
-    op = deco_ffn_fwd if _tracing(x) else _EagerDecoFfn.apply
+    op = deco_ffn_fwd if tracing else _EagerDecoFfn.apply
     y, g, *_ = op(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
                   bias_value, float(threshold), int(max_active or 0), gates)
     return y, g
