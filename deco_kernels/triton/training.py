@@ -14,22 +14,36 @@ h [P, de] (fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the
 once per step): O(T*N + P*de), nothing of size T*N*de.
 
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
-  forward   `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient)
-            `_pair_scatter_kernel` y[t] += a W_down_e^T                       (fp32 atomics)
+  forward   `_router_kernel`       g, mu (ffn._router)
+            `_group_kernel`        each expert's tokens; its last program writes offsets (exclusive cumsum)
+            `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); one
+                                   more row of programs seeds acc (fp32) with the shared expert's output,
+                                   counts each token's experts (nact) and writes y of tokens without any
+            `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); a token's last expert rounds
+                                   acc[t] into y[t]
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
-                                   of two [T, N] buffers the logit gradient dr = <da, silu(n)> scale_e (+ dg)
-                                   and -sum(dh) (mu's share); per-program partials of dgamma, drouter_scale
-            torch (cuBLAS)         dmu = row sums of the shares, dx = dr W_router + dmu wbar,
-                                   dW_router = dr^T x, dwbar = x^T dmu (dr is zero where g <= 0, which
-                                   covers relu, threshold and max_active cuts)
-            `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
+                                   of two [T, N] buffers the logit gradient <da, silu(n)> scale_e and
+                                   -sum(dh) (mu's share); dgamma and drouter_scale finished by the last
+                                   programs to arrive (fixed-order sums of per-program partials)
+            `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
+                                   threshold and max_active cuts; + dg), dmu = the row sums of the shares,
+                                   nact, and dx (fp32) seeded with dmu wbar + dr W_router
+            torch (cuBLAS)         dW_router = dr^T x, dwbar = x^T dmu
+            `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); a token's last expert rounds dx[t]
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
                                    over the expert's pairs: deterministic, every expert written
 Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
 prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
-The shared expert runs through torch (cuBLAS) and its own autograd; its output seeds y's fp32 accumulator
-inside the op, so y is rounded once, exactly as in inference.
+The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
+swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
+
+Glue. Outside the Triton kernels and the GEMMs, a bf16 training step of a layer launches two torch kernels:
+wbar's mean over w_up (forward) and autograd's add of x's two gradients (the routed op's and the shared
+expert's). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
+counters (the group kernel's, one per expert and one global in the pair backward, one per token in the
+scatters) come from ffn._zeroed and are left at zero, as the router's are. The forward's one host
+synchronisation is P = offsets[N].
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
 (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
