@@ -3,8 +3,10 @@
 torch's autograd of ``ops.dense_swiglu`` launches silu and mul in the forward and mul, mul and silu_backward
 in the backward, plus an add for x's two gradients. Here the forward is two cuBLAS GEMMs, ONE elementwise
 kernel h = silu(a) * b (fp32 math, rounded once to x's dtype) and the down GEMM (torch's autograd); the
-backward one elementwise kernel (da, db) and the GEMMs, x's gradient as addmm(da W_gate, db, W_up) (the second
-GEMM adds the first: no separate add). It saves x, the weights (by reference) and a, b: no silu(a) copy.
+backward one elementwise kernel (da, db) and the GEMMs. x reaches the routed op through this Function
+(shared_expert returns it as a view), so x's gradient from there arrives here and x's gradient is
+addmm(addmm(dx_routed, da, W_gate), db, W_up): no add kernels. It saves x, the weights (by reference) and a, b
+(no silu(a) copy).
 
 torch.compile traces ``ops.dense_swiglu`` instead (training.deco_ffn_train picks): inductor fuses the
 elementwise ops itself. Under create_graph the backward recomputes through torch's differentiable ops.
@@ -44,7 +46,8 @@ def _swiglu_bwd_kernel(a_ptr, b_ptr, dh_ptr, da_ptr, db_ptr, numel, BLOCK: tl.co
 
 
 class _SwiGLUHidden(torch.autograd.Function):
-    """h = silu(x W_gate^T) * (x W_up^T) for rows x [T, d]."""
+    """(h, x') for rows x [T, d]: h = silu(x W_gate^T) * (x W_up^T), and x' = x (a view) for the routed op, so
+    that x's gradient from the routed op arrives here and the GEMMs of x's gradient add into it."""
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up):
@@ -53,27 +56,39 @@ class _SwiGLUHidden(torch.autograd.Function):
         if h.numel():
             _swiglu_fwd_kernel[(ffn.cdiv(h.numel(), BLOCK),)](a, b, h, h.numel(), BLOCK=BLOCK)
         ctx.save_for_backward(x, w_gate, w_up, a, b)
-        return h
+        ctx.set_materialize_grads(False)
+        return h, x.view_as(x)
 
     @staticmethod
-    def backward(ctx, dh):
+    def backward(ctx, dh, dx_routed):
         x, w_gate, w_up, a, b = ctx.saved_tensors
+        need_x, need_gate, need_up = ctx.needs_input_grad
+        if dh is None:
+            return dx_routed, None, None
         if torch.is_grad_enabled():  # create_graph: torch's differentiable formula, recomputed from the inputs
             inputs = (x, w_gate, w_up)
             h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
             wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
             got = iter(torch.autograd.grad(h, wanted, dh, create_graph=True))
-            return tuple(next(got) if need else None for need in ctx.needs_input_grad)
+            grads = [next(got) if need else None for need in ctx.needs_input_grad]
+            if need_x and dx_routed is not None:
+                grads[0] = grads[0] + dx_routed
+            return tuple(grads)
         dh = dh.contiguous()
         da = ffn._empty(*a.shape, device=a.device, dtype=a.dtype)
         db = ffn._empty(*b.shape, device=b.device, dtype=b.dtype)
         if da.numel():
             _swiglu_bwd_kernel[(ffn.cdiv(da.numel(), BLOCK),)](a, b, dh, da, db, da.numel(), BLOCK=BLOCK)
-        need_x, need_gate, need_up = ctx.needs_input_grad
-        dx = torch.addmm(da @ w_gate, db, w_up) if need_x else None
+        dx = None
+        if need_x:  # the GEMMs of x's gradient add into the routed op's (addmm): no separate add kernels
+            dx = da @ w_gate if dx_routed is None else torch.addmm(dx_routed, da, w_gate)
+            dx = torch.addmm(dx, db, w_up)
         return dx, da.t() @ x if need_gate else None, db.t() @ x if need_up else None
 
 
-def dense_swiglu(x, w_gate, w_up, w_down):
-    """ops.dense_swiglu of rows x [T, d] (unit column stride) with the fused gate nonlinearity; eager only."""
-    return F.linear(_SwiGLUHidden.apply(x, w_gate, w_up), w_down)
+def shared_expert(x, w_gate, w_up, w_down):
+    """ops.dense_swiglu of rows x [T, d] (unit column stride) with the fused gate nonlinearity, eager only.
+    Returns (y_shared, x'): x' is x (a view) to be passed to the routed op instead of x, so that x's gradient
+    from there joins the shared expert's inside its GEMMs."""
+    h, x_routed = _SwiGLUHidden.apply(x, w_gate, w_up)
+    return F.linear(h, w_down), x_routed

@@ -38,9 +38,9 @@ prefill; the order of those adds can change the last bits of fp32 between runs (
 The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
 swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
 
-Glue. Outside the Triton kernels and the GEMMs, a bf16 training step of a layer launches two torch kernels:
-wbar's mean over w_up (forward) and autograd's add of x's two gradients (the routed op's and the shared
-expert's). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
+Glue. Outside the Triton kernels and the GEMMs, an eager training step of a layer launches one torch kernel:
+wbar's mean over w_up (x's two gradients, the routed op's and the shared expert's, meet in the shared expert's
+addmm, swiglu.py). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
 counters (the group kernel's, one per expert and one global in the pair backward, one per token in the
 scatters) come from ffn._zeroed and are left at zero, as the router's are. The forward's one host
 synchronisation is P = offsets[N].
@@ -78,7 +78,7 @@ TILES = {
     "bwd": dict(BLOCK_M=64, BLOCK_K=128, num_warps=8),        # _pair_bwd_kernel
     "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
-    "token": dict(BLOCK_M=32, BLOCK_C=64, num_warps=4),       # _token_bwd_kernel (BLOCK_M tokens; not swept)
+    "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
 
 
@@ -595,7 +595,10 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no gradient (a
     tensor bias is treated as a constant)."""
     tracing = _tracing(x)
-    shared = (dense_swiglu if tracing else swiglu.dense_swiglu)(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    if tracing:
+        shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    else:  # x passes through the shared expert's Function: the two gradients of x meet in its GEMMs
+        shared, x = swiglu.shared_expert(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     n = w["router_scale"].shape[0]
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
