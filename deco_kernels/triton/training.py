@@ -16,9 +16,9 @@ once per step): O(T*N + P*de), nothing of size T*N*de.
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
   forward   `_router_kernel`       g, mu (ffn._router)
             `_group_kernel`        each expert's tokens; its last program writes offsets (exclusive cumsum)
-            `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); one
-                                   more row of programs seeds acc (fp32) with the shared expert's output,
-                                   counts each token's experts (nact) and writes y of tokens without any
+            `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); more
+                                   rows of programs seed acc (fp32) with the shared expert's output, count
+                                   each token's experts (nact) and write y of tokens without any
             `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); a token's last expert rounds
                                    acc[t] into y[t]
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
@@ -80,6 +80,10 @@ TILES = {
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
+
+# 16-bit y and dx: rounded from their fp32 accumulators by each token's last expert in the scatters (True), or
+# by a torch cast after them (False: one more kernel each way; kept for an A/B of the scatters' tails on a GPU).
+ROUND_IN_KERNELS = True
 
 
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
@@ -153,25 +157,29 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
                      pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr, nact_ptr, y_ptr,
                      T, N, D, stride_xt, eps, FINISH: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Programs (e < N, block): expert e's pairs. Programs (N, block): y's fp32 accumulator acc [T, D] seeded
-    with the shared expert's output at tokens block*BLOCK_M.. (the scatter, a later launch, adds into it); with
-    FINISH also each token's number of experts nact [T] (g > 0) and y itself for tokens without any."""
+    """Programs (e < N, block): expert e's pairs. Programs (N + j, block): y's fp32 accumulator acc [T, D]
+    seeded with the shared expert's output at tokens block*BLOCK_M.. and columns j*BLOCK_K.. (the scatter, a
+    later launch, adds into it); with FINISH, program (N, block) also counts each token's experts into nact [T]
+    (g > 0) and writes y itself for tokens without any."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    if e == N:
+    if e >= N:
         ts = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         tmask = ts < T
-        alone = tmask
+        cs = ((e - N) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask = tmask[:, None] & (cs < D)[None, :]
+        v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask, other=0.0)
+        tl.store(acc_ptr + ts[:, None] * D + cs[None, :], v.to(tl.float32), mask=mask)
         if FINISH:
-            alone = _count_experts(g_ptr, nact_ptr, ts, tmask, N, BLOCK_N)
-        for c0 in range(0, D, BLOCK_K):
-            cs = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            mask = tmask[:, None] & (cs < D)[None, :]
-            v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask, other=0.0)
-            tl.store(acc_ptr + ts[:, None] * D + cs[None, :], v.to(tl.float32), mask=mask)
-            if FINISH:
-                tl.store(y_ptr + ts[:, None] * D + cs[None, :], v.to(y_ptr.dtype.element_ty),
-                         mask=mask & alone[:, None])
+            if e == N:
+                alone = _count_experts(g_ptr, nact_ptr, ts, tmask, N, BLOCK_N)
+                if tl.sum(alone.to(tl.int32), axis=0) > 0:
+                    for c0 in range(0, D, BLOCK_K):
+                        cs = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                        mask = alone[:, None] & (cs < D)[None, :]
+                        v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask,
+                                    other=0.0)
+                        tl.store(y_ptr + ts[:, None] * D + cs[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         off, count = _expert_span(off_ptr, e)
         if m0 < count:
@@ -398,15 +406,15 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
     h = ffn._empty(P, de, device=dev, dtype=f32)
-    finish = x.dtype != f32          # y is acc rounded once to x's dtype, by the kernels: no torch cast
+    finish = ROUND_IN_KERNELS and x.dtype != f32     # y: acc rounded once to x's dtype by the kernels
     y = ffn._empty(T, d, device=dev, dtype=x.dtype) if finish else acc
     if T > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
         nact = ffn._empty(T, device=dev, dtype=torch.int32)
         up, scatter = TILES["up"], TILES["y_scatter"]
-        # One more row of programs (expert index n) seeds acc with the shared expert's output.
-        _train_up_kernel[_pair_grid(n + 1, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok,
+        # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
+        _train_up_kernel[_pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok,
                                                    h, a, shared, shared.stride(0), shared.stride(1), acc, nact, y,
                                                    T, n, d, x.stride(0), NORM_EPS, FINISH=finish, DE=de, PREC=prec,
                                                    BLOCK_N=max(16, ffn.pow2(n)), **up)
@@ -414,7 +422,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
             _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc,
                                                              ffn._zeroed(dev, torch.int32, T), nact, y, T, d,
                                                              FINISH=finish, DE=de, PREC=prec, **scatter)
-    return y, g, mu, offsets, pair_tok, h, wbar
+    return y if finish else acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
 def _router_grads(x, dr, dmu, w_router):
@@ -465,7 +473,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dr = ffn._empty(T, n, device=dev, dtype=x.dtype if low else f32)
     dmu = ffn._empty(T, device=dev, dtype=x.dtype if low else f32)
     dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
-    finish = x.dtype != f32                         # dx rounded once to x's dtype by the kernels
+    finish = ROUND_IN_KERNELS and x.dtype != f32     # dx rounded once to x's dtype by the kernels
     dx_final = ffn._empty(T, d, device=dev, dtype=x.dtype) if finish else dx
     nact = ffn._empty(T, device=dev, dtype=torch.int32)
     tok = TILES["token"]
@@ -488,7 +496,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
     _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
                               dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
-    return dx_final, dw_router, dscale, dw_up, dgamma, dw_down, dgates
+    return dx_final if finish else dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
 # ---------------------------------------------------------------------------------------------------------
