@@ -155,9 +155,8 @@ def test_float16_and_an_fp32_router(triton_device, router_dtype):
 
 
 @pytest.mark.parametrize("T, active", [(1, 0.3), (17, "none"), (3, "all"), (65, "one"), (70, 0.3)])
-def test_float16_rows_finished_in_kernel_and_counters_left_zero(triton_device, T, active):
-    # 16-bit y and dx are rounded by the scatters' last expert of each token (tokens without experts by the
-    # seeding programs); offsets, dgamma and drouter_scale by last-arriver programs. Every arrival counter
+def test_float16_last_arrivers_and_counters_left_zero(triton_device, T, active):
+    # Offsets, dgamma and drouter_scale are finished by last-arriver programs. Every arrival counter
     # (ffn._zeroed) must be back at zero afterwards, for the next call and for CUDA graphs.
     x, w = make_layer(T, 40, 13, 16, 24, dtype=torch.float16, device=triton_device, seed=T, active=active)
     check(x, w, tol=1e-2)

@@ -17,19 +17,17 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
   forward   `_router_kernel`       g, mu (ffn._router)
             `_group_kernel`        each expert's tokens; its last program writes offsets (exclusive cumsum)
             `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); more
-                                   rows of programs seed acc (fp32) with the shared expert's output, count
-                                   each token's experts (nact) and write y of tokens without any
-            `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); a token's last expert rounds
-                                   acc[t] into y[t]
+                                   rows of programs seed acc (fp32) with the shared expert's output
+            `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); torch rounds acc into y
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
                                    of two [T, N] buffers the logit gradient <da, silu(n)> scale_e and
                                    -sum(dh) (mu's share); dgamma and drouter_scale finished by the last
                                    programs to arrive (fixed-order sums of per-program partials)
             `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
                                    threshold and max_active cuts; + dg), dmu = the row sums of the shares,
-                                   nact, and dx (fp32) seeded with dmu wbar + dr W_router
+                                   and dx (fp32) seeded with dmu wbar + dr W_router
             torch (cuBLAS)         dW_router = dr^T x, dwbar = x^T dmu
-            `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); a token's last expert rounds dx[t]
+            `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); torch rounds dx into x's dtype
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
                                    over the expert's pairs: deterministic, every expert written
@@ -38,12 +36,14 @@ prefill; the order of those adds can change the last bits of fp32 between runs (
 The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
 swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
 
-Glue. Outside the Triton kernels and the GEMMs, an eager training step of a layer launches one torch kernel:
-wbar's mean over w_up (x's two gradients, the routed op's and the shared expert's, meet in the shared expert's
-addmm, swiglu.py). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
-counters (the group kernel's, one per expert and one global in the pair backward, one per token in the
-scatters) come from ffn._zeroed and are left at zero, as the router's are. The forward's one host
-synchronisation is P = offsets[N].
+Glue. Outside the Triton kernels and the GEMMs, an eager bf16 training step of a layer launches three torch
+kernels: wbar's mean over w_up and the two casts of the fp32 accumulators y and dx to x's dtype (x's two
+gradients, the routed op's and the shared expert's, meet in the shared expert's addmm, swiglu.py). Rounding y
+and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
+H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
+zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival counters (the group
+kernel's, one per expert and one global in the pair backward) come from ffn._zeroed and are left at zero, as
+the router's are. The forward's one host synchronisation is P = offsets[N].
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
 (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
@@ -81,11 +81,6 @@ TILES = {
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
 
-# 16-bit y and dx: rounded from their fp32 accumulators by each token's last expert in the scatters (True), or
-# by a torch cast after them (False: one more kernel each way; kept for an A/B of the scatters' tails on a GPU).
-ROUND_IN_KERNELS = True
-
-
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
     """(expert, block of BLOCK_M of its pairs): an expert has at most T pairs."""
     return n, ffn.cdiv(T, tiles["BLOCK_M"])
@@ -119,48 +114,17 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
     return g, gs, mu, gamma
 
 
-@triton.jit
-def _count_experts(g_ptr, nact_ptr, ts, tmask, N, BLOCK_N: tl.constexpr):
-    """nact[t] = the number of experts of token t (g[t, e] > 0: its pairs) for tokens ts (int64); returns the
-    mask of those without any."""
-    ns = tl.arange(0, BLOCK_N)
-    g = tl.load(g_ptr + ts[:, None] * N + ns[None, :], mask=tmask[:, None] & (ns < N)[None, :], other=0.0)
-    nact = tl.sum((g > 0).to(tl.int32), axis=1)
-    tl.store(nact_ptr + ts, nact, mask=tmask)
-    return tmask & (nact == 0)
-
-
-@triton.jit
-def _finish_tokens(out_ptr, final_ptr, arrivals_ptr, nact_ptr, toks, mmask, C, BLOCK_C: tl.constexpr):
-    """After a program's fp32 atomics into rows toks of out [T, C]: counts its arrival at each token; at the
-    token's last expert (nact[t] arrivals) rounds the finished row into final [T, C] and re-zeroes the counter.
-    acq_rel atomics and .cg loads: the other experts' adds into the row are visible to the last."""
-    tl.debug_barrier()
-    seen = tl.atomic_add(arrivals_ptr + toks, 1, mask=mmask, sem="acq_rel")
-    last = mmask & (seen == tl.load(nact_ptr + toks, mask=mmask, other=0) - 1)
-    tl.debug_barrier()
-    if tl.sum(last.to(tl.int32), axis=0) > 0:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = last[:, None] & (cols < C)[None, :]
-            cells = toks[:, None] * C + cols[None, :]
-            v = tl.load(out_ptr + cells, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(final_ptr + cells, v.to(final_ptr.dtype.element_ty), mask=mask)
-        tl.store(arrivals_ptr + toks, 0, mask=last)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr, nact_ptr, y_ptr,
-                     T, N, D, stride_xt, eps, FINISH: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                     pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr,
+                     T, N, D, stride_xt, eps, DE: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Programs (e < N, block): expert e's pairs. Programs (N + j, block): y's fp32 accumulator acc [T, D]
     seeded with the shared expert's output at tokens block*BLOCK_M.. and columns j*BLOCK_K.. (the scatter, a
-    later launch, adds into it); with FINISH, program (N, block) also counts each token's experts into nact [T]
-    (g > 0) and writes y itself for tokens without any."""
+    later launch, adds into it)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     if e >= N:
@@ -170,16 +134,6 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
         mask = tmask[:, None] & (cs < D)[None, :]
         v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask, other=0.0)
         tl.store(acc_ptr + ts[:, None] * D + cs[None, :], v.to(tl.float32), mask=mask)
-        if FINISH:
-            if e == N:
-                alone = _count_experts(g_ptr, nact_ptr, ts, tmask, N, BLOCK_N)
-                if tl.sum(alone.to(tl.int32), axis=0) > 0:
-                    for c0 in range(0, D, BLOCK_K):
-                        cs = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                        mask = alone[:, None] & (cs < D)[None, :]
-                        v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask,
-                                    other=0.0)
-                        tl.store(y_ptr + ts[:, None] * D + cs[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         off, count = _expert_span(off_ptr, e)
         if m0 < count:
@@ -196,12 +150,10 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
 
 
 @triton.jit
-def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_ptr, out_ptr, arrivals_ptr,
-                         nact_ptr, final_ptr, T, C, FINISH: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_ptr, out_ptr, T, C,
+                         DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[t_p, :C] += A[p, :] @ W_e^T over expert e's pairs p, W_e[c, i] at w_ptr + c*stride_wc +
-    (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)). fp32 atomics into out. With
-    FINISH the last expert of each token t writes final[t] = out[t] in final's dtype (_finish_tokens)."""
+    (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)). fp32 atomics into out."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     off, count = _expert_span(off_ptr, e)
@@ -210,8 +162,6 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
         a = tl.load(a_ptr + pairs[:, None] * DE + tl.arange(0, DE)[None, :], mask=mmask[:, None], other=0.0)
         _expert_scatter_add(a, toks, mmask, w_ptr, e.to(tl.int64), stride_wc, stride_wi, out_ptr, C, DE, PREC,
                             BLOCK_C)
-        if FINISH:
-            _finish_tokens(out_ptr, final_ptr, arrivals_ptr, nact_ptr, toks, mmask, C, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,17 +251,14 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
 
 @triton.jit
 def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr, dr_ptr, dmu_ptr, dx_ptr,
-                      nact_ptr, dx_final_ptr, T, N, D, HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr,
-                      LOW: tl.constexpr, FINISH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+                      T, N, D, HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, LOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """The dense [T, N] pass of the backward, BLOCK_M tokens per program, reading the pair kernel's cells only
     where the gate is on (g > 0: exactly the cells that have a pair):
       dr [T, N]  the logit gradient: the pair kernel's share (+ dg) where g > 0, 0 elsewhere (relu, threshold
                  and max_active cuts pass no gradient); without a router dL/dg: the share where g > 0, + dg
       dmu [T]    mu's gradient, the fixed-order sum of the token's shares
       dx [T, D]  fp32, seeded with dmu wbar + dr W_router (the scatter adds the experts' dh W_up into it)
-    With FINISH also nact [T] (each token's number of experts) and dx_final [T, D] (x's dtype) of the tokens
-    without any: the dx scatter's last expert of a token writes the others.
     dr and dmu are stored in their buffers' dtype. LOW (bf16 x and router): dr W_router from dr rounded to bf16
     on tensor cores (fp32 accumulation), the precision of the dW_router GEMM that reads the same dr; else fp32
     with exact products."""
@@ -332,9 +279,6 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
     dmu = tl.sum(tl.load(dmu_pair_ptr + cells, mask=active, other=0.0), axis=1)
     tl.store(dr_ptr + cells, dr.to(dr_ptr.dtype.element_ty), mask=inside)
     tl.store(dmu_ptr + ts64, dmu.to(dmu_ptr.dtype.element_ty), mask=tmask)
-    alone = tmask
-    if FINISH:
-        alone = _count_experts(g_ptr, nact_ptr, ts64, tmask, N, BLOCK_N)
     for c0 in range(0, D, BLOCK_C):
         cs = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = cs < D
@@ -347,9 +291,6 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
             else:
                 dx = tl.dot(dr, w.to(tl.float32), dx, input_precision="ieee")
         tl.store(dx_ptr + ts64[:, None] * D + cs[None, :], dx, mask=tmask[:, None] & cmask[None, :])
-        if FINISH:
-            tl.store(dx_final_ptr + ts64[:, None] * D + cs[None, :], dx.to(dx_final_ptr.dtype.element_ty),
-                     mask=alone[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -406,23 +347,18 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
     h = ffn._empty(P, de, device=dev, dtype=f32)
-    finish = ROUND_IN_KERNELS and x.dtype != f32     # y: acc rounded once to x's dtype by the kernels
-    y = ffn._empty(T, d, device=dev, dtype=x.dtype) if finish else acc
     if T > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
-        nact = ffn._empty(T, device=dev, dtype=torch.int32)
         up, scatter = TILES["up"], TILES["y_scatter"]
         # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
-        _train_up_kernel[_pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok,
-                                                   h, a, shared, shared.stride(0), shared.stride(1), acc, nact, y,
-                                                   T, n, d, x.stride(0), NORM_EPS, FINISH=finish, DE=de, PREC=prec,
-                                                   BLOCK_N=max(16, ffn.pow2(n)), **up)
+        _train_up_kernel[_pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up)](
+            x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a, shared, shared.stride(0),
+            shared.stride(1), acc, T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
         if P > 0:
-            _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc,
-                                                             ffn._zeroed(dev, torch.int32, T), nact, y, T, d,
-                                                             FINISH=finish, DE=de, PREC=prec, **scatter)
-    return y if finish else acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
+            _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                                             DE=de, PREC=prec, **scatter)
+    return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
 def _router_grads(x, dr, dmu, w_router):
@@ -473,20 +409,15 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dr = ffn._empty(T, n, device=dev, dtype=x.dtype if low else f32)
     dmu = ffn._empty(T, device=dev, dtype=x.dtype if low else f32)
     dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
-    finish = ROUND_IN_KERNELS and x.dtype != f32     # dx rounded once to x's dtype by the kernels
-    dx_final = ffn._empty(T, d, device=dev, dtype=x.dtype) if finish else dx
-    nact = ffn._empty(T, device=dev, dtype=torch.int32)
     tok = TILES["token"]
     _token_bwd_kernel[(ffn.cdiv(T, tok["BLOCK_M"]),)](
-        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, dr, dmu, dx, nact,
-        dx_final, T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, FINISH=finish,
-        BLOCK_N=max(16, ffn.pow2(n)), **tok)
+        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, dr, dmu, dx,
+        T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
     dwbar, dw_router = _router_grads(x, dr, dmu, w_router)
     dgates = none if has_router else dr  # without a router, the caller's autograd owns it: dL/dg is dr
     scatter = TILES["dx_scatter"]
-    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx,
-                                                     ffn._zeroed(dev, torch.int32, T), nact, dx_final, T, d,
-                                                     FINISH=finish, DE=de, PREC=prec, **scatter)
+    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+                                                     DE=de, PREC=prec, **scatter)
 
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
@@ -496,7 +427,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
     _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
                               dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
-    return dx_final if finish else dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
+    return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
 # ---------------------------------------------------------------------------------------------------------
