@@ -19,11 +19,13 @@ import torch
 
 from deco_kernels import ops
 from deco_kernels.testing import make_layer
-from deco_kernels.triton import ffn, training
+from deco_kernels.triton import ffn, swiglu, training
 
 KERNELS = {ffn: ("_up_kernel", "_decode_down_kernel", "_union_down_kernel", "_router_kernel", "_group_kernel",
                  "_grouped_up_kernel", "_grouped_down_kernel"),
-           training: ("_train_up_kernel", "_pair_scatter_kernel", "_pair_bwd_kernel", "_pair_wgrad_kernel")}
+           training: ("_train_up_kernel", "_pair_scatter_kernel", "_pair_bwd_kernel", "_token_bwd_kernel",
+                      "_pair_wgrad_kernel"),
+           swiglu: ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")}
 
 
 class _NoLaunch:
@@ -32,14 +34,18 @@ class _NoLaunch:
 
 
 class _FixedCounts:
-    """The grouping kernel stubbed to give every expert the same number of tokens (the training forward reads
-    the total back to size its pair buffers)."""
+    """The grouping kernel stubbed to give every expert the same number of tokens, and the pair offsets that
+    follow (the training forward reads the total back to size its pair buffers)."""
 
     def __init__(self, per_expert: int):
         self.per_expert = per_expert
 
     def __getitem__(self, grid):
-        return lambda gt, tokens, counts, *args, **kwargs: counts.fill_(self.per_expert)
+        def launch(gt, tokens, counts, offsets, *args, **kwargs):
+            counts.fill_(self.per_expert)
+            if offsets is not counts:
+                torch.arange(0, offsets.numel() * self.per_expert, self.per_expert, out=offsets)
+        return launch
 
 
 def _time(fn, calls: int, rounds: int) -> list[float]:

@@ -154,6 +154,44 @@ def test_float16_and_an_fp32_router(triton_device, router_dtype):
     check(x, w, tol=1e-2)
 
 
+@pytest.mark.parametrize("T, active", [(1, 0.3), (17, "none"), (3, "all"), (65, "one"), (70, 0.3)])
+def test_float16_last_arrivers_and_counters_left_zero(triton_device, T, active):
+    # Offsets, dgamma and drouter_scale are finished by last-arriver programs. Every arrival counter
+    # (ffn._zeroed) must be back at zero afterwards, for the next call and for CUDA graphs.
+    x, w = make_layer(T, 40, 13, 16, 24, dtype=torch.float16, device=triton_device, seed=T, active=active)
+    check(x, w, tol=1e-2)
+    counters = triton_ffn._scratch[(x.device, torch.int32)]
+    assert not bool(counters.any()), "arrival counters left non-zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shared_expert_function_matches_dense_swiglu(triton_device, dtype):
+    # swiglu.shared_expert: the fused gate nonlinearity and x's gradient joined with the routed one (here a
+    # stand-in gradient through x') against torch's autograd of ops.dense_swiglu; and create_graph works.
+    from deco_kernels.triton import swiglu
+    gen = torch.Generator().manual_seed(2)
+    x, wg, wu, wd = (torch.randn(*s, generator=gen).to(triton_device, dtype) * 0.5
+                     for s in ((9, 40), (24, 40), (24, 40), (40, 24)))
+    leaves = [t.requires_grad_() for t in (x, wg, wu, wd)]
+    cy, cx = (torch.randn(9, 40, generator=gen).to(triton_device, dtype) for _ in range(2))
+    y, x_routed = swiglu.shared_expert(*leaves)
+    assert x_routed.data_ptr() == x.data_ptr()
+    got = torch.autograd.grad((y * cy).sum() + (x_routed * cx).sum(), leaves)
+    y_ref = ops.dense_swiglu(*leaves)
+    want = torch.autograd.grad((y_ref * cy).sum() + (x * cx).sum(), leaves)
+    tol = CPU_TOL if dtype == torch.float32 else 1e-2
+    assert_rel_close(y, y_ref, tol, "y")
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), got, want):
+        assert a.dtype == dtype
+        assert_rel_close(a, b, tol, f"d{name}")
+    if dtype == torch.float32:
+        y, x_routed = swiglu.shared_expert(*leaves)
+        gx, = torch.autograd.grad((y * cy).sum() + (x_routed * cx).sum(), x, create_graph=True)
+        gx_ref, = torch.autograd.grad((ops.dense_swiglu(*leaves) * cy).sum() + (x * cx).sum(), x, create_graph=True)
+        assert_rel_close(torch.autograd.grad(gx.pow(2).sum(), wg)[0],
+                         torch.autograd.grad(gx_ref.pow(2).sum(), wg)[0], CPU_TOL, "second order")
+
+
 def test_float16_gradients_near_the_top_of_its_range(triton_device):
     # Gradients as loss scaling makes them: every true gradient fits in fp16, but mu's gradient summed over x
     # (dwbar, for dW_up) does not. The router's backward GEMMs keep fp32 for fp16 (16-bit GEMMs only for bf16).

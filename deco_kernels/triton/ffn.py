@@ -125,22 +125,27 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
         num_stages=router_stages(block_t) if stages is None else stages)
 
 
-def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None):
+def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None,
+                     offsets=None):
     """Router (gates g, mu) then the tokens of each expert: (tokens [N, T] int32, counts [N] int32), expert e's
-    tokens in token order in tokens[e, :counts[e]]. Shared by the prefill and the training forward."""
+    tokens in token order in tokens[e, :counts[e]]; the exclusive prefix sum of the counts into ``offsets``
+    [N+1] int32 when given. Shared by the prefill and the training forward."""
     T = x.shape[0]
     n = w_router.shape[0]
     gt = _empty(n, T, device=x.device, dtype=torch.float32)
     _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
-    return _group_gates(gt)
+    return _group_gates(gt, offsets)
 
 
-def _group_gates(gt):
-    """The tokens of each expert from the transposed gates gt [N, T] (fp32): (tokens [N, T], counts [N])."""
+def _group_gates(gt, offsets=None):
+    """The tokens of each expert from the transposed gates gt [N, T] (fp32): (tokens [N, T], counts [N]), and
+    offsets [N+1] (the exclusive prefix sum of counts) written when given."""
     n, T = gt.shape
     tokens = _empty(n, T, device=gt.device, dtype=torch.int32)
     counts = _empty(n, device=gt.device, dtype=torch.int32)
-    _group_kernel[(n,)](gt, tokens, counts, T, BLOCK=1024)
+    _group_kernel[(n,)](gt, tokens, counts, counts if offsets is None else offsets,
+                        _zeroed(gt.device, torch.int32, 1), T, n, WRITE_OFFSETS=offsets is not None, BLOCK=1024,
+                        BLOCK_N=max(16, pow2(n)))
     return tokens, counts
 
 

@@ -4,7 +4,8 @@ The activation buffer is [N, T, de], the dense size, because the number of pairs
 only the first count[e] rows of expert e are written and read, so time follows the active pairs.
 
 1. `_group_kernel`, one program per expert: compacts the tokens whose gate for that expert is > 0 from the
-   transposed gates gT [N, T] (written by the router) into tokens[e, :count[e]] in token order.
+   transposed gates gT [N, T] (written by the router) into tokens[e, :count[e]] in token order (and, for the
+   training path, the last program writes the pair offsets: the exclusive prefix sum of the counts).
 2. `_grouped_up_kernel`, one program per (expert, block of BLOCK_M of its tokens): gathers the tokens' rows of x,
    multiplies by the expert's [DE, d] slab of w_up on tensor cores, and applies NormSiLU (mu = x.wbar from the
    router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype.
@@ -21,7 +22,10 @@ from ._jit import norm_silu_gate
 
 
 @triton.jit
-def _group_kernel(gt_ptr, tok_ptr, count_ptr, T, BLOCK: tl.constexpr):
+def _group_kernel(gt_ptr, tok_ptr, count_ptr, off_ptr, counter_ptr, T, N, WRITE_OFFSETS: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program e: tokens[e, :count[e]] and count[e]. With WRITE_OFFSETS the last program to arrive (an arrival
+    counter, left at zero again) also writes offsets [N+1], the exclusive prefix sum of the counts."""
     e = tl.program_id(0).to(tl.int64)
     base = 0
     for t0 in range(0, T, BLOCK):
@@ -31,6 +35,14 @@ def _group_kernel(gt_ptr, tok_ptr, count_ptr, T, BLOCK: tl.constexpr):
         tl.store(tok_ptr + e * T + pos, ts, mask=active > 0)
         base += tl.sum(active, axis=0)
     tl.store(count_ptr + e, base)
+    if WRITE_OFFSETS:
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == N - 1:
+            ns = tl.arange(0, BLOCK_N)
+            counts = tl.load(count_ptr + ns, mask=ns < N, other=0, cache_modifier=".cg")
+            tl.store(off_ptr + 1 + ns, tl.cumsum(counts, axis=0), mask=ns < N)
+            tl.store(off_ptr, 0)
+            tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit

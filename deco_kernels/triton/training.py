@@ -14,22 +14,36 @@ h [P, de] (fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the
 once per step): O(T*N + P*de), nothing of size T*N*de.
 
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
-  forward   `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient)
-            `_pair_scatter_kernel` y[t] += a W_down_e^T                       (fp32 atomics)
+  forward   `_router_kernel`       g, mu (ffn._router)
+            `_group_kernel`        each expert's tokens; its last program writes offsets (exclusive cumsum)
+            `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); more
+                                   rows of programs seed acc (fp32) with the shared expert's output
+            `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); torch rounds acc into y
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
-                                   of two [T, N] buffers the logit gradient dr = <da, silu(n)> scale_e (+ dg)
-                                   and -sum(dh) (mu's share); per-program partials of dgamma, drouter_scale
-            torch (cuBLAS)         dmu = row sums of the shares, dx = dr W_router + dmu wbar,
-                                   dW_router = dr^T x, dwbar = x^T dmu (dr is zero where g <= 0, which
-                                   covers relu, threshold and max_active cuts)
-            `_pair_scatter_kernel` dx[t] += dh W_up_e                         (fp32 atomics)
+                                   of two [T, N] buffers the logit gradient <da, silu(n)> scale_e and
+                                   -sum(dh) (mu's share); dgamma and drouter_scale finished by the last
+                                   programs to arrive (fixed-order sums of per-program partials)
+            `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
+                                   threshold and max_active cuts; + dg), dmu = the row sums of the shares,
+                                   and dx (fp32) seeded with dmu wbar + dr W_router
+            torch (cuBLAS)         dW_router = dr^T x, dwbar = x^T dmu
+            `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); torch rounds dx into x's dtype
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
                                    over the expert's pairs: deterministic, every expert written
 Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
 prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
-The shared expert runs through torch (cuBLAS) and its own autograd; its output seeds y's fp32 accumulator
-inside the op, so y is rounded once, exactly as in inference.
+The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
+swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
+
+Glue. Outside the Triton kernels and the GEMMs, an eager bf16 training step of a layer launches three torch
+kernels: wbar's mean over w_up and the two casts of the fp32 accumulators y and dx to x's dtype (x's two
+gradients, the routed op's and the shared expert's, meet in the shared expert's addmm, swiglu.py). Rounding y
+and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
+H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
+zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival counters (the group
+kernel's, one per expert and one global in the pair backward) come from ffn._zeroed and are left at zero, as
+the router's are. The forward's one host synchronisation is P = offsets[N].
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
 (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
@@ -50,7 +64,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import layout
 from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
-from . import ffn
+from . import ffn, swiglu
 from ._jit import norm_silu_gate
 from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
@@ -64,8 +78,8 @@ TILES = {
     "bwd": dict(BLOCK_M=64, BLOCK_K=128, num_warps=8),        # _pair_bwd_kernel
     "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
+    "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
-
 
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
     """(expert, block of BLOCK_M of its pairs): an expert has at most T pairs."""
@@ -105,22 +119,34 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     pair_tok_ptr, h_ptr, a_ptr, T, N, D, stride_xt, eps,
-                     DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                     pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr,
+                     T, N, D, stride_xt, eps, DE: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Programs (e < N, block): expert e's pairs. Programs (N + j, block): y's fp32 accumulator acc [T, D]
+    seeded with the shared expert's output at tokens block*BLOCK_M.. and columns j*BLOCK_K.. (the scatter, a
+    later launch, adds into it)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    off, count = _expert_span(off_ptr, e)
-    if m0 < count:
-        e64 = e.to(tl.int64)
-        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        pairs = off.to(tl.int64) + ms
-        tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
-        h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
-        cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
-        tl.store(h_ptr + cells, h, mask=mmask[:, None])
-        _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
-        a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
-        tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+    if e >= N:
+        ts = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        tmask = ts < T
+        cs = ((e - N) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask = tmask[:, None] & (cs < D)[None, :]
+        v = tl.load(shared_ptr + ts[:, None] * stride_st + cs[None, :] * stride_sc, mask=mask, other=0.0)
+        tl.store(acc_ptr + ts[:, None] * D + cs[None, :], v.to(tl.float32), mask=mask)
+    else:
+        off, count = _expert_span(off_ptr, e)
+        if m0 < count:
+            e64 = e.to(tl.int64)
+            ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
+            pairs = off.to(tl.int64) + ms
+            tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
+            h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
+            cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
+            tl.store(h_ptr + cells, h, mask=mmask[:, None])
+            _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
+            a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
+            tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
 @triton.jit
@@ -142,18 +168,36 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, dg_ptr,
-                     a_ptr, dh_ptr, dr_ptr, dmu_part_ptr, dgamma_part_ptr, dscale_part_ptr,
-                     T, N, D, stride_dyt, eps,
-                     HAS_DG: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+def _sum_rows(ptr, first, rows, DE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Fixed-order sum of rows first..first+rows-1 of a [*, DE] fp32 buffer, BLOCK_R rows a step; .cg loads:
+    other programs wrote them."""
+    cols = tl.arange(0, DE)
+    acc = tl.zeros([DE], dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.sum(tl.load(ptr + (first + rs)[:, None] * DE + cols[None, :], mask=(rs < rows)[:, None],
+                              other=0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.jit
+def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
+                     a_ptr, dh_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr, dgamma_exp_ptr,
+                     dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, eps,
+                     DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     """Per pair (t, e): a (recomputed from h, for dW_down), dh (through NormSiLU), and at cell (t, e) of two
-    [T, N] fp32 buffers (one writer per cell; the caller fills the other cells): the router logit's gradient
-    dr = <da, silu(n)> * scale[e] (+ dg[t, e] with HAS_DG) and mu's share -sum(dh). Per program: partial sums
-    of dgamma [DE] and drouter_scale[e] (zero for programs without pairs)."""
+    [T, N] fp32 buffers (one writer per cell; the other cells are left unwritten: _token_bwd_kernel reads only
+    the active ones) the routed part of the logit gradient <da, silu(n)> * scale[e] and mu's share -sum(dh).
+
+    dgamma and drouter_scale are finished here, deterministically: each program with pairs (and block 0 of an
+    expert without any) stores its partial sums and arrives at its expert's counter; the expert's last program
+    sums them in block order into drouter_scale[e] and a per-expert dgamma row, then arrives at counter[N]; the
+    last expert sums the rows in expert order into dgamma. Counters are left at zero (CUDA graphs)."""
     e = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
-    part = e.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    blk = tl.program_id(1)
+    m0 = blk * BLOCK_M
+    part = e.to(tl.int64) * tl.num_programs(1) + blk
     cols = tl.arange(0, DE)
     off, count = _expert_span(off_ptr, e)
     if m0 < count:
@@ -172,21 +216,81 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
         s = n * sig
         tl.store(a_ptr + cells, (s * gs[:, None]).to(a_ptr.dtype.element_ty), mask=mmask[:, None])
         dgs = tl.sum(da * s, axis=1)
-        dr = dgs * tl.load(scale_ptr + e).to(tl.float32)
-        if HAS_DG:
-            dr += tl.load(dg_ptr + toks * N + e, mask=mmask, other=0.0)
-        tl.store(dr_ptr + toks * N + e, dr, mask=mmask)
+        tl.store(dr_ptr + toks * N + e, dgs * tl.load(scale_ptr + e).to(tl.float32), mask=mmask)
         dn = da * gs[:, None] * sig * (1.0 + n * (1.0 - sig))          # silu'(n) = sig * (1 + n (1 - sig))
         duhat = dn * gamma[None, :]
         # RMS norm backward: du = (duhat - uhat * mean(duhat * uhat)) / rms
         du = inv_rms[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, axis=1) / DE)[:, None])
         tl.store(dh_ptr + cells, du.to(dh_ptr.dtype.element_ty), mask=mmask[:, None])
-        tl.store(dmu_part_ptr + toks * N + e, -tl.sum(du, axis=1), mask=mmask)
+        tl.store(dmu_ptr + toks * N + e, -tl.sum(du, axis=1), mask=mmask)
         tl.store(dgamma_part_ptr + part * DE + cols, tl.sum(dn * uhat, axis=0))
         tl.store(dscale_part_ptr + part, tl.sum(dgs * g, axis=0))
-    else:
+    elif blk == 0:
         tl.store(dgamma_part_ptr + part * DE + cols, tl.zeros([DE], dtype=tl.float32))
         tl.store(dscale_part_ptr + part, 0.0)
+    if (m0 < count) | (blk == 0):
+        tl.debug_barrier()
+        arrivals = tl.maximum((count + BLOCK_M - 1) // BLOCK_M, 1)
+        if tl.atomic_add(counter_ptr + e, 1, sem="acq_rel") == arrivals - 1:
+            first = part - blk
+            tl.store(dgamma_exp_ptr + e.to(tl.int64) * DE + cols, _sum_rows(dgamma_part_ptr, first, arrivals, DE,
+                                                                         BLOCK_R))
+            rs = tl.arange(0, BLOCK_R)
+            dscale = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for r0 in range(0, arrivals, BLOCK_R):
+                dscale += tl.load(dscale_part_ptr + first + r0 + rs, mask=r0 + rs < arrivals, other=0.0,
+                                  cache_modifier=".cg")
+            tl.store(dscale_out_ptr + e, tl.sum(dscale, axis=0).to(dscale_out_ptr.dtype.element_ty))
+            tl.atomic_xchg(counter_ptr + e, 0)
+            tl.debug_barrier()
+            if tl.atomic_add(counter_ptr + N, 1, sem="acq_rel") == N - 1:
+                dgamma = _sum_rows(dgamma_exp_ptr, 0, N, DE, BLOCK_R)
+                tl.store(dgamma_out_ptr + cols, dgamma.to(dgamma_out_ptr.dtype.element_ty))
+                tl.atomic_xchg(counter_ptr + N, 0)
+
+
+@triton.jit
+def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr, dr_ptr, dmu_ptr, dx_ptr,
+                      T, N, D, HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, LOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The dense [T, N] pass of the backward, BLOCK_M tokens per program, reading the pair kernel's cells only
+    where the gate is on (g > 0: exactly the cells that have a pair):
+      dr [T, N]  the logit gradient: the pair kernel's share (+ dg) where g > 0, 0 elsewhere (relu, threshold
+                 and max_active cuts pass no gradient); without a router dL/dg: the share where g > 0, + dg
+      dmu [T]    mu's gradient, the fixed-order sum of the token's shares
+      dx [T, D]  fp32, seeded with dmu wbar + dr W_router (the scatter adds the experts' dh W_up into it)
+    dr and dmu are stored in their buffers' dtype. LOW (bf16 x and router): dr W_router from dr rounded to bf16
+    on tensor cores (fp32 accumulation), the precision of the dW_router GEMM that reads the same dr; else fp32
+    with exact products."""
+    ts = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tmask = ts < T
+    ts64 = ts.to(tl.int64)
+    ns = tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    cells = ts64[:, None] * N + ns[None, :]
+    inside = tmask[:, None] & nmask[None, :]
+    active = tl.load(g_ptr + cells, mask=inside, other=0.0) > 0
+    dr = tl.load(dr_pair_ptr + cells, mask=active, other=0.0)
+    if HAS_DG:
+        if HAS_ROUTER:
+            dr += tl.load(dg_ptr + cells, mask=active, other=0.0)
+        else:
+            dr += tl.load(dg_ptr + cells, mask=inside, other=0.0)
+    dmu = tl.sum(tl.load(dmu_pair_ptr + cells, mask=active, other=0.0), axis=1)
+    tl.store(dr_ptr + cells, dr.to(dr_ptr.dtype.element_ty), mask=inside)
+    tl.store(dmu_ptr + ts64, dmu.to(dmu_ptr.dtype.element_ty), mask=tmask)
+    for c0 in range(0, D, BLOCK_C):
+        cs = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        cmask = cs < D
+        dx = dmu[:, None] * tl.load(wbar_ptr + cs, mask=cmask, other=0.0)[None, :]
+        if HAS_ROUTER:
+            w = tl.load(wr_ptr + ns.to(tl.int64)[:, None] * D + cs[None, :], mask=nmask[:, None] & cmask[None, :],
+                        other=0.0)
+            if LOW:
+                dx = tl.dot(dr.to(w.dtype), w, dx)
+            else:
+                dx = tl.dot(dr, w.to(tl.float32), dx, input_precision="ieee")
+        tl.store(dx_ptr + ts64[:, None] * D + cs[None, :], dx, mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -209,7 +313,7 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
                     other=0.0)
         acc += tl.dot(tl.trans(a), b, input_precision=PREC)
     if HAS_VEC:
-        acc += tl.load(vec_ptr + cols, mask=cmask, other=0.0)[None, :] * vec_scale
+        acc += tl.load(vec_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] * vec_scale
     rows = e.to(tl.int64) * DE + ks
     tl.store(out_ptr + rows[:, None] * stride_oi + cols.to(tl.int64)[None, :] * stride_oc,
              acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
@@ -228,47 +332,46 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     dev, f32 = x.device, torch.float32
     g = ffn._empty(T, n, device=dev, dtype=f32)
     mu = ffn._empty(T, device=dev, dtype=f32)
-    offsets = torch.zeros(n + 1, device=dev, dtype=torch.int32)
-    acc = shared.to(f32, copy=True)                       # the shared expert seeds the fp32 accumulator
+    offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
+    acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
     wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
-    if T > 0:
-        if gates is None:
-            tokens, counts = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu)
-        else:
-            g.copy_(gates)
-            torch.mv(x.float(), wbar, out=mu)
-            tokens, counts = ffn._group_gates(g.t().contiguous())
-        torch.cumsum(counts, 0, out=offsets[1:])
+    if T == 0:
+        offsets.zero_()
+    elif gates is None:
+        tokens, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu,
+                                         offsets=offsets)
+    else:
+        g.copy_(gates)
+        torch.mv(x.float(), wbar, out=mu)
+        tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
     h = ffn._empty(P, de, device=dev, dtype=f32)
-    if P > 0:
+    if T > 0:
         prec = ffn._precision(x.dtype)
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
         up, scatter = TILES["up"], TILES["y_scatter"]
-        _train_up_kernel[_pair_grid(n, T, up)](x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a,
-                                               T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
-        _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
-                                                         DE=de, PREC=prec, **scatter)
+        # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
+        _train_up_kernel[_pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up)](
+            x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a, shared, shared.stride(0),
+            shared.stride(1), acc, T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
+        if P > 0:
+            _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
+                                                             DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
-def _router_grads(x, dr, dmu, w_router, dx):
-    """dwbar = x^T dmu (fp32) and dW_router = dr^T x (w_router's dtype, empty without a router); adds
-    dr W_router into dx (fp32) in place. On cuBLAS: with bf16 x and router weights the GEMMs run on tensor cores
-    from dr and dmu rounded to bf16 (fp32 accumulation; dr W_router and dwbar are rounded to bf16 once more),
-    the precision of the routed path's own bf16 GEMMs. Otherwise in fp32: fp16's range would not hold dmu and
-    dwbar (sums over the token's pairs and over T) under loss scaling. (In fp32 the addmm alone ran 58 µs as a
-    SIMT sgemm in a 1.2b step at T=4096 on the H200; a Triton kernel per column block looping over the tokens
-    took 1.1 ms.)"""
+def _router_grads(x, dr, dmu, w_router):
+    """dwbar = x^T dmu and dW_router = dr^T x (w_router's dtype, empty without a router), on cuBLAS. dr and dmu
+    come from _token_bwd_kernel already in the GEMMs' input dtype: with bf16 x and router weights bf16, so the
+    GEMMs run on tensor cores (fp32 accumulation; dwbar is rounded to bf16 once more and read as such by the
+    dW_up kernel), the precision of the routed path's own bf16 GEMMs. Otherwise fp32: fp16's range would not
+    hold dmu and dwbar (sums over the token's pairs and over T) under loss scaling."""
     if w_router is None:
         return dmu @ x.float(), x.new_empty(0)
-    if x.dtype == torch.bfloat16 and w_router.dtype == x.dtype:
-        dr16 = dr.to(x.dtype)
-        dx.add_(dr16 @ w_router)
-        return (dmu.to(x.dtype) @ x).float(), dr16.t() @ x
-    x32, w32 = x.float(), w_router.float()
-    dx.addmm_(dr, w32)
+    if dr.dtype == x.dtype:
+        return dmu @ x, dr.t() @ x
+    x32 = x.float()
     return dmu @ x32, (dr.t() @ x32).to(w_router.dtype)
 
 
@@ -287,22 +390,30 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
     bwd = TILES["bwd"]
     grid = _pair_grid(n, T, bwd)
-    blocks = grid[1]
     a = ffn._empty(P, de, device=dev, dtype=x.dtype)
     dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
-    # dr: the gradient of the fp32 logits where the gate survived (relu, threshold and max_active all pass it
-    # exactly there), 0 elsewhere; without a router it is dL/dg, which takes dg at every cell.
-    dr = dg.clone() if dg is not None and not has_router else torch.zeros(T, n, device=dev, dtype=f32)
-    dmu_part = torch.zeros(T, n, device=dev, dtype=f32)
-    dgamma_part = ffn._empty(n * blocks, de, device=dev, dtype=f32)
-    dscale_part = ffn._empty(n * blocks, device=dev, dtype=f32)
-    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, dr if dg is None else dg,
-                           a, dh, dr, dmu_part, dgamma_part, dscale_part, T, n, d, dy.stride(0), NORM_EPS,
-                           HAS_DG=dg is not None, DE=de, PREC=prec, **bwd)
+    # The pair kernel writes the active cells of these two [T, N] buffers; nothing reads the others.
+    dr_pair = ffn._empty(T, n, device=dev, dtype=f32)
+    dmu_pair = ffn._empty(T, n, device=dev, dtype=f32)
+    dgamma_part = ffn._empty(n * grid[1], de, device=dev, dtype=f32)
+    dscale_part = ffn._empty(n * grid[1], device=dev, dtype=f32)
+    dgamma_exp = ffn._empty(n, de, device=dev, dtype=f32)
+    dgamma = ffn._empty(de, device=dev, dtype=gamma.dtype)
+    dscale = ffn._empty(n, device=dev, dtype=router_scale.dtype)
+    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, a, dh, dr_pair, dmu_pair,
+                           dgamma_part, dscale_part, dgamma_exp, dgamma, dscale, ffn._zeroed(dev, torch.int32, n + 1),
+                           T, n, d, dy.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_R=32, **bwd)
 
-    dmu = dmu_part.sum(1)  # the gradient of mu = x.wbar: a fixed-order sum over the token's experts
-    dx = dmu[:, None] * wbar  # seeds dx's fp32 accumulator
-    dwbar, dw_router = _router_grads(x, dr, dmu, w_router, dx)
+    # The router GEMMs read dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
+    low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
+    dr = ffn._empty(T, n, device=dev, dtype=x.dtype if low else f32)
+    dmu = ffn._empty(T, device=dev, dtype=x.dtype if low else f32)
+    dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
+    tok = TILES["token"]
+    _token_bwd_kernel[(ffn.cdiv(T, tok["BLOCK_M"]),)](
+        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, dr, dmu, dx,
+        T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
+    dwbar, dw_router = _router_grads(x, dr, dmu, w_router)
     dgates = none if has_router else dr  # without a router, the caller's autograd owns it: dL/dg is dr
     scatter = TILES["dx_scatter"]
     _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
@@ -316,9 +427,6 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
     _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
                               dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
-    # Fixed-order sums of the per-program partials: deterministic.
-    dgamma = dgamma_part.sum(0).to(gamma.dtype)
-    dscale = dscale_part.view(n, blocks).sum(1).to(router_scale.dtype)
     return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
@@ -425,12 +533,16 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     deco_ffn_from_gates with ``gates`` [T, N] (w without w_router; the knobs unused). Returns (y [T, d],
     g [T, N] fp32), g differentiable (for the entropy regulariser). The knobs themselves get no gradient (a
     tensor bias is treated as a constant)."""
-    shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    tracing = _tracing(x)
+    if tracing:
+        shared = dense_swiglu(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    else:  # x passes through the shared expert's Function: the two gradients of x meet in its GEMMs
+        shared, x = swiglu.shared_expert(x, w["ws_gate"], w["ws_up"], w["ws_down"])
     n = w["router_scale"].shape[0]
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
         gates = gates.float().contiguous()
-    op = deco_ffn_fwd if _tracing(x) else _EagerDecoFfn.apply
+    op = deco_ffn_fwd if tracing else _EagerDecoFfn.apply
     y, g, *_ = op(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
                   bias_value, float(threshold), int(max_active or 0), gates)
     return y, g

@@ -1,0 +1,94 @@
+"""The shared expert of the training path, eager calls: SwiGLU with its gate nonlinearity fused on Triton.
+
+torch's autograd of ``ops.dense_swiglu`` launches silu and mul in the forward and mul, mul and silu_backward
+in the backward, plus an add for x's two gradients. Here the forward is two cuBLAS GEMMs, ONE elementwise
+kernel h = silu(a) * b (fp32 math, rounded once to x's dtype) and the down GEMM (torch's autograd); the
+backward one elementwise kernel (da, db) and the GEMMs. x reaches the routed op through this Function
+(shared_expert returns it as a view), so x's gradient from there arrives here and x's gradient is
+addmm(addmm(dx_routed, da, W_gate), db, W_up): no add kernels. It saves x, the weights (by reference) and a, b
+(no silu(a) copy).
+
+torch.compile traces ``ops.dense_swiglu`` instead (training.deco_ffn_train picks): inductor fuses the
+elementwise ops itself. Under create_graph the backward recomputes through torch's differentiable ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import ffn
+
+BLOCK = 1024   # elements per program of the elementwise kernels
+
+
+@triton.jit
+def _swiglu_fwd_kernel(a_ptr, b_ptr, h_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(a_ptr, b_ptr, dh_ptr, da_ptr, db_ptr, numel, BLOCK: tl.constexpr):
+    """db = dh silu(a), da = dh b silu'(a), silu'(a) = sig (1 + a (1 - sig)) (torch's silu_backward)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(a)
+    tl.store(db_ptr + offs, (dh * a * sig).to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + offs, (dh * b * sig * (1.0 + a * (1.0 - sig))).to(da_ptr.dtype.element_ty), mask=mask)
+
+
+class _SwiGLUHidden(torch.autograd.Function):
+    """(h, x') for rows x [T, d]: h = silu(x W_gate^T) * (x W_up^T), and x' = x (a view) for the routed op, so
+    that x's gradient from the routed op arrives here and the GEMMs of x's gradient add into it."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up):
+        a, b = F.linear(x, w_gate), F.linear(x, w_up)
+        h = ffn._empty(*a.shape, device=a.device, dtype=a.dtype)
+        if h.numel():
+            _swiglu_fwd_kernel[(ffn.cdiv(h.numel(), BLOCK),)](a, b, h, h.numel(), BLOCK=BLOCK)
+        ctx.save_for_backward(x, w_gate, w_up, a, b)
+        ctx.set_materialize_grads(False)
+        return h, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dh, dx_routed):
+        x, w_gate, w_up, a, b = ctx.saved_tensors
+        need_x, need_gate, need_up = ctx.needs_input_grad
+        if dh is None:
+            return dx_routed, None, None
+        if torch.is_grad_enabled():  # create_graph: torch's differentiable formula, recomputed from the inputs
+            inputs = (x, w_gate, w_up)
+            h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+            got = iter(torch.autograd.grad(h, wanted, dh, create_graph=True))
+            grads = [next(got) if need else None for need in ctx.needs_input_grad]
+            if need_x and dx_routed is not None:
+                grads[0] = grads[0] + dx_routed
+            return tuple(grads)
+        dh = dh.contiguous()
+        da = ffn._empty(*a.shape, device=a.device, dtype=a.dtype)
+        db = ffn._empty(*b.shape, device=b.device, dtype=b.dtype)
+        if da.numel():
+            _swiglu_bwd_kernel[(ffn.cdiv(da.numel(), BLOCK),)](a, b, dh, da, db, da.numel(), BLOCK=BLOCK)
+        dx = None
+        if need_x:  # the GEMMs of x's gradient add into the routed op's (addmm): no separate add kernels
+            dx = da @ w_gate if dx_routed is None else torch.addmm(dx_routed, da, w_gate)
+            dx = torch.addmm(dx, db, w_up)
+        return dx, da.t() @ x if need_gate else None, db.t() @ x if need_up else None
+
+
+def shared_expert(x, w_gate, w_up, w_down):
+    """ops.dense_swiglu of rows x [T, d] (unit column stride) with the fused gate nonlinearity, eager only.
+    Returns (y_shared, x'): x' is x (a view) to be passed to the routed op instead of x, so that x's gradient
+    from there joins the shared expert's inside its GEMMs."""
+    h, x_routed = _SwiGLUHidden.apply(x, w_gate, w_up)
+    return F.linear(h, w_down), x_routed
