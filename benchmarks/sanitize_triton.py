@@ -2,8 +2,10 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_triton.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_triton.py --preset 1.2b --tokens 4096
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_triton.py --train
 
-With --tokens, runs only those token counts (no max_active) at the given preset.
+With --tokens, runs only those token counts (no max_active) at the given preset. With --train, the training path
+instead: a forward and backward (x and every weight require grad; gradients into y and the gates) per case.
 """
 import argparse
 
@@ -15,12 +17,21 @@ from deco_kernels.benchmark import layer_inputs
 p = argparse.ArgumentParser()
 p.add_argument("--preset", default="0.1b")
 p.add_argument("--tokens", nargs="*", type=int)
+p.add_argument("--train", action="store_true")
 args = p.parse_args()
 cfg = DecoConfig.preset(args.preset)
 cases = [(T, None) for T in args.tokens] if args.tokens else [(1, None), (1, 4), (24, None), (300, None), (300, 3)]
-with torch.no_grad():
-    for T, max_active in cases:
-        x, w, _ = layer_inputs(cfg, T, "cuda", seed=T)
-        y = ops.deco_ffn(x, **w, max_active=max_active, backend="triton")
-        torch.cuda.synchronize()
-        print("T", T, "max_active", max_active, "ok", bool(torch.isfinite(y).all()))
+for T, max_active in cases:
+    x, w, _ = layer_inputs(cfg, T, "cuda", seed=T)
+    if args.train:
+        leaves = [t.detach().requires_grad_() for t in (x, *w.values())]
+        y, g = ops.deco_ffn(leaves[0], **dict(zip(w, leaves[1:])), max_active=max_active, backend="triton",
+                            return_gates=True)
+        grads = torch.autograd.grad(y.float().square().sum() + g.sum(), leaves)
+        finite = all(bool(torch.isfinite(t).all()) for t in (y, *grads))
+    else:
+        with torch.no_grad():
+            y = ops.deco_ffn(x, **w, max_active=max_active, backend="triton")
+        finite = bool(torch.isfinite(y).all())
+    torch.cuda.synchronize()
+    print("T", T, "max_active", max_active, "train" if args.train else "inference", "ok", finite)
