@@ -32,11 +32,14 @@ def _mean(w_up: torch.Tensor) -> torch.Tensor:
 
 
 def _split(wbar: torch.Tensor) -> torch.Tensor:
+    # Five elementwise launches: the training path recomputes wbar, and so this, every step.
     with torch.no_grad():
-        hi = wbar.to(torch.bfloat16)
-        rest = wbar - hi.float()
-        mid = rest.to(torch.bfloat16)
-        return torch.stack((hi, mid, (rest - mid.float()).to(torch.bfloat16)))
+        parts = torch.empty(3, wbar.shape[0], device=wbar.device, dtype=torch.bfloat16)
+        parts[0].copy_(wbar)
+        rest = wbar - parts[0]             # exact in fp32
+        parts[1].copy_(rest)
+        parts[2].copy_(rest.sub_(parts[1]))
+        return parts
 
 
 def _cached(t: torch.Tensor, make) -> torch.Tensor:

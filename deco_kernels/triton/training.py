@@ -36,8 +36,9 @@ prefill; the order of those adds can change the last bits of fp32 between runs (
 The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
 swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
 
-Glue. Outside the Triton kernels and the GEMMs, an eager bf16 training step of a layer launches three torch
-kernels: wbar's mean over w_up and the two casts of the fp32 accumulators y and dx to x's dtype (x's two
+Glue. Outside the Triton kernels and the GEMMs, an eager bf16 training step of a layer launches wbar's mean
+over w_up, its split into bf16 parts for the router's tensor-core mu (layout.mean_split, five small elementwise
+launches: wbar is new every step) and the two casts of the fp32 accumulators y and dx to x's dtype (x's two
 gradients, the routed op's and the shared expert's, meet in the shared expert's addmm, swiglu.py). Rounding y
 and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
 H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
