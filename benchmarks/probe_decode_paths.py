@@ -39,7 +39,7 @@ def variants(x, w, dense, T):
         if T >= 2:
             out["triton_dot"] = (triton, (ffn, "FMA_MAX_T", 1))
     out["triton"] = (triton, None)
-    if T <= ffn.SMALL_BATCH_MAX:  # the small-batch down kernel without programmatic dependent launch
+    if T <= ffn.FMA_MAX_T:  # the decode kernels (the only PDL launch) launched plainly
         out["triton_pdl_off"] = (triton, (ffn, "USE_PDL", False))
     if backends.available("cupy", x.device):
         from deco_kernels.cupy import ffn as cupy_ffn, geometry as cupy_geometry
