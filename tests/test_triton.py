@@ -266,6 +266,30 @@ def test_mean_split_sums_to_wbar():
     assert len(layout._splits) == n - 1
 
 
+@pytest.mark.parametrize("rows,d", [(16, 40), (13 * 64, 96), (1100, 130)],
+                         ids=["one-chunk", "preset-like", "partial-chunk-and-columns"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mean_kernel(triton_device, rows, d, dtype):
+    """The training path's wbar and its split in one launch (triton/means.py): the fp32 mean of w_up's rows
+    over row chunks summed in a fixed order (1100 rows: three chunks, the last partial; 130 columns: a partial
+    column block), the split summing to it, bit-identical on a second call (the arrival counters left at
+    zero), and on a GPU the split equal to layout.mean_split's (both round to nearest even; the interpreter
+    truncates)."""
+    from deco_kernels.triton import means
+    w = (torch.randn(rows, d, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5).to(dtype)
+    w = w.to(triton_device)
+    wbar, split = means.expert_mean(w)
+    ref = w.double().cpu().mean(0)
+    assert wbar.dtype == torch.float32 and split.shape == (3, d) and split.dtype == torch.bfloat16
+    assert_rel_close(wbar.double().cpu(), ref, 1e-6, "wbar")
+    total = split.double().sum(0)
+    assert ((total - wbar.double()).abs() <= wbar.double().abs() * 2.0**-24).all()
+    wbar2, split2 = means.expert_mean(w)
+    assert torch.equal(wbar, wbar2) and torch.equal(split, split2)
+    if triton_device == "cuda":
+        assert torch.equal(split, layout._split(wbar))
+
+
 def test_rejects_odd_expert_width(triton_device):
     # Inference and training (autograd; its gradients are tested in test_triton_grad.py) alike.
     for requires_grad in (False, True):

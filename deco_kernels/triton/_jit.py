@@ -33,3 +33,17 @@ def router_dot(x, wr):
         return tl.dot(x, tl.trans(wr))
     return tl.dot(x.to(tl.float32), tl.trans(wr.to(tl.float32)), input_precision="ieee")
 
+
+
+@triton.jit
+def fixed_order_sum(ptr, first, rows, row_stride, cols, cmask, BLOCK_R: tl.constexpr):
+    """Sum of rows first .. first+rows-1 of a fp32 buffer at the columns ``cols`` (masked by ``cmask``), BLOCK_R
+    rows a step in row order: the result does not depend on which program wrote which row, or when. Loads
+    bypass L1 (.cg): other programs wrote the rows (the last arriver of an arrival counter reads them)."""
+    acc = tl.zeros([BLOCK_R, cols.shape[0]], dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        rs = first + r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(ptr + rs.to(tl.int64)[:, None] * row_stride + cols[None, :],
+                       mask=(r0 + tl.arange(0, BLOCK_R) < rows)[:, None] & cmask[None, :], other=0.0,
+                       cache_modifier=".cg")
+    return tl.sum(acc, axis=0)

@@ -103,7 +103,9 @@ def router_stages(block_t: int) -> int:
 
 
 def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
-            warps=4, block_k=64):
+            warps=4, block_k=64, wsplit=None):
+    """Gates g [T, N] and mu [T] (gt, g transposed, when given). wsplit: wbar's bf16 split (layout.mean_split),
+    when the caller has it already."""
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
@@ -117,7 +119,7 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     mu_mma = x.dtype == torch.bfloat16 and w_router.dtype == torch.bfloat16 and n + 3 <= block_n
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
     _router_kernel[(blocks, split)](
-        x, w_router, wbar, layout.mean_split(wbar) if mu_mma else w_router, bias_v if bias_v is not None else g,
+        x, w_router, wbar, (layout.mean_split(wbar) if wsplit is None else wsplit) if mu_mma else w_router, bias_v if bias_v is not None else g,
         g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
         bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
@@ -126,14 +128,14 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
 
 
 def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None,
-                     offsets=None):
+                     offsets=None, wsplit=None):
     """Router (gates g, mu) then the tokens of each expert: (tokens [N, T] int32, counts [N] int32), expert e's
     tokens in token order in tokens[e, :counts[e]]; the exclusive prefix sum of the counts into ``offsets``
     [N+1] int32 when given. Shared by the prefill and the training forward."""
     T = x.shape[0]
     n = w_router.shape[0]
     gt = _empty(n, T, device=x.device, dtype=torch.float32)
-    _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
+    _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t, wsplit=wsplit)
     return _group_gates(gt, offsets)
 
 

@@ -14,7 +14,8 @@ h [P, de] (fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the
 once per step): O(T*N + P*de), nothing of size T*N*de.
 
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
-  forward   `_router_kernel`       g, mu (ffn._router)
+  forward   `_expert_mean_kernel`  wbar and its bf16 split for the router's tensor-core mu (means.py)
+            `_router_kernel`       g, mu (ffn._router)
             `_group_kernel`        each expert's tokens; its last program writes offsets (exclusive cumsum)
             `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); more
                                    rows of programs seed acc (fp32) with the shared expert's output
@@ -26,7 +27,7 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
             `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
                                    threshold and max_active cuts; + dg), dmu = the row sums of the shares,
                                    and dx (fp32) seeded with dmu wbar + dr W_router
-            torch (cuBLAS)         dW_router = dr^T x, dwbar = x^T dmu
+            `_router_wgrad_kernel` dW_router = dr^T x and dwbar = x^T dmu (fp32), one pass over x
             `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); torch rounds dx into x's dtype
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
@@ -36,10 +37,10 @@ prefill; the order of those adds can change the last bits of fp32 between runs (
 The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
 swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
 
-Glue. Outside the Triton kernels and the GEMMs, an eager bf16 training step of a layer launches wbar's mean
-over w_up, its split into bf16 parts for the router's tensor-core mu (layout.mean_split, five small elementwise
-launches: wbar is new every step) and the two casts of the fp32 accumulators y and dx to x's dtype (x's two
-gradients, the routed op's and the shared expert's, meet in the shared expert's addmm, swiglu.py). Rounding y
+Glue. Outside the Triton kernels and the shared expert's GEMMs, an eager training step of a layer launches
+only the two casts of the fp32 accumulators y and dx to x's dtype (x's two gradients, the routed op's and the
+shared expert's, meet in the shared expert's addmm, swiglu.py). wbar and its split (new every step) took six
+torch launches and the router's weight gradients two cuBLAS GEMMs before means.py and _router_wgrad_kernel. Rounding y
 and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
 H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
 zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival counters (the group
@@ -62,11 +63,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import layout
 from ..ops import dense_swiglu
 from ..reference.ops import NORM_EPS
-from . import ffn, swiglu
-from ._jit import norm_silu_gate
+from . import ffn, means, swiglu
+from ._jit import fixed_order_sum, norm_silu_gate
 from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
 
 # Each launch's tiles: BLOCK_M pairs of one expert per program, BLOCK_K the reduction step over d of the gather
@@ -80,6 +80,7 @@ TILES = {
     "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
+    "router_wgrad": dict(BLOCK_M=64, BLOCK_C=32, CHUNKS=8, num_warps=8),  # _router_wgrad_kernel (untuned)
 }
 
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
@@ -169,19 +170,6 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _sum_rows(ptr, first, rows, DE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Fixed-order sum of rows first..first+rows-1 of a [*, DE] fp32 buffer, BLOCK_R rows a step; .cg loads:
-    other programs wrote them."""
-    cols = tl.arange(0, DE)
-    acc = tl.zeros([DE], dtype=tl.float32)
-    for r0 in range(0, rows, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        acc += tl.sum(tl.load(ptr + (first + rs)[:, None] * DE + cols[None, :], mask=(rs < rows)[:, None],
-                              other=0.0, cache_modifier=".cg"), axis=0)
-    return acc
-
-
-@triton.jit
 def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
                      a_ptr, dh_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr, dgamma_exp_ptr,
                      dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, eps,
@@ -234,8 +222,9 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
         arrivals = tl.maximum((count + BLOCK_M - 1) // BLOCK_M, 1)
         if tl.atomic_add(counter_ptr + e, 1, sem="acq_rel") == arrivals - 1:
             first = part - blk
-            tl.store(dgamma_exp_ptr + e.to(tl.int64) * DE + cols, _sum_rows(dgamma_part_ptr, first, arrivals, DE,
-                                                                         BLOCK_R))
+            every = cols < DE
+            tl.store(dgamma_exp_ptr + e.to(tl.int64) * DE + cols,
+                     fixed_order_sum(dgamma_part_ptr, first, arrivals, DE, cols, every, BLOCK_R))
             rs = tl.arange(0, BLOCK_R)
             dscale = tl.zeros([BLOCK_R], dtype=tl.float32)
             for r0 in range(0, arrivals, BLOCK_R):
@@ -245,7 +234,7 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
             tl.atomic_xchg(counter_ptr + e, 0)
             tl.debug_barrier()
             if tl.atomic_add(counter_ptr + N, 1, sem="acq_rel") == N - 1:
-                dgamma = _sum_rows(dgamma_exp_ptr, 0, N, DE, BLOCK_R)
+                dgamma = fixed_order_sum(dgamma_exp_ptr, 0, N, DE, cols, every, BLOCK_R)
                 tl.store(dgamma_out_ptr + cols, dgamma.to(dgamma_out_ptr.dtype.element_ty))
                 tl.atomic_xchg(counter_ptr + N, 0)
 
@@ -295,6 +284,50 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
 
 
 @triton.jit
+def _router_wgrad_kernel(dr_ptr, dmu_ptr, x_ptr, stride_xt, partial_ptr, counter_ptr, dwr_ptr, dwbar_ptr,
+                         T, N, D, chunk_tokens, PREC: tl.constexpr, CHUNKS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[dr | dmu]^T x [N+1, D] in one pass over x: dW_router = dr^T x (rows 0..N-1, dr [T, N]; N = 0 without
+    a router) and dwbar = x^T dmu (row N, dmu [T]; stored fp32). Program (column block, token chunk) multiplies
+    its chunk's tiles (CHUNKS chunks of T, the last ones possibly empty), dmu riding as column N of the dr tile,
+    and stores the [BLOCK_N, BLOCK_C] partial sum; the last program of a column block to arrive adds the
+    chunks in chunk order (deterministic, as the GEMMs it replaces; unrolled, so its loads are in flight
+    together) and writes both. dr and dmu are bf16 with bf16 x (tensor cores, fp32 accumulation), else fp32
+    with x read as fp32 and exact products."""
+    cb = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < D
+    ns = tl.arange(0, BLOCK_N)
+    t_lo = chunk * chunk_tokens
+    t_hi = tl.minimum(t_lo + chunk_tokens, T)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_M):
+        ts = t0 + tl.arange(0, BLOCK_M)
+        tmask = ts < t_hi
+        ts64 = ts.to(tl.int64)
+        dmu = tl.load(dmu_ptr + ts64, mask=tmask, other=0.0)
+        grad = tl.load(dr_ptr + ts64[:, None] * N + ns[None, :], mask=tmask[:, None] & (ns < N)[None, :], other=0.0)
+        grad = tl.where(ns[None, :] == N, dmu[:, None], grad)
+        x = tl.load(x_ptr + ts64[:, None] * stride_xt + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += tl.dot(tl.trans(grad), x.to(grad.dtype), input_precision=PREC)
+    tile = chunk.to(tl.int64) * BLOCK_N * D + ns[:, None] * D + cols[None, :]
+    tl.store(partial_ptr + tile, acc, mask=cmask[None, :])
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + cb, 1, sem="acq_rel") == CHUNKS - 1:
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            total += tl.load(partial_ptr + c * BLOCK_N * D + ns[:, None] * D + cols[None, :], mask=cmask[None, :],
+                             other=0.0, cache_modifier=".cg")
+        rows = (ns < N)[:, None]   # dwbar's row N need not fit the router's dtype
+        tl.store(dwr_ptr + ns[:, None] * D + cols[None, :], tl.where(rows, total, 0.0).to(dwr_ptr.dtype.element_ty),
+                 mask=rows & cmask[None, :])
+        tl.store(dwbar_ptr + cols, tl.sum(tl.where(ns[:, None] == N, total, 0.0), axis=0), mask=cmask)
+        tl.atomic_xchg(counter_ptr + cb, 0)
+
+
+@triton.jit
 def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, vec_scale, out_ptr,
                        stride_oi, stride_oc, T, C,
                        HAS_VEC: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
@@ -335,12 +368,13 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     mu = ffn._empty(T, device=dev, dtype=f32)
     offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
     acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
-    wbar = layout.expert_mean(w_up, cached=False)  # weights may be refilled in place (FSDP): never cached
+    # Never cached (weights may be refilled in place, as FSDP does): one launch per step, the split included.
+    wbar, wsplit = means.expert_mean(w_up)
     if T == 0:
         offsets.zero_()
     elif gates is None:
         tokens, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu,
-                                         offsets=offsets)
+                                         offsets=offsets, wsplit=wsplit)
     else:
         g.copy_(gates)
         torch.mv(x.float(), wbar, out=mu)
@@ -363,17 +397,25 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
 
 
 def _router_grads(x, dr, dmu, w_router):
-    """dwbar = x^T dmu and dW_router = dr^T x (w_router's dtype, empty without a router), on cuBLAS. dr and dmu
-    come from _token_bwd_kernel already in the GEMMs' input dtype: with bf16 x and router weights bf16, so the
-    GEMMs run on tensor cores (fp32 accumulation; dwbar is rounded to bf16 once more and read as such by the
-    dW_up kernel), the precision of the routed path's own bf16 GEMMs. Otherwise fp32: fp16's range would not
-    hold dmu and dwbar (sums over the token's pairs and over T) under loss scaling."""
-    if w_router is None:
-        return dmu @ x.float(), x.new_empty(0)
-    if dr.dtype == x.dtype:
-        return dmu @ x, dr.t() @ x
-    x32 = x.float()
-    return dmu @ x32, (dr.t() @ x32).to(w_router.dtype)
+    """(dwbar = x^T dmu fp32 [d], dW_router = dr^T x in w_router's dtype, empty without a router) in one launch
+    (_router_wgrad_kernel; two cuBLAS GEMMs before, the one with K = T split by cuBLAS and ~18 µs at 0.1b).
+    dr and dmu come from _token_bwd_kernel already in the input dtype: bf16 with bf16 x and router weights
+    (tensor cores), else fp32 (exact products: fp16's range would not hold dmu and dwbar, sums over the token's
+    pairs and over T, under loss scaling)."""
+    T, d = x.shape
+    n = 0 if w_router is None else w_router.shape[0]
+    dev = x.device
+    tiles = TILES["router_wgrad"]
+    chunk = ffn.cdiv(ffn.cdiv(T, tiles["CHUNKS"]), tiles["BLOCK_M"]) * tiles["BLOCK_M"]
+    grid = (ffn.cdiv(d, tiles["BLOCK_C"]), tiles["CHUNKS"])
+    block_n = max(16, ffn.pow2(n + 1))
+    dwbar = ffn._empty(d, device=dev, dtype=torch.float32)
+    dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype) if n else x.new_empty(0)
+    partial = ffn._empty(grid[1], block_n, d, device=dev, dtype=torch.float32)
+    _router_wgrad_kernel[grid](dr, dmu, x, x.stride(0), partial, ffn._zeroed(dev, torch.int32, grid[0]),
+                               dw_router if n else dwbar, dwbar, T, n, d, chunk, PREC=ffn._precision(dr.dtype),
+                               BLOCK_N=block_n, **tiles)
+    return dwbar, dw_router
 
 
 def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
