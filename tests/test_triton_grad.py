@@ -234,8 +234,7 @@ def test_double_backward_raises_instead_of_dropping_the_routed_part(triton_devic
 def test_other_tiles(triton_device, monkeypatch):
     # Every launch takes its tiles from training.TILES (what benchmarks/sweep_train_tiles.py varies). Small ones
     # give several pair blocks per expert and a partial last column step (d = 40 with BLOCK_C = 32).
-    # Three token chunks of the router's weight gradient at T = 65: 32, 32 and 1 token.
-    small = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=32, CHUNKS=3, num_warps=4)
+    small = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=32, num_warps=4)
     for key, tiles in list(training.TILES.items()):
         monkeypatch.setitem(training.TILES, key, {k: small[k] for k in tiles})
     x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=9, active=0.5)

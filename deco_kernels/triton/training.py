@@ -27,7 +27,7 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
             `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
                                    threshold and max_active cuts; + dg), dmu = the row sums of the shares,
                                    and dx (fp32) seeded with dmu wbar + dr W_router
-            `_router_wgrad_kernel` dW_router = dr^T x and dwbar = x^T dmu (fp32), one pass over x
+            torch (cuBLAS)         [dW_router | dwbar] = [dr | dmu]^T x, one GEMM
             `_pair_scatter_kernel` dx[t] += dh W_up_e (fp32 atomics); torch rounds dx into x's dtype
             `_pair_wgrad_kernel`   dW_up_e = dh^T x[t] + dwbar / (N*de) (the mu = x.wbar path) and
                                    dW_down_e = (a^T dy[t])^T, one program per (expert, column block) looping
@@ -40,7 +40,7 @@ swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside th
 Glue. Outside the Triton kernels and the shared expert's GEMMs, an eager training step of a layer launches
 only the two casts of the fp32 accumulators y and dx to x's dtype (x's two gradients, the routed op's and the
 shared expert's, meet in the shared expert's addmm, swiglu.py). wbar and its split (new every step) took six
-torch launches and the router's weight gradients two cuBLAS GEMMs before means.py and _router_wgrad_kernel. Rounding y
+torch launches before means.py, and the router's weight gradients two GEMMs before grad_t (_router_grads). Rounding y
 and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
 H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
 zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival counters (the group
@@ -80,7 +80,6 @@ TILES = {
     "dx_scatter": dict(BLOCK_M=64, BLOCK_C=64, num_warps=8),  # _pair_scatter_kernel, backward (w_up^T)
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
-    "router_wgrad": dict(BLOCK_M=64, BLOCK_C=32, CHUNKS=8, num_warps=8),  # _router_wgrad_kernel (untuned)
 }
 
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
@@ -240,7 +239,7 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
 
 
 @triton.jit
-def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr, dr_ptr, dmu_ptr, dx_ptr,
+def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr, grad_t_ptr, dx_ptr,
                       T, N, D, HAS_DG: tl.constexpr, HAS_ROUTER: tl.constexpr, LOW: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """The dense [T, N] pass of the backward, BLOCK_M tokens per program, reading the pair kernel's cells only
@@ -249,7 +248,8 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
                  and max_active cuts pass no gradient); without a router dL/dg: the share where g > 0, + dg
       dmu [T]    mu's gradient, the fixed-order sum of the token's shares
       dx [T, D]  fp32, seeded with dmu wbar + dr W_router (the scatter adds the experts' dh W_up into it)
-    dr and dmu are stored in their buffers' dtype. LOW (bf16 x and router): dr W_router from dr rounded to bf16
+    dr and dmu are stored transposed into one buffer grad_t [N+1, T] (rows 0..N-1 dr^T, row N dmu; its dtype),
+    the left operand of the one GEMM that gives both router weight gradients (_router_grads). LOW (bf16 x and router): dr W_router from dr rounded to bf16
     on tensor cores (fp32 accumulation), the precision of the dW_router GEMM that reads the same dr; else fp32
     with exact products."""
     ts = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,8 +267,9 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
         else:
             dr += tl.load(dg_ptr + cells, mask=inside, other=0.0)
     dmu = tl.sum(tl.load(dmu_pair_ptr + cells, mask=active, other=0.0), axis=1)
-    tl.store(dr_ptr + cells, dr.to(dr_ptr.dtype.element_ty), mask=inside)
-    tl.store(dmu_ptr + ts64, dmu.to(dmu_ptr.dtype.element_ty), mask=tmask)
+    tl.store(grad_t_ptr + ns.to(tl.int64)[None, :] * T + ts64[:, None], dr.to(grad_t_ptr.dtype.element_ty),
+             mask=inside)
+    tl.store(grad_t_ptr + N * tl.cast(T, tl.int64) + ts64, dmu.to(grad_t_ptr.dtype.element_ty), mask=tmask)
     for c0 in range(0, D, BLOCK_C):
         cs = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = cs < D
@@ -281,50 +282,6 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
             else:
                 dx = tl.dot(dr, w.to(tl.float32), dx, input_precision="ieee")
         tl.store(dx_ptr + ts64[:, None] * D + cs[None, :], dx, mask=tmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _router_wgrad_kernel(dr_ptr, dmu_ptr, x_ptr, stride_xt, partial_ptr, counter_ptr, dwr_ptr, dwbar_ptr,
-                         T, N, D, chunk_tokens, PREC: tl.constexpr, CHUNKS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """[dr | dmu]^T x [N+1, D] in one pass over x: dW_router = dr^T x (rows 0..N-1, dr [T, N]; N = 0 without
-    a router) and dwbar = x^T dmu (row N, dmu [T]; stored fp32). Program (column block, token chunk) multiplies
-    its chunk's tiles (CHUNKS chunks of T, the last ones possibly empty), dmu riding as column N of the dr tile,
-    and stores the [BLOCK_N, BLOCK_C] partial sum; the last program of a column block to arrive adds the
-    chunks in chunk order (deterministic, as the GEMMs it replaces; unrolled, so its loads are in flight
-    together) and writes both. dr and dmu are bf16 with bf16 x (tensor cores, fp32 accumulation), else fp32
-    with x read as fp32 and exact products."""
-    cb = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    ns = tl.arange(0, BLOCK_N)
-    t_lo = chunk * chunk_tokens
-    t_hi = tl.minimum(t_lo + chunk_tokens, T)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for t0 in range(t_lo, t_hi, BLOCK_M):
-        ts = t0 + tl.arange(0, BLOCK_M)
-        tmask = ts < t_hi
-        ts64 = ts.to(tl.int64)
-        dmu = tl.load(dmu_ptr + ts64, mask=tmask, other=0.0)
-        grad = tl.load(dr_ptr + ts64[:, None] * N + ns[None, :], mask=tmask[:, None] & (ns < N)[None, :], other=0.0)
-        grad = tl.where(ns[None, :] == N, dmu[:, None], grad)
-        x = tl.load(x_ptr + ts64[:, None] * stride_xt + cols[None, :], mask=tmask[:, None] & cmask[None, :],
-                    other=0.0)
-        acc += tl.dot(tl.trans(grad), x.to(grad.dtype), input_precision=PREC)
-    tile = chunk.to(tl.int64) * BLOCK_N * D + ns[:, None] * D + cols[None, :]
-    tl.store(partial_ptr + tile, acc, mask=cmask[None, :])
-    tl.debug_barrier()
-    if tl.atomic_add(counter_ptr + cb, 1, sem="acq_rel") == CHUNKS - 1:
-        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for c in tl.static_range(CHUNKS):
-            total += tl.load(partial_ptr + c * BLOCK_N * D + ns[:, None] * D + cols[None, :], mask=cmask[None, :],
-                             other=0.0, cache_modifier=".cg")
-        rows = (ns < N)[:, None]   # dwbar's row N need not fit the router's dtype
-        tl.store(dwr_ptr + ns[:, None] * D + cols[None, :], tl.where(rows, total, 0.0).to(dwr_ptr.dtype.element_ty),
-                 mask=rows & cmask[None, :])
-        tl.store(dwbar_ptr + cols, tl.sum(tl.where(ns[:, None] == N, total, 0.0), axis=0), mask=cmask)
-        tl.atomic_xchg(counter_ptr + cb, 0)
 
 
 @triton.jit
@@ -396,26 +353,19 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
 
 
-def _router_grads(x, dr, dmu, w_router):
-    """(dwbar = x^T dmu fp32 [d], dW_router = dr^T x in w_router's dtype, empty without a router) in one launch
-    (_router_wgrad_kernel; two cuBLAS GEMMs before, the one with K = T split by cuBLAS and ~18 µs at 0.1b).
-    dr and dmu come from _token_bwd_kernel already in the input dtype: bf16 with bf16 x and router weights
-    (tensor cores), else fp32 (exact products: fp16's range would not hold dmu and dwbar, sums over the token's
-    pairs and over T, under loss scaling)."""
-    T, d = x.shape
-    n = 0 if w_router is None else w_router.shape[0]
-    dev = x.device
-    tiles = TILES["router_wgrad"]
-    chunk = ffn.cdiv(ffn.cdiv(T, tiles["CHUNKS"]), tiles["BLOCK_M"]) * tiles["BLOCK_M"]
-    grid = (ffn.cdiv(d, tiles["BLOCK_C"]), tiles["CHUNKS"])
-    block_n = max(16, ffn.pow2(n + 1))
-    dwbar = ffn._empty(d, device=dev, dtype=torch.float32)
-    dw_router = ffn._empty(n, d, device=dev, dtype=w_router.dtype) if n else x.new_empty(0)
-    partial = ffn._empty(grid[1], block_n, d, device=dev, dtype=torch.float32)
-    _router_wgrad_kernel[grid](dr, dmu, x, x.stride(0), partial, ffn._zeroed(dev, torch.int32, grid[0]),
-                               dw_router if n else dwbar, dwbar, T, n, d, chunk, PREC=ffn._precision(dr.dtype),
-                               BLOCK_N=block_n, **tiles)
-    return dwbar, dw_router
+def _router_grads(x, grad_t, w_router):
+    """(dwbar = x^T dmu, dW_router = dr^T x in w_router's dtype, empty without a router) as ONE cuBLAS GEMM,
+    grad_t @ x [N+1, d], over grad_t = [dr | dmu]^T [N+1, T] from _token_bwd_kernel. grad_t is bf16 with bf16 x
+    and router weights (tensor cores, fp32 accumulation; dwbar comes out bf16 and the dW_up kernel reads it
+    so), else fp32 with x read as fp32 (fp16's range would not hold dmu and dwbar, sums over the token's pairs
+    and over T, under loss scaling). H200, T=4096 (results/h200/probe_router_wgrad.json): 11.9 µs at 0.1b and
+    14.3 at 1.2b, against 24.4 and 29.9 for the two GEMMs before (dr^T x and the GEMV x^T dmu) and 18.5-76 µs
+    for a Triton kernel with a fixed-order split over T (tried at 18 tiles, commit 55c94ec)."""
+    n = grad_t.shape[0] - 1
+    out = grad_t @ (x if grad_t.dtype == x.dtype else x.float())
+    if w_router is None:
+        return out[n], x.new_empty(0)
+    return out[n], out[:n].to(w_router.dtype)
 
 
 def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
@@ -447,17 +397,17 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
                            dgamma_part, dscale_part, dgamma_exp, dgamma, dscale, ffn._zeroed(dev, torch.int32, n + 1),
                            T, n, d, dy.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_R=32, **bwd)
 
-    # The router GEMMs read dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
+    # The router GEMM reads dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
     low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
-    dr = ffn._empty(T, n, device=dev, dtype=x.dtype if low else f32)
-    dmu = ffn._empty(T, device=dev, dtype=x.dtype if low else f32)
+    grad_t = ffn._empty(n + 1, T, device=dev, dtype=x.dtype if low else f32)   # [dr | dmu]^T
     dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
     tok = TILES["token"]
     _token_bwd_kernel[(ffn.cdiv(T, tok["BLOCK_M"]),)](
-        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, dr, dmu, dx,
+        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, grad_t, dx,
         T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
-    dwbar, dw_router = _router_grads(x, dr, dmu, w_router)
-    dgates = none if has_router else dr  # without a router, the caller's autograd owns it: dL/dg is dr
+    dwbar, dw_router = _router_grads(x, grad_t, w_router)
+    # Without a router the caller's autograd owns the gates: dL/dg is dr.
+    dgates = none if has_router else grad_t[:n].t()
     scatter = TILES["dx_scatter"]
     _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
                                                      DE=de, PREC=prec, **scatter)
