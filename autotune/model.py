@@ -84,14 +84,15 @@ Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants 
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 15 of its 16;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
 best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 14/15 (worst 1.126), held out 12/15
-(worst 1.240); NVIDIA H200 32/36 (worst 1.170), held out 29/36 (worst 1.181).
+(worst 1.240); NVIDIA H200 32/36 (worst 1.170), held out 31/36 (worst 1.169).
 
 The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone;
 the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens). Their misses at 3-16
 tokens (picks 13-20% slower than the best, at BLOCK_D=256) were the reserved shared memory (see Shared memory):
-with it they pass in-sample; held out, 0.2b at 3-16 tokens still misses (the fold without that geometry fits
-other constants). Left: decode at T=1, where every candidate runs one wave and the model cannot tell them apart
-(4 up warps beat 2 by 3 µs at ROWS=4, which no term here explains). Earlier fits: the H100-only
+with it they pass in-sample; held out, 0.2b at 5-8 tokens (1.14) and 1.2b at 3-4 (1.10) still miss (the fold
+without that geometry fits other constants; 0.2b at 3-4 passes since the fit breaks ties by the soft regret).
+Left: decode at T=1, where every candidate runs one wave and the model cannot tell them apart (4 up warps beat 2
+by 3 µs at ROWS=4, which no term here explains). Earlier fits: the H100-only
 fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile nothing (now
 every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits), and its high REG_BASE halved the
 residency of 8-warp grouped programs, which the 401-candidate H200 entries show costs nothing. With every

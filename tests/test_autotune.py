@@ -3,6 +3,7 @@ logic with a fake timer, the cost model's sanity, compile-only checks for sm_87;
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -554,6 +555,21 @@ def test_calibration_fit_never_worsens_the_objective():
         assert after == calibrate.judge(entries, H100, k)
         for name, (lo, hi) in calibrate.BOUNDS.items():
             assert lo <= getattr(k, name) <= hi
+
+
+def test_soft_regret_moves_with_the_predictions_where_the_pick_does_not():
+    from deco_kernels.autotune import calibrate
+
+    us = [10.0, 12.0, 20.0]                     # measured: the first candidate is the best
+    assert calibrate.soft_regret([1.0, 10.0, 10.0], us, 0.1) == pytest.approx(0.0, abs=1e-9)
+    assert calibrate.soft_regret([10.0, 1.0, 10.0], us, 0.1) == pytest.approx(math.log(1.2), rel=1e-6)
+    # the second candidate stays the pick while the best's prediction comes closer: the regret falls, smoothly
+    regrets = [calibrate.soft_regret([p, 1.0, 5.0], us, 0.1) for p in (1.5, 1.2, 1.05, 1.0001)]
+    assert math.log(1.2) > regrets[0] > regrets[1] > regrets[2] > regrets[3] > 0
+    assert regrets[3] == pytest.approx(math.log(1.2) / 2, rel=1e-3)      # a tie: half of each
+    entries = _synthetic_entries(model.CONSTANTS)
+    res = calibrate.judge(entries, H100, model.CONSTANTS)
+    assert res["soft_regret"] == pytest.approx(0.0, abs=0.05)   # the truth itself: fast candidates ranked first
 
 
 def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
