@@ -176,13 +176,6 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
                 block_d=32 if wide else 256, group=8, down_warps=8, down_stages=3)
 
 
-def _register_cap(cfg: dict, launch: str) -> dict:
-    """Launch options capping a small-batch launch's registers per thread (cfg key "<launch>_maxnreg", absent in
-    the defaults): fewer registers let more programs stay resident, at the risk of spills."""
-    cap = cfg.get(f"{launch}_maxnreg")
-    return {} if cap is None or backends.interpreting() else dict(maxnreg=int(cap))
-
-
 def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
@@ -219,15 +212,14 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, num_warps=cfg["up_warps"],
-        num_stages=cfg.get("up_stages", 1), **_register_cap(cfg, "up"))
+        num_stages=cfg.get("up_stages", 1))
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"])
     if not use_dot:
         _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, T, n, d, ds, y.stride(0),
                                                         NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"],
                                                         BLOCK_DS=max(16, pow2(ds)), PDL=pdl, **meta,
-                                                        **(dict(launch_pdl=True) if pdl else {}),
-                                                        **_register_cap(cfg, "down"))
+                                                        **(dict(launch_pdl=True) if pdl else {}))
         return
     group = int(cfg["group"])
     grid = (cdiv(d, cfg["block_d"]), 1 + cdiv(n, group))   # the shared expert, then the groups of experts
