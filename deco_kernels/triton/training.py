@@ -55,7 +55,6 @@ are differentiable: the entropy regulariser's gradient enters the router backwar
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -82,22 +81,6 @@ TILES = {
     "wgrad": dict(BLOCK_M=64, BLOCK_C=128, num_warps=4),      # _pair_wgrad_kernel, dW_up and dW_down
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
-
-# The backward's dx scatter (fp32 atomics, bound by the L2's atomic throughput) runs on a second stream beside the
-# router and expert weight-gradient GEMMs (tensor cores), which do not read dx (_backward).
-OVERLAP_DX_SCATTER = True
-_side_streams: dict = {}
-
-
-def _side_stream(device: torch.device):
-    """The second stream of ``device`` for the overlapped dx scatter, or None (not CUDA, or overlap off)."""
-    if not OVERLAP_DX_SCATTER or device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
-
 
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
     """(expert, block of BLOCK_M of its pairs): an expert has at most T pairs."""
@@ -422,18 +405,13 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     _token_bwd_kernel[(ffn.cdiv(T, tok["BLOCK_M"]),)](
         g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, grad_t, dx,
         T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
-    # dx[t] += dh W_up_e, on the side stream when there is one: it overlaps the GEMMs below; the main stream
-    # joins it before the cast of dx (every tensor it reads or writes outlives the join).
-    side = _side_stream(dev)
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        scatter = TILES["dx_scatter"]
-        _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
-                                                         DE=de, PREC=prec, **scatter)
     dwbar, dw_router = _router_grads(x, grad_t, w_router)
     # Without a router the caller's autograd owns the gates: dL/dg is dr.
     dgates = none if has_router else grad_t[:n].t()
+    scatter = TILES["dx_scatter"]
+    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+                                                     DE=de, PREC=prec, **scatter)
+
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
@@ -442,8 +420,6 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
     _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
                               dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
-    if side is not None:
-        torch.cuda.current_stream(dev).wait_stream(side)
     return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
