@@ -297,9 +297,10 @@ def test_nothing_dense_is_saved_for_backward(triton_device):
     dense = T * N * de
     assert 0 < pairs < T * N
     assert max(t.numel() for t in acts) < dense
-    # The shared expert's autograd keeps [T, ds] tensors; the routed op: per pair h [de] and its token, per
-    # token g [N] and mu, offsets [N+1], and wbar [d] (the mean of w_up, so the backward does not recompute it).
-    routed = [t for t in acts if tuple(t.shape) != (T, ds)]
+    # The shared expert's autograd keeps h [T, ds] (for its down GEMM), its gate and up pre-activations
+    # [T, 2*ds] and its two input weights concatenated [2*ds, d]; the routed op: per pair h [de] and its token,
+    # per token g [N] and mu, offsets [N+1], and wbar [d] (the mean of w_up, so the backward does not recompute it).
+    routed = [t for t in acts if tuple(t.shape) not in ((T, ds), (T, 2 * ds), (2 * ds, d))]
     assert sum(t.numel() for t in routed) <= pairs * (de + 1) + T * (N + 1) + (N + 1) + d
     # The check can see a dense activation: the reference (all experts, dense formula) saves [T, N*de] ones.
     _, ref_acts = saved_activations(lambda: reference.deco_ffn(x, **w), inputs)

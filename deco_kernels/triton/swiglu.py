@@ -1,16 +1,17 @@
 """The shared expert of the training path, eager calls: SwiGLU with its gate nonlinearity fused on Triton.
 
-torch's autograd of ``ops.dense_swiglu`` launches silu and mul in the forward and mul, mul and silu_backward
-in the backward, plus an add for x's two gradients. Here the forward is two cuBLAS GEMMs, ONE elementwise
-kernel h = silu(a) * b (fp32 math, rounded once to x's dtype) and the down GEMM (torch's autograd); the
-backward one elementwise kernel, which writes (da, db) transposed into one [2*ds, T] buffer, so that both weight
-gradients [dW_gate; dW_up] are ONE GEMM of K = T with a row-major left operand (two GEMMs over transposed
-views before, which cuBLAS runs as split-K kernels plus a reduce; for the router's weight gradients, a GEMM of
-the same kind, that took 17.3 µs against 11.5 for the stored transpose, H200 0.1b T=4096,
-results/h200/probe_router_wgrad_after.json), and the GEMMs of x's gradient. x reaches the routed op through this Function
-(shared_expert returns it as a view), so x's gradient from there arrives here and x's gradient is
-addmm(addmm(dx_routed, da, W_gate), db, W_up): no add kernels. It saves x, the weights (by reference) and a, b
-(no silu(a) copy).
+torch's autograd of ``ops.dense_swiglu`` launches two GEMMs, silu and mul in the forward, and mul, mul,
+silu_backward, four GEMMs and an add for x's two gradients in the backward. Here, with W_gu = [W_gate; W_up]
+(concatenated once per forward, [2*ds, d]):
+- forward: ONE GEMM ab = x W_gu^T [T, 2*ds] and ONE elementwise kernel h = silu(a) * b (fp32 math, rounded once
+  to x's dtype), then the down GEMM (torch's autograd);
+- backward: ONE tiled kernel writing (da, db) transposed into dt = [da^T; db^T] [2*ds, T], then ONE GEMM for
+  both weight gradients, [dW_gate; dW_up] = dt x, with a row-major left operand (GEMMs over transposed views run
+  as cuBLAS split-K kernels plus a reduce: for the router's weight gradients, a GEMM of the same kind, 17.3 µs
+  against 11.5 for the stored transpose, H200 0.1b T=4096, results/h200/probe_router_wgrad_after.json), and ONE
+  GEMM for x's gradient, addmm(dx_routed, dt^T, W_gu): x reaches the routed op through this Function
+  (shared_expert returns it as a view), so x's gradient from there arrives here and joins the shared expert's
+  inside the GEMM, no add kernel. It saves x, the weights (by reference), W_gu and ab (no silu(a) copy).
 
 torch.compile traces ``ops.dense_swiglu`` instead (training.deco_ffn_train picks): inductor fuses the
 elementwise ops itself. Under create_graph the backward recomputes through torch's differentiable ops.
@@ -24,30 +25,32 @@ import triton.language as tl
 
 from . import ffn
 
-BLOCK = 1024           # elements per program of the forward kernel
+BLOCK = 1024                # elements per program of the forward kernel
 BLOCK_T, BLOCK_S = 64, 64   # tile (tokens, hidden columns) of the backward kernel
 
 
 @triton.jit
-def _swiglu_fwd_kernel(a_ptr, b_ptr, h_ptr, numel, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(ab_ptr, h_ptr, numel, S, BLOCK: tl.constexpr):
+    """h [T, S] = silu(a) * b from ab [T, 2*S] = [a | b] (contiguous)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cells = (offs // S) * (2 * S) + offs % S
+    a = tl.load(ab_ptr + cells, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ab_ptr + cells + S, mask=mask, other=0.0).to(tl.float32)
     tl.store(h_ptr + offs, (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(a_ptr, b_ptr, dh_ptr, dt_ptr, T, S, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
-    """From a, b, dh [T, S] (contiguous): da = dh b silu'(a), silu'(a) = sig (1 + a (1 - sig)) (torch's
-    silu_backward), and db = dh silu(a), stored transposed: dt [2*S, T] = [da^T; db^T]."""
+def _swiglu_bwd_kernel(ab_ptr, dh_ptr, dt_ptr, T, S, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """From ab [T, 2*S] = [a | b] and dh [T, S] (contiguous): da = dh b silu'(a), silu'(a) = sig (1 + a (1 - sig))
+    (torch's silu_backward), and db = dh silu(a), stored transposed: dt [2*S, T] = [da^T; db^T]."""
     ts = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     ss = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
     mask = (ts < T)[:, None] & (ss < S)[None, :]
-    cells = ts[:, None] * S + ss[None, :]
-    a = tl.load(a_ptr + cells, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cells, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(dh_ptr + cells, mask=mask, other=0.0).to(tl.float32)
+    cells = ts[:, None] * (2 * S) + ss[None, :]
+    a = tl.load(ab_ptr + cells, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ab_ptr + cells + S, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + ts[:, None] * S + ss[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(a)
     out = dt_ptr + ss[None, :] * T + ts[:, None]
     tl.store(out, (dh * b * sig * (1.0 + a * (1.0 - sig))).to(dt_ptr.dtype.element_ty), mask=mask)
@@ -60,17 +63,19 @@ class _SwiGLUHidden(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up):
-        a, b = F.linear(x, w_gate), F.linear(x, w_up)
-        h = ffn._empty(*a.shape, device=a.device, dtype=a.dtype)
+        w_gu = torch.cat((w_gate, w_up))   # [2*S, d]: one GEMM for both projections, and one for x's gradient
+        ab = F.linear(x, w_gu)             # [T, 2*S] = [a | b]
+        T, S = ab.shape[0], w_gate.shape[0]
+        h = ffn._empty(T, S, device=ab.device, dtype=ab.dtype)
         if h.numel():
-            _swiglu_fwd_kernel[(ffn.cdiv(h.numel(), BLOCK),)](a, b, h, h.numel(), BLOCK=BLOCK)
-        ctx.save_for_backward(x, w_gate, w_up, a, b)
+            _swiglu_fwd_kernel[(ffn.cdiv(h.numel(), BLOCK),)](ab, h, h.numel(), S, BLOCK=BLOCK)
+        ctx.save_for_backward(x, w_gate, w_up, w_gu, ab)
         ctx.set_materialize_grads(False)
         return h, x.view_as(x)
 
     @staticmethod
     def backward(ctx, dh, dx_routed):
-        x, w_gate, w_up, a, b = ctx.saved_tensors
+        x, w_gate, w_up, w_gu, ab = ctx.saved_tensors
         need_x, need_gate, need_up = ctx.needs_input_grad
         if dh is None:
             return dx_routed, None, None
@@ -84,16 +89,14 @@ class _SwiGLUHidden(torch.autograd.Function):
                 grads[0] = grads[0] + dx_routed
             return tuple(grads)
         dh = dh.contiguous()
-        T, S = a.shape
-        dt = ffn._empty(2 * S, T, device=a.device, dtype=a.dtype)    # [da^T; db^T]
+        T, S = ab.shape[0], w_gate.shape[0]
+        dt = ffn._empty(2 * S, T, device=ab.device, dtype=ab.dtype)    # [da^T; db^T]
         if dt.numel():
-            _swiglu_bwd_kernel[(ffn.cdiv(T, BLOCK_T), ffn.cdiv(S, BLOCK_S))](a, b, dh, dt, T, S, BLOCK_T=BLOCK_T,
+            _swiglu_bwd_kernel[(ffn.cdiv(T, BLOCK_T), ffn.cdiv(S, BLOCK_S))](ab, dh, dt, T, S, BLOCK_T=BLOCK_T,
                                                                              BLOCK_S=BLOCK_S)
-        da, db = dt[:S].t(), dt[S:].t()
         dx = None
-        if need_x:  # the GEMMs of x's gradient add into the routed op's (addmm): no separate add kernels
-            dx = da @ w_gate if dx_routed is None else torch.addmm(dx_routed, da, w_gate)
-            dx = torch.addmm(dx, db, w_up)
+        if need_x:  # [da | db] [W_gate; W_up], added into the routed op's gradient by the GEMM (addmm)
+            dx = dt.t() @ w_gu if dx_routed is None else torch.addmm(dx_routed, dt.t(), w_gu)
         dw = dt @ x if need_gate or need_up else None    # [dW_gate; dW_up], one GEMM
         return dx, dw[:S] if need_gate else None, dw[S:] if need_up else None
 
