@@ -192,6 +192,29 @@ def test_shared_expert_function_matches_dense_swiglu(triton_device, dtype):
                          torch.autograd.grad(gx_ref.pow(2).sum(), wg)[0], CPU_TOL, "second order")
 
 
+@pytest.mark.parametrize("frozen", ["x", "w_gate", "w_up", "x-routed-unused"])
+@pytest.mark.parametrize("T", [0, 7])
+def test_shared_expert_function_with_frozen_inputs(triton_device, frozen, T):
+    # The backward's branches: a frozen x or a frozen half of the concatenated [W_gate; W_up] (its GEMM still
+    # serves the other half), and x' unused (no routed gradient to add into); T = 0 as well.
+    from deco_kernels.triton import swiglu
+    gen = torch.Generator().manual_seed(3)
+    x, wg, wu, wd = (torch.randn(*s, generator=gen).to(triton_device) * 0.5
+                     for s in ((T, 40), (24, 40), (24, 40), (40, 24)))
+    tensors = {"x": x, "w_gate": wg, "w_up": wu, "w_down": wd}
+    for name, t in tensors.items():
+        t.requires_grad_(name != frozen)
+    leaves = [t for t in tensors.values() if t.requires_grad]
+    cy, cx = (torch.randn(T, 40, generator=gen).to(triton_device) for _ in range(2))
+    y, x_routed = swiglu.shared_expert(*tensors.values())
+    loss = (y * cy).sum() + (0 if frozen == "x-routed-unused" else (x_routed * cx).sum())
+    got = torch.autograd.grad(loss, leaves)
+    ref_x = 0 if frozen == "x-routed-unused" else (x * cx).sum()
+    want = torch.autograd.grad((ops.dense_swiglu(*tensors.values()) * cy).sum() + ref_x, leaves)
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, CPU_TOL)
+
+
 def test_float16_gradients_near_the_top_of_its_range(triton_device):
     # Gradients as loss scaling makes them: every true gradient fits in fp16, but mu's gradient summed over x
     # (dwbar, for dW_up) does not. The router's backward GEMMs keep fp32 for fp16 (16-bit GEMMs only for bf16).
