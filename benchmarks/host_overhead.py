@@ -19,13 +19,13 @@ import torch
 
 from deco_kernels import ops
 from deco_kernels.testing import make_layer
-from deco_kernels.triton import ffn, swiglu, training
+from deco_kernels.triton import ffn, means, swiglu, training
 
 KERNELS = {ffn: ("_up_kernel", "_decode_down_kernel", "_union_down_kernel", "_router_kernel", "_group_kernel",
                  "_grouped_up_kernel", "_grouped_down_kernel"),
            training: ("_train_up_kernel", "_pair_scatter_kernel", "_pair_bwd_kernel", "_token_bwd_kernel",
                       "_pair_wgrad_kernel"),
-           swiglu: ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")}
+           swiglu: ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"), means: ("_expert_mean_kernel",)}
 
 
 class _NoLaunch:
