@@ -118,8 +118,10 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     # mu on tensor cores beside the logits where the tile has three spare rows (router.py, MU_MMA).
     mu_mma = x.dtype == torch.bfloat16 and w_router.dtype == torch.bfloat16 and n + 3 <= block_n
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
+    if mu_mma and wsplit is None:
+        wsplit = layout.mean_split(wbar)
     _router_kernel[(blocks, split)](
-        x, w_router, wbar, (layout.mean_split(wbar) if wsplit is None else wsplit) if mu_mma else w_router, bias_v if bias_v is not None else g,
+        x, w_router, wbar, wsplit if mu_mma else w_router, bias_v if bias_v is not None else g,
         g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
         bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,

@@ -40,12 +40,12 @@ swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside th
 Glue. Outside the Triton kernels and the shared expert's GEMMs, an eager training step of a layer launches
 only the two casts of the fp32 accumulators y and dx to x's dtype (x's two gradients, the routed op's and the
 shared expert's, meet in the shared expert's addmm, swiglu.py). wbar and its split (new every step) took six
-torch launches before means.py, and the router's weight gradients two GEMMs before grad_t (_router_grads). Rounding y
-and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured slower on the
-H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md, 2026-12-04). No
-zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival counters (the group
-kernel's, one per expert and one global in the pair backward) come from ffn._zeroed and are left at zero, as
-the router's are. The forward's one host synchronisation is P = offsets[N].
+torch launches before means.py, and the router's weight gradients two GEMMs before grad_t (_router_grads).
+Rounding y and dx in the scatters instead (each token's last expert, per-token arrival counters) was measured
+slower on the H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md,
+2026-12-04). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
+counters (the group kernel's, one per expert and one global in the pair backward) come from ffn._zeroed and are
+left at zero, as the router's are. The forward's one host synchronisation is P = offsets[N].
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
 (P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
@@ -249,9 +249,9 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
       dmu [T]    mu's gradient, the fixed-order sum of the token's shares
       dx [T, D]  fp32, seeded with dmu wbar + dr W_router (the scatter adds the experts' dh W_up into it)
     dr and dmu are stored transposed into one buffer grad_t [N+1, T] (rows 0..N-1 dr^T, row N dmu; its dtype),
-    the left operand of the one GEMM that gives both router weight gradients (_router_grads). LOW (bf16 x and router): dr W_router from dr rounded to bf16
-    on tensor cores (fp32 accumulation), the precision of the dW_router GEMM that reads the same dr; else fp32
-    with exact products."""
+    the left operand of the one GEMM that gives both router weight gradients (_router_grads). LOW (bf16 x and
+    router): dr W_router from dr rounded to bf16 on tensor cores (fp32 accumulation), the precision of the
+    dW_router GEMM that reads the same dr; else fp32 with exact products."""
     ts = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tmask = ts < T
     ts64 = ts.to(tl.int64)
