@@ -103,13 +103,14 @@ def meta_layer(T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, d
 
 def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16) -> list[Launch]:
     """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg`."""
-    from deco_kernels.triton import ffn
+    from deco_kernels.triton import ffn, means
 
     x, w = meta_layer(T, d, n, de, ds, dtype)
     g = torch.empty(T, n, device="meta", dtype=torch.float32)
     y = torch.empty(T, d, device="meta", dtype=dtype)
-    wbar = torch.empty(d, device="meta", dtype=torch.float32)
+    mean = means.ExpertMean(torch.empty(d, device="meta", dtype=torch.float32),
+                            torch.empty(3, d, device="meta", dtype=torch.bfloat16))
     launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
     with recording(ffn) as launches, torch.no_grad():
-        launcher(x, w, wbar, 0.0, None, 0.0, None, g, y, dict(cfg))
+        launcher(x, w, mean, 0.0, None, 0.0, None, g, y, dict(cfg))
     return launches

@@ -10,22 +10,22 @@ import argparse
 
 import torch
 
-from deco_kernels import DecoConfig, layout, ops
+from deco_kernels import DecoConfig, ops
 from deco_kernels import reference as ref
 from deco_kernels.autotune import config_for
 from deco_kernels.benchmark import layer_inputs
 from deco_kernels.testing import rel_err
-from deco_kernels.triton import ffn
+from deco_kernels.triton import ffn, means
 
 # One knob at a time off the default tiles; stages 1 turns the loop's software pipelining off.
 VARIANTS = [("block_m", 64), ("block_d", 32), ("down_warps", 4), ("up_warps", 4), ("router_block_t", 16),
             ("down_stages", 1), ("up_stages", 1)]
 
 
-def stages(x, w, wbar, cfg):
+def stages(x, w, mean, cfg):
     """(g, mu, tokens, counts, act, acc) of one call of the prefill path, every buffer fresh."""
     g = torch.full((x.shape[0], w["w_router"].shape[0]), float("nan"), device=x.device)
-    return (g, *ffn.grouped_stages(x, w, wbar, 0.0, None, 0.0, None, g, cfg))
+    return (g, *ffn.grouped_stages(x, w, mean, 0.0, None, 0.0, None, g, cfg))
 
 
 def valid(run, i):
@@ -41,12 +41,12 @@ def valid(run, i):
 def check(x, w, cfg, label):
     n, de = w["w_router"].shape[0], w["gamma"].shape[0]
     wf = {k: v.float() for k, v in w.items()}
-    wbar = layout.expert_mean(w["w_up"])
+    mean = means.cached_expert_mean(w["w_up"])
     y_ref, g_ref = ref.deco_ffn(x.float(), **wf, return_gates=True)
-    runs = [stages(x, w, wbar, cfg) for _ in range(5)]
+    runs = [stages(x, w, mean, cfg) for _ in range(5)]
     g, mu, tokens, counts, act, acc = runs[0]
     out = [label, f"gates same set {bool(torch.equal(g > 0, g_ref > 0))} rel {rel_err(g, g_ref):.1e}",
-           f"mu rel {rel_err(mu, x.float() @ wbar):.1e}"]
+           f"mu rel {rel_err(mu, x.float() @ mean.wbar):.1e}"]
     # Each expert's activations and down projection in torch, from the kernels' own gates and token lists.
     # The grouping against torch: expert e's list is the tokens with g[:, e] > 0, in token order.
     wrong_lists = sum(not torch.equal(tokens[e, :int(counts[e])].long(), torch.nonzero(g[:, e] > 0).flatten())

@@ -13,12 +13,12 @@ steps, with AdamW and a SparsityController, three ways:
    and the full parameters equal on every rank, and the loss curve compared with the DDP run's (the same
    global batches and initial weights, so they differ only by rounding of the gradient reductions; fp32
    with TF32 off by default). Whether it runs at all is recorded, with the error if it does not.
-   Both runs also count the cached lookups of the fp32 mean of w_up (``deco_kernels.layout.expert_mean``,
-   keyed by the tensor's version counter) made while training: there must be none. FSDP2 all-gathers into
-   the same unsharded parameter every step and keeps its version counter, so a cached mean would be stale;
-   the training path computes it from the weights in use (``cached=False``). An earlier version of this
-   check compared a cached lookup of its own with the fresh mean, and so reported the staleness its own
-   lookup created (it failed FSDP2 on an H200 pair with the training path reading no cache).
+   Both runs also count the cached lookups of the fp32 mean of w_up (``deco_kernels.layout.memoize``, keyed
+   by the tensor's version counter) made while training: there must be none. FSDP2 all-gathers into the same
+   unsharded parameter every step and keeps its version counter, so a cached mean would be stale; the training
+   path computes it from the weights in use (``deco_kernels.triton.means.expert_mean``). An earlier version
+   of this check compared a cached lookup of its own with the fresh mean, and so reported the staleness its
+   own lookup created (it failed FSDP2 on an H200 pair with the training path reading no cache).
 3. Information only: DDP with its default ``broadcast_buffers=True`` and two micro-batches per step. DDP
    broadcasts rank 0's buffers at each forward, and the layers' active-gate counters are buffers, so the
    second micro-batch overwrites the other ranks' counts; recorded as the difference between the counters
@@ -144,23 +144,33 @@ def gather(obj) -> list:
 
 
 class CachedMeanSpy:
-    """Counts the calls of layout.expert_mean that may answer from its cache (cached=True) while installed:
-    the kernels look it up through the module attribute, so every lookup of every backend passes here."""
+    """While installed, counts the lookups of the weight-derived cache (layout.memoize: every backend's cached
+    wbar goes through it) and the training path's fresh means (the Triton backend's means.expert_mean, called
+    on the weights in use every step). Both are looked up through their module attributes, so every call passes
+    here."""
 
     def __init__(self):
         self.cached_lookups, self.fresh = 0, 0
-        self._original = layout.expert_mean
+        self._memoize = layout.memoize
 
-        def spy(w_up, cached=True):
-            if cached:
-                self.cached_lookups += 1
-            else:
+        def memoize(t, make):
+            self.cached_lookups += 1
+            return self._memoize(t, make)
+        layout.memoize = memoize
+        self._means = None
+        if backends.available("triton", torch.device("cuda")):
+            from deco_kernels.triton import means
+            self._means, self._expert_mean = means, means.expert_mean
+
+            def expert_mean(w_up):
                 self.fresh += 1
-            return self._original(w_up, cached=cached)
-        layout.expert_mean = spy
+                return self._expert_mean(w_up)
+            means.expert_mean = expert_mean
 
     def remove(self):
-        layout.expert_mean = self._original
+        layout.memoize = self._memoize
+        if self._means is not None:
+            self._means.expert_mean = self._expert_mean
 
 
 def local_counts(model) -> tuple[int, int]:
@@ -386,7 +396,7 @@ def main(argv=None) -> int:
                     "wbar_cached_lookups_by_rank": wbar, "wbar_fresh_by_rank": gather(rec["wbar_fresh"])}
             if max(wbar) > 0:
                 fsdp["diagnosis"] = ("the training forward looked up the cached mean of w_up "
-                                     "(deco_kernels.layout.expert_mean): its cache is keyed by (id, data_ptr, "
+                                     "(deco_kernels.layout.memoize): its cache is keyed by (id, data_ptr, "
                                      "version) and FSDP2 all-gathers into the same unsharded parameter every step "
                                      "while preserving its version counter, so the lookup can return a stale mean")
             fsdp["ok"] = (fsdp["lam_equal"] and fsdp["params_equal"] and fsdp["loss_rel_diff_vs_ddp"] <= tol

@@ -9,21 +9,21 @@ import itertools
 
 import torch
 
-from deco_kernels import DecoConfig, layout
+from deco_kernels import DecoConfig
 from deco_kernels.benchmark import GpuTimer, layer_inputs, write_result
 from deco_kernels.testing import rel_err
-from deco_kernels.triton import ffn
+from deco_kernels.triton import ffn, means
 
 TIMER = GpuTimer(rep_ms=40, warmup_ms=10)
 
 
-def router_call(x, w, wbar, **geometry):
+def router_call(x, w, mean, **geometry):
     """call() -> g: the router launch on buffers poisoned with NaN once (every later call overwrites them)."""
     T, n = x.shape[0], w["w_router"].shape[0]
     g, mu, gt = (torch.full(s, float("nan"), device=x.device) for s in ((T, n), (T,), (n, T)))
 
     def call():
-        ffn._router(x, w["w_router"], wbar, 0.0, None, 0.0, None, g, mu, gt, **geometry)
+        ffn._router(x, w["w_router"], mean, 0.0, None, 0.0, None, g, mu, gt, **geometry)
         return g
     return call
 
@@ -43,7 +43,7 @@ def main():
     rows = []
     for preset, T in itertools.product(args.preset, args.tokens):
         x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda", seed=T)
-        wbar = layout.expert_mean(w["w_up"])
+        mean = means.cached_expert_mean(w["w_up"])
         g_ref = torch.relu(x.float() @ w["w_router"].float().t())
         for block_t, block_k, stages, warps, split_blocks in itertools.product(
                 args.block_t, args.block_k, args.stages, args.warps, args.split_blocks):
@@ -51,7 +51,7 @@ def main():
                        split_blocks=split_blocks)
             ffn.ROUTER_SPLIT_BLOCKS = split_blocks
             try:
-                call = router_call(x, w, wbar, block_t=block_t, stages=stages, warps=warps, block_k=block_k)
+                call = router_call(x, w, mean, block_t=block_t, stages=stages, warps=warps, block_k=block_k)
                 runs = [call().clone() for _ in range(5)]
                 row.update(same_set=bool(torch.equal(runs[0] > 0, g_ref > 0)), rel_err=rel_err(runs[0], g_ref),
                            spread=max(float((r - runs[0]).abs().nan_to_num(1e9).max()) for r in runs[1:]),

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from deco_kernels import DecoConfig, layout
+from deco_kernels import DecoConfig
 from deco_kernels.benchmark import GpuTimer, layer_inputs, write_result
-from deco_kernels.triton import ffn
+from deco_kernels.triton import ffn, means
 
 SMALL_FMA = [dict(rows=[2, 4, 8], up_warps=[2, 4, 8]), dict(block_d=[8, 16, 32], slots=[8, 16, 32]),
              dict(down_warps=[4, 8])]
@@ -35,11 +35,11 @@ def layer_runner(x, w, bias, T, n):
     """run(cfg): the layer's Triton path under tile config cfg, returning its output (one buffer, reused)."""
     g = torch.empty(T, n, device="cuda", dtype=torch.float32)
     y = torch.empty_like(x)
-    wbar = layout.expert_mean(w["w_up"])
+    mean = means.cached_expert_mean(w["w_up"])
     path = ffn._small_batch if T <= ffn.SMALL_BATCH_MAX else ffn._grouped
 
     def run(cfg):
-        path(x, w, wbar, bias, None, 0.0, None, g, y, cfg)
+        path(x, w, mean, bias, None, 0.0, None, g, y, cfg)
         return y
     return run
 
@@ -66,7 +66,7 @@ def scatter_floor_us(x, w, bias, block_m=64, block_d=64):
     n = w["w_router"].shape[0]
     g = torch.empty(T, n, device="cuda", dtype=torch.float32)
     mu = torch.empty(T, device="cuda", dtype=torch.float32)
-    tokens, counts = ffn._group_by_expert(x, w["w_router"], layout.expert_mean(w["w_up"]), bias, None, 0.0, None,
+    tokens, counts = ffn._group_by_expert(x, w["w_router"], means.cached_expert_mean(w["w_up"]), bias, None, 0.0, None,
                                           g, mu)
     acc = torch.zeros(T, d, device="cuda", dtype=torch.float32)
     grid = (n, triton.cdiv(T, block_m))

@@ -17,6 +17,7 @@ from deco_kernels.benchmark import layer_inputs
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
 triton_ffn = pytest.importorskip("deco_kernels.triton.ffn")
+triton_means = pytest.importorskip("deco_kernels.triton.means")
 
 CPU_TOL = 2e-5
 
@@ -237,57 +238,57 @@ def test_small_batch_config_keys():
 
 
 def test_wbar_cache_refreshes_when_weights_change(triton_device):
-    from deco_kernels import layout
     x, w = make_layer(3, 32, 7, 16, 16, device=triton_device, seed=4, active=0.5)
     check(x, w)
     with torch.no_grad():
         w["w_up"].mul_(1.5).add_(0.1)           # in place: bumps the version counter
     check(x, w)
+    # The Triton paths' (wbar, split) and the torch wbar (CuPy) share layout.memoize, keyed apart by what makes
+    # each; both refreshed by the version bump and served from the cache at the same version.
+    mean = triton_means.cached_expert_mean(w["w_up"])
+    assert triton_means.cached_expert_mean(w["w_up"]) is mean
     wbar = layout.expert_mean(w["w_up"])
-    assert layout.expert_mean(w["w_up"]) is wbar        # same version: served from the cache
+    assert layout.expert_mean(w["w_up"]) is wbar
     torch.testing.assert_close(wbar, w["w_up"].float().mean(0))
+    torch.testing.assert_close(mean.wbar, wbar)
 
 
-def test_mean_split_sums_to_wbar():
+def test_mean_split_sums_to_wbar(triton_device):
     """The router's tensor-core mu reads wbar as three bf16 rows: their fp32 sum is wbar to fp32 rounding at
-    any magnitude (bf16 keeps fp32's exponent range), the split is kept while wbar lives and dropped after."""
-    import gc
-    from deco_kernels import layout
+    any magnitude (bf16 keeps fp32's exponent range). One row makes wbar each column's value exactly."""
     gen = torch.Generator().manual_seed(0)
-    wbar = torch.randn(4099, generator=gen) * torch.logspace(-30, 30, 4099)
-    split = layout.mean_split(wbar)
+    target = torch.randn(4099, generator=gen) * torch.logspace(-30, 30, 4099)
+    wbar, split = triton_means.expert_mean(target[None, :].to(triton_device))
+    assert torch.equal(wbar.cpu(), target)
     assert split.dtype == torch.bfloat16 and split.shape == (3, 4099)
     total = split[0].double() + split[1].double() + split[2].double()
     assert ((total - wbar.double()).abs() <= wbar.double().abs() * 2.0**-24).all()
-    assert layout.mean_split(wbar) is split
-    n = len(layout._splits)
-    del wbar
-    gc.collect()
-    assert len(layout._splits) == n - 1
 
 
 @pytest.mark.parametrize("rows,d", [(16, 40), (13 * 64, 96), (1100, 130)],
                          ids=["one-chunk", "preset-like", "partial-chunk-and-columns"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_mean_kernel(triton_device, rows, d, dtype):
-    """The training path's wbar and its split in one launch (triton/means.py): the fp32 mean of w_up's rows
+    """wbar and its split in one launch (triton/means.py): the fp32 mean of w_up's rows
     over row chunks summed in a fixed order (1100 rows: three chunks, the last partial; 130 columns: a partial
     column block), the split summing to it, bit-identical on a second call (the arrival counters left at
-    zero), and on a GPU the split equal to layout.mean_split's (both round to nearest even; the interpreter
-    truncates)."""
-    from deco_kernels.triton import means
+    zero), and on a GPU the split equal to the rounding of torch's casts (both round to nearest even; the
+    interpreter truncates)."""
     w = (torch.randn(rows, d, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5).to(dtype)
     w = w.to(triton_device)
-    wbar, split = means.expert_mean(w)
+    wbar, split = triton_means.expert_mean(w)
     ref = w.double().cpu().mean(0)
     assert wbar.dtype == torch.float32 and split.shape == (3, d) and split.dtype == torch.bfloat16
     assert_rel_close(wbar.double().cpu(), ref, 1e-6, "wbar")
     total = split.double().sum(0)
     assert ((total - wbar.double()).abs() <= wbar.double().abs() * 2.0**-24).all()
-    wbar2, split2 = means.expert_mean(w)
+    wbar2, split2 = triton_means.expert_mean(w)
     assert torch.equal(wbar, wbar2) and torch.equal(split, split2)
     if triton_device == "cuda":
-        assert torch.equal(split, layout._split(wbar))
+        hi = wbar.to(torch.bfloat16)
+        mid = (wbar - hi.float()).to(torch.bfloat16)
+        lo = (wbar - hi.float() - mid.float()).to(torch.bfloat16)
+        assert torch.equal(split, torch.stack((hi, mid, lo)))
 
 
 def test_rejects_odd_expert_width(triton_device):
@@ -429,13 +430,13 @@ def test_gpu_router_is_exact_at_every_block(preset, block_t, warps, T):
     64-token blocks of 1.2b's 128 experts wrong on the H200, differently on every call (ffn.router_stages)."""
     x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda")
     n = w["w_router"].shape[0]
-    wbar = layout.expert_mean(w["w_up"])
+    mean = triton_means.cached_expert_mean(w["w_up"])
     g_ref = torch.relu(x.float() @ w["w_router"].float().t())
-    mu_ref = (x.double() @ wbar.double()).float()
+    mu_ref = (x.double() @ w["w_up"].double().mean(0)).float()
     calls = []
     for _ in range(3):
         g, mu, gt = (torch.full(s, float("nan"), device="cuda") for s in ((T, n), (T,), (n, T)))
-        triton_ffn._router(x, w["w_router"], wbar, 0.0, None, 0.0, None, g, mu, gt, block_t, warps=warps)
+        triton_ffn._router(x, w["w_router"], mean, 0.0, None, 0.0, None, g, mu, gt, block_t, warps=warps)
         calls.append(g)
         assert torch.equal(gt, g.t())
         assert rel_err(mu, mu_ref) <= 1e-5   # H200, bf16 MU_MMA: up to 1.8e-6 (fp32 sums over d)

@@ -215,6 +215,33 @@ def test_shared_expert_function_with_frozen_inputs(triton_device, frozen, T):
         assert_rel_close(a, b, CPU_TOL)
 
 
+def test_ddp_check_spy_sees_the_training_means_and_no_cached_lookup(triton_device):
+    # benchmarks/ddp_check.py judges FSDP2 by "no cached wbar lookup while training, and some fresh means": its
+    # spy must see the training path's means (triton/means.py) and nothing through layout.memoize, while an
+    # inference call does look up the cache.
+    import importlib.util
+    from pathlib import Path
+
+    from deco_kernels import layout
+    from deco_kernels.triton import means
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_check.py"
+    spec = importlib.util.spec_from_file_location("ddp_check", path)
+    ddp_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp_check)
+    memoize, expert_mean = layout.memoize, means.expert_mean
+    x, w = make_layer(9, 32, 5, 16, 16, device=triton_device, seed=1, active=0.5, requires_grad=True)
+    spy = ddp_check.CachedMeanSpy()
+    try:
+        ops.deco_ffn(x, **w, backend="triton").sum().backward()
+        assert (spy.cached_lookups, spy.fresh) == (0, 1)
+        with torch.no_grad():
+            ops.deco_ffn(x, **w, backend="triton")
+        assert spy.cached_lookups == 1
+    finally:
+        spy.remove()
+    assert (layout.memoize, means.expert_mean) == (memoize, expert_mean)
+
+
 def test_float16_gradients_near_the_top_of_its_range(triton_device):
     # Gradients as loss scaling makes them: every true gradient fits in fp16, but mu's gradient summed over x
     # (dwbar, for dW_up) does not. The router's backward GEMMs keep fp32 for fp16 (16-bit GEMMs only for bf16).

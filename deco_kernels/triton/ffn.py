@@ -11,10 +11,11 @@ import os
 
 import torch
 
-from .. import backends, layout
+from .. import backends
 from ..autotune import config_for
 from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
+from . import means
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
 from .router import _router_kernel
 from .small_batch import _decode_down_kernel, _union_down_kernel, _up_kernel
@@ -102,10 +103,9 @@ def router_stages(block_t: int) -> int:
     return 1 if block_t >= 64 else ROUTER_STAGES
 
 
-def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
-            warps=4, block_k=64, wsplit=None):
-    """Gates g [T, N] and mu [T] (gt, g transposed, when given). wsplit: wbar's bf16 split (layout.mean_split),
-    when the caller has it already."""
+def _router(x, w_router, mean, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
+            warps=4, block_k=64):
+    """Gates g [T, N] and mu [T] (gt, g transposed, when given); mean: w_up's means.ExpertMean."""
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
@@ -118,10 +118,8 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
     # mu on tensor cores beside the logits where the tile has three spare rows (router.py, MU_MMA).
     mu_mma = x.dtype == torch.bfloat16 and w_router.dtype == torch.bfloat16 and n + 3 <= block_n
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
-    if mu_mma and wsplit is None:
-        wsplit = layout.mean_split(wbar)
     _router_kernel[(blocks, split)](
-        x, w_router, wbar, wsplit if mu_mma else w_router, bias_v if bias_v is not None else g,
+        x, w_router, mean.wbar, mean.split, bias_v if bias_v is not None else g,
         g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
         bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
@@ -129,15 +127,15 @@ def _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt=
         num_stages=router_stages(block_t) if stages is None else stages)
 
 
-def _group_by_expert(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None,
-                     offsets=None, wsplit=None):
+def _group_by_expert(x, w_router, mean, bias_s, bias_v, threshold, max_active, g, mu, router_block_t=None,
+                     offsets=None):
     """Router (gates g, mu) then the tokens of each expert: (tokens [N, T] int32, counts [N] int32), expert e's
     tokens in token order in tokens[e, :counts[e]]; the exclusive prefix sum of the counts into ``offsets``
     [N+1] int32 when given. Shared by the prefill and the training forward."""
     T = x.shape[0]
     n = w_router.shape[0]
     gt = _empty(n, T, device=x.device, dtype=torch.float32)
-    _router(x, w_router, wbar, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t, wsplit=wsplit)
+    _router(x, w_router, mean, bias_s, bias_v, threshold, max_active, g, mu, gt, router_block_t)
     return _group_gates(gt, offsets)
 
 
@@ -178,7 +176,7 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
                 block_d=32 if wide else 256, group=8, down_warps=8, down_stages=3)
 
 
-def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
+def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
     cfg = cfg or config_for("small_batch", x.device, T, x.dtype, d, n, de, ds) or small_batch_config(T, x.dtype)
@@ -204,12 +202,12 @@ def _small_batch(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     else:
         r, mu = _empty(split, T, n, device=dev, dtype=f32), _empty(split, T, device=dev, dtype=f32)
     if gates_given:
-        _router(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu)
+        _router(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu)
     bias_ptr = bias_v if bias_v is not None else g
     pdl = not use_dot and pdl_launch(dev)   # the decode kernels only (see small_batch.py)
     programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
     _up_kernel[(programs,)](
-        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], wbar, bias_ptr, g, h, hs, r, mu,
+        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], mean.wbar, bias_ptr, g, h, hs, r, mu,
         T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
@@ -248,11 +246,11 @@ def grouped_config(T: int) -> dict:
                 down_stages=3)
 
 
-def _grouped(x, w, wbar, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
-    y.copy_(grouped_stages(x, w, wbar, bias_s, bias_v, threshold, max_active, g, cfg)[-1])
+def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
+    y.copy_(grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg)[-1])
 
 
-def grouped_stages(x, w, wbar, bias_s, bias_v, threshold, max_active, g, cfg=None):
+def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=None):
     """The prefill path's launches (router, grouping, up, shared expert, down), returning what each leaves:
     (mu, tokens, counts, act, acc); g is written in place, acc is the fp32 output before the cast into y.
     benchmarks/check_grouped.py checks the stages one by one."""
@@ -262,7 +260,7 @@ def grouped_stages(x, w, wbar, bias_s, bias_v, threshold, max_active, g, cfg=Non
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
-    tokens, counts = _group_by_expert(x, w["w_router"], wbar, bias_s, bias_v, threshold, max_active, g, mu,
+    tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     block_m = cfg["block_m"]
@@ -310,8 +308,8 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
         y = _empty(T, d, device=x.device, dtype=x.dtype)
         g = _empty(T, n, device=x.device, dtype=torch.float32)
         if T > 0:
-            wbar = layout.expert_mean(w["w_up"])
+            mean = means.cached_expert_mean(w["w_up"])
             path = _small_batch if T <= SMALL_BATCH_MAX else _grouped
-            path(x2, w, wbar, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
+            path(x2, w, mean, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
     y = y.reshape(*lead, d)
     return (y, g.reshape(*lead, n)) if return_gates else y

@@ -1,19 +1,23 @@
 """wbar = the fp32 mean of w_up's rows, and its split into three bf16 rows for the tensor-core router mu, in
-one launch.
+one launch: every Triton path reads them from here (inference once per weight version, through layout.memoize;
+the training path every step, where the weights change).
 
-The training path needs both every step (the weights change every step, so nothing can be cached), and in
-torch they took six launches (a column reduce, slow on a wide matrix, and layout.mean_split's five elementwise
-ones). Here program (column block, row chunk) sums its rows of w_up in fp32 and stores the partial sums; the
+In torch they took six launches (a column reduce, slow on a wide matrix, and five elementwise ones for the
+split). Here program (column block, row chunk) sums its rows of w_up in fp32 and stores the partial sums; the
 last program of a column block to arrive (an arrival counter, left at zero) adds the chunks in chunk order, so
 the result does not depend on which program arrives last, divides by the row count and writes wbar and the
-split. The split is layout.mean_split's: hi = bf16(wbar), mid = bf16(wbar - hi), lo = bf16(wbar - hi - mid),
-each rounded to nearest even (the Triton interpreter truncates instead: other parts, the same sum). Inference
-computes wbar once per weight version (layout.expert_mean, cached), so it keeps the torch version.
+split: hi = bf16(wbar), mid = bf16(wbar - hi), lo = bf16(wbar - hi - mid), each rounded to nearest even (the
+Triton interpreter truncates instead: other parts, the same sum). Their fp32 sum is wbar to within fp32 rounding
+(bf16 has fp32's exponent range, so no part underflows short of fp32's own subnormals), and each part times a
+bf16 number is exact in fp32, so x . wbar can run on tensor cores beside the router logits (router.py, MU_MMA).
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from .. import layout
 from . import ffn
 from ._jit import fixed_order_sum
 
@@ -52,8 +56,13 @@ def _expert_mean_kernel(w_ptr, wbar_ptr, split_ptr, partial_ptr, counter_ptr, R,
         tl.atomic_xchg(counter_ptr + cb, 0)
 
 
-def expert_mean(w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(wbar fp32 [d], split bf16 [3, d]) of w_up [R, d] (contiguous; R = N * de rows)."""
+class ExpertMean(NamedTuple):
+    wbar: torch.Tensor    # fp32 [d], the mean of w_up's rows
+    split: torch.Tensor   # bf16 [3, d], hi + mid + lo = wbar
+
+
+def expert_mean(w_up: torch.Tensor) -> ExpertMean:
+    """wbar and its split of w_up [R, d] (contiguous; R = N * de rows), computed now."""
     R, d = w_up.shape
     dev = w_up.device
     wbar = ffn._empty(d, device=dev, dtype=torch.float32)
@@ -63,4 +72,9 @@ def expert_mean(w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     partial = ffn._empty(grid[1], d, device=dev, dtype=torch.float32)
     _expert_mean_kernel[grid](w_up, wbar, split, partial, ffn._zeroed(dev, torch.int32, grid[0]), R, d,
                               STEPS=steps, MAX_CHUNKS=MAX_CHUNKS, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return wbar, split
+    return ExpertMean(wbar, split)
+
+
+def cached_expert_mean(w_up: torch.Tensor) -> ExpertMean:
+    """expert_mean(w_up), computed once per (tensor, storage, version) of w_up (layout.memoize): inference."""
+    return layout.memoize(w_up, expert_mean)

@@ -326,15 +326,15 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
     acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
     # Never cached (weights may be refilled in place, as FSDP does): one launch per step, the split included.
-    wbar, wsplit = means.expert_mean(w_up)
+    mean = means.expert_mean(w_up)
     if T == 0:
         offsets.zero_()
     elif gates is None:
-        tokens, _ = ffn._group_by_expert(x, w_router, wbar, bias_value, bias, threshold, max_active, g, mu,
-                                         offsets=offsets, wsplit=wsplit)
+        tokens, _ = ffn._group_by_expert(x, w_router, mean, bias_value, bias, threshold, max_active, g, mu,
+                                         offsets=offsets)
     else:
         g.copy_(gates)
-        torch.mv(x.float(), wbar, out=mu)
+        torch.mv(x.float(), mean.wbar, out=mu)
         tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
     P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
     pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
@@ -350,7 +350,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         if P > 0:
             _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
                                                              DE=de, PREC=prec, **scatter)
-    return acc.to(x.dtype), g, mu, offsets, pair_tok, h, wbar
+    return acc.to(x.dtype), g, mu, offsets, pair_tok, h, mean.wbar
 
 
 def _router_grads(x, grad_t, w_router):
