@@ -78,30 +78,34 @@ def layer_rows(preset: str, T: int) -> list:
     return [dict(part="layer_train", preset=preset, T=T, variant=k, **breakdown(fn)) for k, fn in calls.items()]
 
 
-def model_rows(preset: str, T: int) -> list:
+def models(preset: str):
+    """(variant, model, next_ids) for the dense-twin model and DECO (routers calibrated to ~20% active), the
+    benchmark's model part's models, one at a time."""
     cfg = DecoConfig.preset(preset)
-    rows = []
     for dense_twin in (True, False):
         model, next_ids = bench_model(cfg, dense_twin)
         if not dense_twin:
             calibrate(model, next_ids(1024), TARGET_RATIO, strict=False)
+        yield "dense_twin" if dense_twin else "deco", model, next_ids
+
+
+def model_rows(preset: str, T: int) -> list:
+    """The whole model's prefill of T tokens."""
+    rows = []
+    for variant, model, next_ids in models(preset):
         ids = next_ids(T)
         model.eval()
         with torch.no_grad():
-            rows.append(dict(part="model_prefill", preset=preset, T=T,
-                             variant="dense_twin" if dense_twin else "deco", **breakdown(lambda: model(ids))))
+            rows.append(dict(part="model_prefill", preset=preset, T=T, variant=variant,
+                             **breakdown(lambda: model(ids))))
     return rows
 
 
 def train_model_rows(preset: str, T: int) -> list:
     """The whole model's training step (zero_grad, forward with labels, backward, AdamW), as the benchmark's
-    model part times it, for the dense-twin model and DECO (routers calibrated to ~20% active)."""
-    cfg = DecoConfig.preset(preset)
+    model part times it."""
     rows = []
-    for dense_twin in (True, False):
-        model, next_ids = bench_model(cfg, dense_twin)
-        if not dense_twin:
-            calibrate(model, next_ids(1024), TARGET_RATIO, strict=False)
+    for variant, model, next_ids in models(preset):
         model.train()
         opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-6)
         batch = next_ids(T)
@@ -110,8 +114,7 @@ def train_model_rows(preset: str, T: int) -> list:
             opt.zero_grad(set_to_none=True)
             model(batch, labels=batch).loss.backward()
             opt.step()
-        rows.append(dict(part="model_train", preset=preset, T=T, variant="dense_twin" if dense_twin else "deco",
-                         **breakdown(step)))
+        rows.append(dict(part="model_train", preset=preset, T=T, variant=variant, **breakdown(step)))
     return rows
 
 
