@@ -1,4 +1,5 @@
-"""Device helpers shared by the Triton kernels: the gate knobs and the NormSiLU + gate epilogue.
+"""Device helpers shared by the Triton kernels: the gate knobs, the NormSiLU + gate epilogue, the shared
+expert's silu(gate) * up, the router's product and a fixed-order sum of partial rows.
 
 Each is a @triton.jit function inlined into its callers, so the math exists once for every path.
 """
@@ -11,6 +12,12 @@ def gate_knobs(r, bias, threshold):
     """g = relu(r + bias), cut to 0 where g <= threshold (threshold 0 keeps relu)."""
     g = tl.maximum(r + bias, 0.0)
     return tl.where(g > threshold, g, 0.0)
+
+
+@triton.jit
+def silu_mul(gate, up):
+    """The shared SwiGLU expert's hidden activation silu(gate) * up (fp32 tiles)."""
+    return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -32,7 +39,6 @@ def router_dot(x, wr):
     if x.dtype == wr.dtype and x.dtype != tl.float32:
         return tl.dot(x, tl.trans(wr))
     return tl.dot(x.to(tl.float32), tl.trans(wr.to(tl.float32)), input_precision="ieee")
-
 
 
 @triton.jit

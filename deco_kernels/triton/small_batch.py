@@ -59,7 +59,7 @@ from run to run: results can differ between runs in the last bits of fp32.
 import triton
 import triton.language as tl
 
-from ._jit import gate_knobs, norm_silu_gate, router_dot
+from ._jit import gate_knobs, norm_silu_gate, router_dot, silu_mul
 
 
 @triton.jit
@@ -171,7 +171,7 @@ def _shared_hidden(hs_ptr, ts64, tmask, DS, BLOCK_DS: tl.constexpr):
     ptrs = hs_ptr + ts64[:, None] * (2 * DS) + ss[None, :]
     gate = tl.load(ptrs, mask=mask, other=0.0)
     up = tl.load(ptrs + DS, mask=mask, other=0.0)
-    return gate * tl.sigmoid(gate) * up
+    return silu_mul(gate, up)
 
 
 @triton.jit
@@ -193,7 +193,7 @@ def _shared_expert_out(hs_ptr, wsd_ptr, ts64, tmask, cols64, cmask, T, DS, SPLIT
             gate += tl.load(ptrs, mask=mask, other=0.0)
             up += tl.load(ptrs + DS, mask=mask, other=0.0)
         ws = tl.load(wsd_ptr + cols64[:, None] * DS + ss[None, :], mask=cmask[:, None] & smask[None, :], other=0.0)
-        out += tl.dot((gate * tl.sigmoid(gate) * up).to(ws.dtype), tl.trans(ws), input_precision=PREC)
+        out += tl.dot(silu_mul(gate, up).to(ws.dtype), tl.trans(ws), input_precision=PREC)
     return out
 
 

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import ffn
+from ._jit import silu_mul
 
 BLOCK = 1024                # elements per program of the forward kernel
 BLOCK_T, BLOCK_S = 64, 64   # tile (tokens, hidden columns) of the backward kernel
@@ -37,7 +38,7 @@ def _swiglu_fwd_kernel(ab_ptr, h_ptr, numel, S, BLOCK: tl.constexpr):
     cells = (offs // S) * (2 * S) + offs % S
     a = tl.load(ab_ptr + cells, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(ab_ptr + cells + S, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + offs, (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + offs, silu_mul(a, b).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
