@@ -17,6 +17,7 @@ from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
 from . import means
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
+from .launch import launch
 from .router import _router_kernel
 from .small_batch import _decode_down_kernel, _union_down_kernel, _up_kernel
 
@@ -118,8 +119,8 @@ def _router(x, w_router, mean, bias_s, bias_v, threshold, max_active, g, mu, gt=
     # mu on tensor cores beside the logits where the tile has three spare rows (router.py, MU_MMA).
     mu_mma = x.dtype == torch.bfloat16 and w_router.dtype == torch.bfloat16 and n + 3 <= block_n
     part = _empty(split * T * (block_n + 1), device=x.device, dtype=torch.float32) if split > 1 else g
-    _router_kernel[(blocks, split)](
-        x, w_router, mean.wbar, mean.split, bias_v if bias_v is not None else g,
+    launch(
+        _router_kernel, (blocks, split), x, w_router, mean.wbar, mean.split, bias_v if bias_v is not None else g,
         g, gt if gt is not None else g, mu, part,
         _zeroed(x.device, torch.int32, blocks), T, n, d, x.stride(0), cdiv(cdiv(d, split), block_k) * block_k,
         bias_s, float(threshold), int(max_active or 0), HAS_BIAS_VEC=bias_v is not None, WRITE_GT=gt is not None,
@@ -145,9 +146,9 @@ def _group_gates(gt, offsets=None):
     n, T = gt.shape
     tokens = _empty(n, T, device=gt.device, dtype=torch.int32)
     counts = _empty(n, device=gt.device, dtype=torch.int32)
-    _group_kernel[(n,)](gt, tokens, counts, counts if offsets is None else offsets,
-                        _zeroed(gt.device, torch.int32, 1), T, n, WRITE_OFFSETS=offsets is not None, BLOCK=1024,
-                        BLOCK_N=max(16, pow2(n)))
+    launch(_group_kernel, (n,), gt, tokens, counts, counts if offsets is None else offsets,
+           _zeroed(gt.device, torch.int32, 1), T, n, WRITE_OFFSETS=offsets is not None, BLOCK=1024,
+           BLOCK_N=max(16, pow2(n)))
     return tokens, counts
 
 
@@ -206,9 +207,9 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     bias_ptr = bias_v if bias_v is not None else g
     pdl = not use_dot and pdl_launch(dev)   # the decode kernels only (see small_batch.py)
     programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
-    _up_kernel[(programs,)](
-        x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], mean.wbar, bias_ptr, g, h, hs, r, mu,
-        T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
+    launch(
+        _up_kernel, (programs,), x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], mean.wbar, bias_ptr, g, h,
+        hs, r, mu, T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, num_warps=cfg["up_warps"],
@@ -216,18 +217,16 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"])
     if not use_dot:
-        _decode_down_kernel[(cdiv(d, cfg["block_d"]),)](h, hs, mu, g, *weights, y, T, n, d, ds, y.stride(0),
-                                                        NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"],
-                                                        BLOCK_DS=max(16, pow2(ds)), PDL=pdl, **meta,
-                                                        **(dict(launch_pdl=True) if pdl else {}))
+        launch(_decode_down_kernel, (cdiv(d, cfg["block_d"]),), h, hs, mu, g, *weights, y, T, n, d, ds,
+               y.stride(0), NORM_EPS, BLOCK_N=max(16, pow2(n)), SLOTS=cfg["slots"], BLOCK_DS=max(16, pow2(ds)),
+               PDL=pdl, **meta, **(dict(launch_pdl=True) if pdl else {}))
         return
     group = int(cfg["group"])
     grid = (cdiv(d, cfg["block_d"]), 1 + cdiv(n, group))   # the shared expert, then the groups of experts
-    _union_down_kernel[grid](h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
-                             _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s,
-                             float(threshold), NORM_EPS, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None,
-                             SPLIT_K=split, GROUP=group, BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype),
-                             BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
+    launch(_union_down_kernel, grid, h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
+           _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s, float(threshold), NORM_EPS,
+           GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, SPLIT_K=split, GROUP=group,
+           BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype), BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
 
 
 def grouped_config(T: int) -> dict:
@@ -265,14 +264,13 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
     block_m = cfg["block_m"]
     grid = (n, cdiv(T, block_m))
-    _grouped_up_kernel[grid](x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
-                             T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m,
-                             BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
+    launch(_grouped_up_kernel, grid, x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
+           T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_K=cfg["block_k"],
+           num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
     acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
-    _grouped_down_kernel[grid](act, w["w_down"], tokens, counts, acc, T, n, d,
-                               DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
-                               num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
+    launch(_grouped_down_kernel, grid, act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
+           BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     return mu, tokens, counts, act, acc
 
 

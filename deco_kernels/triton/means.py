@@ -20,6 +20,7 @@ import triton.language as tl
 from .. import layout
 from . import ffn
 from ._jit import fixed_order_sum
+from .launch import launch
 
 BLOCK_C = 64      # columns per program
 BLOCK_R = 64      # rows per step
@@ -70,8 +71,8 @@ def expert_mean(w_up: torch.Tensor) -> ExpertMean:
     steps = ffn.cdiv(ffn.cdiv(R, MAX_CHUNKS), BLOCK_R)
     grid = (ffn.cdiv(d, BLOCK_C), ffn.cdiv(R, steps * BLOCK_R))
     partial = ffn._empty(grid[1], d, device=dev, dtype=torch.float32)
-    _expert_mean_kernel[grid](w_up, wbar, split, partial, ffn._zeroed(dev, torch.int32, grid[0]), R, d,
-                              STEPS=steps, MAX_CHUNKS=MAX_CHUNKS, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    launch(_expert_mean_kernel, grid, w_up, wbar, split, partial, ffn._zeroed(dev, torch.int32, grid[0]), R, d,
+           STEPS=steps, MAX_CHUNKS=MAX_CHUNKS, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return ExpertMean(wbar, split)
 
 

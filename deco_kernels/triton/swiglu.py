@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import ffn
 from ._jit import silu_mul
+from .launch import launch
 
 BLOCK = 1024                # elements per program of the forward kernel
 BLOCK_T, BLOCK_S = 64, 64   # tile (tokens, hidden columns) of the backward kernel
@@ -69,7 +70,7 @@ class _SwiGLUHidden(torch.autograd.Function):
         T, S = ab.shape[0], w_gate.shape[0]
         h = ffn._empty(T, S, device=ab.device, dtype=ab.dtype)
         if h.numel():
-            _swiglu_fwd_kernel[(ffn.cdiv(h.numel(), BLOCK),)](ab, h, h.numel(), S, BLOCK=BLOCK)
+            launch(_swiglu_fwd_kernel, (ffn.cdiv(h.numel(), BLOCK),), ab, h, h.numel(), S, BLOCK=BLOCK)
         ctx.save_for_backward(x, w_gate, w_up, w_gu, ab)
         ctx.set_materialize_grads(False)
         return h, x.view_as(x)
@@ -93,8 +94,8 @@ class _SwiGLUHidden(torch.autograd.Function):
         T, S = ab.shape[0], w_gate.shape[0]
         dt = ffn._empty(2 * S, T, device=ab.device, dtype=ab.dtype)    # [da^T; db^T]
         if dt.numel():
-            _swiglu_bwd_kernel[(ffn.cdiv(T, BLOCK_T), ffn.cdiv(S, BLOCK_S))](ab, dh, dt, T, S, BLOCK_T=BLOCK_T,
-                                                                             BLOCK_S=BLOCK_S)
+            launch(_swiglu_bwd_kernel, (ffn.cdiv(T, BLOCK_T), ffn.cdiv(S, BLOCK_S)), ab, dh, dt, T, S,
+                   BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S)
         dx = None
         if need_x:  # [da | db] [W_gate; W_up], added into the routed op's gradient by the GEMM (addmm)
             dx = dt.t() @ w_gu if dx_routed is None else torch.addmm(dx_routed, dt.t(), w_gu)

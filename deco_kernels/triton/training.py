@@ -68,6 +68,7 @@ from ..reference.ops import NORM_EPS
 from . import ffn, means, swiglu
 from ._jit import fixed_order_sum, norm_silu_gate
 from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
+from .launch import launch
 
 # Each launch's tiles: BLOCK_M pairs of one expert per program, BLOCK_K the reduction step over d of the gather
 # matmuls, BLOCK_C output columns per step of the scatter and weight-gradient kernels. The defaults are the best
@@ -344,12 +345,13 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         a = ffn._empty(P, de, device=dev, dtype=x.dtype)
         up, scatter = TILES["up"], TILES["y_scatter"]
         # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
-        _train_up_kernel[_pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up)](
-            x, w_up, tokens, offsets, g, mu, router_scale, gamma, pair_tok, h, a, shared, shared.stride(0),
-            shared.stride(1), acc, T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
+        launch(
+            _train_up_kernel, _pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up), x, w_up, tokens, offsets, g, mu,
+            router_scale, gamma, pair_tok, h, a, shared, shared.stride(0), shared.stride(1), acc, T, n, d,
+            x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
         if P > 0:
-            _pair_scatter_kernel[_pair_grid(n, T, scatter)](a, w_down, n * de, 1, pair_tok, offsets, acc, T, d,
-                                                             DE=de, PREC=prec, **scatter)
+            launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), a, w_down, n * de, 1, pair_tok, offsets, acc,
+                   T, d, DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, pair_tok, h, mean.wbar
 
 
@@ -393,33 +395,34 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dgamma_exp = ffn._empty(n, de, device=dev, dtype=f32)
     dgamma = ffn._empty(de, device=dev, dtype=gamma.dtype)
     dscale = ffn._empty(n, device=dev, dtype=router_scale.dtype)
-    _pair_bwd_kernel[grid](dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, a, dh, dr_pair, dmu_pair,
-                           dgamma_part, dscale_part, dgamma_exp, dgamma, dscale, ffn._zeroed(dev, torch.int32, n + 1),
-                           T, n, d, dy.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_R=32, **bwd)
+    launch(_pair_bwd_kernel, grid, dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, a, dh, dr_pair,
+           dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale, ffn._zeroed(dev, torch.int32, n + 1),
+           T, n, d, dy.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_R=32, **bwd)
 
     # The router GEMM reads dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
     low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
     grad_t = ffn._empty(n + 1, T, device=dev, dtype=x.dtype if low else f32)   # [dr | dmu]^T
     dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
     tok = TILES["token"]
-    _token_bwd_kernel[(ffn.cdiv(T, tok["BLOCK_M"]),)](
-        g, dr_pair, dmu_pair, g if dg is None else dg, w_router if has_router else g, wbar, grad_t, dx,
-        T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router, LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
+    launch(
+        _token_bwd_kernel, (ffn.cdiv(T, tok["BLOCK_M"]),), g, dr_pair, dmu_pair, g if dg is None else dg,
+        w_router if has_router else g, wbar, grad_t, dx, T, n, d, HAS_DG=dg is not None, HAS_ROUTER=has_router,
+        LOW=low, BLOCK_N=max(16, ffn.pow2(n)), **tok)
     dwbar, dw_router = _router_grads(x, grad_t, w_router)
     # Without a router the caller's autograd owns the gates: dL/dg is dr.
     dgates = none if has_router else grad_t[:n].t()
     scatter = TILES["dx_scatter"]
-    _pair_scatter_kernel[_pair_grid(n, T, scatter)](dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
-                                                     DE=de, PREC=prec, **scatter)
+    launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+           DE=de, PREC=prec, **scatter)
 
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
-    _pair_wgrad_kernel[wgrid](dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
-                              dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
+    launch(_pair_wgrad_kernel, wgrid, dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
+           dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
-    _pair_wgrad_kernel[wgrid](a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
-                              dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
+    launch(_pair_wgrad_kernel, wgrid, a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
+           dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
     return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
 
