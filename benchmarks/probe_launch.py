@@ -3,18 +3,23 @@ specialisation, cache key) against calling the compiled kernel's launcher direct
 few and with many arguments, next to torch's own per-op host cost. Writes JSON.
 
     python benchmarks/probe_launch.py --out launch.json
+
+--layers adds the eager figures this cost sets, with the direct launcher on and off (DECO_KERNELS_FAST_LAUNCH)
+in the same run, alternating: one layer's forward at T=64 and 512, and its forward + backward at T=4096.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 import triton
 import triton.language as tl
 
-from deco_kernels.benchmark import environment
+from deco_kernels import DecoConfig, ops
+from deco_kernels.benchmark import GpuTimer, environment, layer_inputs, train_inputs
 
 
 @triton.jit
@@ -56,9 +61,33 @@ def direct(compiled, grid):
     return lambda *args: compiled.run(g0, g1, g2, stream, fn, meta, None, enter, exit_, *args)
 
 
+def layer_rows(preset: str) -> list[dict]:
+    """Eager µs (least of five medians, GpuTimer) with the direct launcher on and off, alternating twice."""
+    cfg = DecoConfig.preset(preset)
+    timer = GpuTimer()
+    x, w, _ = layer_inputs(cfg, 512, "cuda")
+    xt, wt, _, dy = train_inputs(cfg, 4096)
+    calls = {f"forward T={T}": (lambda T=T: ops.deco_ffn(x[:T], **w, backend="triton")) for T in (64, 512)}
+    calls["forward+backward T=4096"] = lambda: ops.deco_ffn(xt, **wt, backend="triton").backward(dy)
+    rows = []
+    for name, fn in calls.items():
+        us = {"direct": [], "triton_entry": []}
+        for _ in range(2):
+            for mode, flag in (("direct", "1"), ("triton_entry", "0")):
+                os.environ["DECO_KERNELS_FAST_LAUNCH"] = flag
+                with torch.no_grad() if "backward" not in name else torch.enable_grad():
+                    fn()
+                    us[mode].append(timer(fn, False))
+        os.environ.pop("DECO_KERNELS_FAST_LAUNCH")
+        rows.append(dict(preset=preset, call=name, us={k: min(v) for k, v in us.items()}, runs=us))
+        print(rows[-1])
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
+    p.add_argument("--layers", nargs="*", default=[], help="presets for the eager layer figures")
     args = p.parse_args()
     dev = "cuda"
     t = [torch.empty(1024, device=dev) for _ in range(20)]
@@ -79,8 +108,9 @@ def main():
     rows["torch_empty"] = per_call_us(lambda: torch.empty(4096, 64, device=dev))
     rows["torch_add_"] = per_call_us(lambda: x.add_(1.0))
     rows["torch_mm"] = per_call_us(lambda: torch.mm(x, x))
+    layers = [row for preset in args.layers for row in layer_rows(preset)]
     out = dict(environment(), what="host µs per call (median of 5 rounds of 2000 calls, empty kernels)",
-               rows=rows)
+               rows=rows, layers=layers)
     print(json.dumps(rows, indent=1))
     if args.out:
         with open(args.out, "w") as f:
