@@ -274,6 +274,13 @@ def entropy_loss(g: torch.Tensor, lam: float | torch.Tensor, num_layers: int) ->
     return lam * mean_h / num_layers
 
 
+def gate_stats(g: torch.Tensor, lam: float | torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, active) of one DECO layer's gates g [..., N] in one call: loss = entropy_loss(g, lam, num_layers)
+    (differentiable in g) and active = the number of gates > 0 (0-d int64, detached), which the training
+    counters and the active ratio need. The kernels of the other backends fuse both into one launch."""
+    return entropy_loss(g, lam, num_layers), (g.detach() > 0).sum()
+
+
 def update_lambda(lam: float, active_ratio: float, target: float = 0.2, multiplier: float = 1.002,
                   lam0: float = 1e-8) -> float:
     """Adaptive coefficient, once per optimizer step: too many active gates -> stronger regulariser."""
@@ -297,9 +304,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> to
 
 
 __all__ = [
-    "NORM_EPS", "ENTROPY_EPS", "NORM_SILU_VARIANTS", "WEIGHT_NAMES", "compute_dtype", "router_logits", "apply_knobs", "route",
+    "NORM_EPS", "ENTROPY_EPS", "NORM_SILU_VARIANTS", "WEIGHT_NAMES", "compute_dtype", "router_logits",
+    "apply_knobs", "route",
     "bias_for_ratio", "coactivation_gates", "elastic_training_gates", "deco_ffn_from_gates",
     "expert_mean_vector", "norm_silu", "expert_activations", "scaled_combine", "routed_experts",
-    "routed_experts_sparse", "swiglu", "deco_ffn", "gate_entropy", "entropy_loss", "update_lambda",
-    "active_ratio", "rms_norm",
+    "routed_experts_sparse", "swiglu", "deco_ffn", "gate_entropy", "entropy_loss", "gate_stats",
+    "update_lambda", "active_ratio", "rms_norm",
 ]
