@@ -105,3 +105,19 @@ def check_knobs(bias, threshold, max_active, num_experts: int, device) -> None:
     if max_active is not None and (isinstance(max_active, bool) or not isinstance(max_active, int)
                                    or max_active < 1):
         raise ValueError(f"max_active: expected None or an integer >= 1, got {max_active!r}")
+
+
+def check_gate_stats(g, lam, num_layers) -> None:
+    """The regulariser's arguments (SPEC §2): gates g [..., N] floating with N >= 1; lam a number or a 0-d
+    floating tensor on g's device; num_layers an int >= 1."""
+    _check_tensor("g", g)
+    if g.dim() < 1 or g.shape[-1] < 1:
+        raise ValueError(f"g: expected gates of shape [..., N] with N >= 1, got {tuple(g.shape)}")
+    if isinstance(lam, torch.Tensor):
+        if lam.dim() != 0 or not lam.is_floating_point() or lam.device != g.device:
+            raise ValueError(f"lam: expected a number or a 0-d floating tensor on {g.device} (g's device), got "
+                             f"{lam.dtype} of shape {tuple(lam.shape)} on {lam.device}")
+    elif isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise ValueError(f"lam: expected a number or a 0-d tensor, got {type(lam).__name__}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers: expected an int >= 1 (the model's layer count), got {num_layers!r}")

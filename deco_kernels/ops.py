@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import backends
-from ._validate import check_knobs, check_layer
+from ._validate import check_gate_stats, check_knobs, check_layer
 from .reference import ops as ref
 
 _BACKEND_MODULES = {"torch": "deco_kernels.reference", "triton": "deco_kernels.triton",
@@ -80,6 +80,19 @@ def deco_ffn_from_gates(x, g, router_scale, w_up, gamma, w_down, ws_gate, ws_up,
         raise ValueError(f"g: expected floating-point gates on {x.device}, got {g.dtype} on {g.device}")
     impl = _dispatch("deco_ffn_from_gates", backend, x, (g, *weights.values()), activation)
     return impl(x, g, **weights, activation=activation)
+
+
+def gate_stats(g, lam, num_layers, *, backend="auto"):
+    """The sparsity regulariser's statistics of one DECO layer (SPEC §2) from its gates g [..., N] (before
+    router_scale): (loss, active), loss = lam * mean_t H[t] / num_layers (0-d, differentiable in g) and active
+    = the number of gates > 0 (0-d int64, detached). ``lam``: a number or a 0-d tensor on g's device (never
+    read on the host). One Triton launch each way on "triton" (fp32 g); torch ops on "torch"."""
+    check_gate_stats(g, lam, num_layers)
+    needs_grad = torch.is_grad_enabled() and (g.requires_grad or (isinstance(lam, torch.Tensor) and lam.requires_grad))
+    name = backends.resolve(backend, g.device, needs_grad)
+    # CuPy has no kernel for it: it resolves to cupy only without autograd (cupy has no backward, so a cupy
+    # layer cannot train), e.g. a train-mode forward under no_grad, where the few torch ops are honest enough.
+    return _impl("torch" if name == "cupy" else name, "gate_stats")(g, lam, num_layers)
 
 
 def route(x, w_router, router_scale, *, bias=0.0, threshold=0.0, max_active=None):

@@ -94,7 +94,7 @@ def poison_outputs(monkeypatch, module) -> None:
     or -1 (indices), so an element a kernel forgets to write fails the comparison."""
     def poisoned(*shape, device, dtype):
         fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, device=device, dtype=dtype)
+        return torch.empty(*shape, device=device, dtype=dtype).fill_(fill)   # any shape form torch.empty takes
     monkeypatch.setattr(module, "_empty", poisoned)
 
 
