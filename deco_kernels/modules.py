@@ -103,8 +103,9 @@ class DecoMoE(nn.Module):
     After each forward: ``active_ratio`` (detached 0-d, fraction of gates > 0) and, in training mode,
     ``reg_loss`` (the entropy loss of SPEC §2, differentiable through the gates; None in eval). In training
     mode the layer also adds to the device-side counters ``active_count`` and ``gate_count`` (int64 tensors,
-    no host sync; per-rank tallies, not buffers, so data-parallel wrappers never broadcast or shard them), which :class:`deco_kernels.sparsity.SparsityController` reads before writing λ into the
-    ``sparsity_lambda`` buffer.
+    no host sync; per-rank tallies, not buffers, so data-parallel wrappers never broadcast or shard them), which
+    :class:`deco_kernels.sparsity.SparsityController` reads before writing λ into the ``sparsity_lambda``
+    buffer. reg_loss and the counters come from one ``ops.gate_stats`` call (one launch each way on Triton).
     """
 
     PARAMETER_NAMES = ref.WEIGHT_NAMES
@@ -214,15 +215,23 @@ class DecoMoE(nn.Module):
                                 activation=self.activation)
             natural = g
         gates = g.detach()
-        self.active_ratio = ref.active_ratio(gates)
-        if self.training:
-            # The regulariser and the counters see the natural gates (what inference with these knobs
-            # would use), so elastic sampling changes neither the sharpening term nor the ratio λ regulates.
-            self.reg_loss = ref.entropy_loss(natural, self.sparsity_lambda, self.config.num_layers)
-            self.active_count += (natural.detach() > 0).sum()  # stays on the device: one sync per step
-            self.gate_count += gates.numel()
-        else:
+        if not self.training:
+            self.active_ratio = ref.active_ratio(gates)
             self.reg_loss = None
+            return y
+        # The regulariser and the counters see the natural gates (what inference with these knobs would use),
+        # so elastic sampling changes neither the sharpening term nor the ratio λ regulates. One op gives both
+        # (one launch each way on Triton instead of ~30 small torch ones: the training step is host-bound).
+        self.reg_loss, active = ops.gate_stats(natural, self.sparsity_lambda, self.config.num_layers,
+                                               backend=self.backend)
+        self.active_count += active  # stays on the device: one sync per step
+        numel = gates.numel()
+        self.gate_count += numel
+        if natural is g:
+            # the count is exact in int64; fp32 like ref.active_ratio (0 for an empty batch)
+            self.active_ratio = (active / numel).float() if numel else g.new_zeros((), dtype=torch.float32)
+        else:  # elastic: the ratio of the gates applied (sampled), as in eval
+            self.active_ratio = ref.active_ratio(gates)
         return y
 
     def _elastic_training_forward(self, x, knobs):
