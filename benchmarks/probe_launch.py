@@ -5,7 +5,8 @@ few and with many arguments, next to torch's own per-op host cost. Writes JSON.
     python benchmarks/probe_launch.py --out launch.json
 
 --layers adds the eager figures this cost sets, with the direct launcher on and off (DECO_KERNELS_FAST_LAUNCH)
-in the same run, alternating: one layer's forward at T=64 and 512, and its forward + backward at T=4096.
+in the same run, alternating: one layer's forward at T=64 and 512, and its forward + backward at T=4096; both
+the eager time (GPU events) and the host thread's CPU time per call.
 """
 from __future__ import annotations
 
@@ -61,8 +62,23 @@ def direct(compiled, grid):
     return lambda *args: compiled.run(g0, g1, g2, stream, fn, meta, None, enter, exit_, *args)
 
 
+def cpu_us(fn, calls: int = 20) -> float:
+    """Median over 5 rounds of the calling thread's CPU time per call (time.thread_time): the host's own work,
+    without the time the thread waits descheduled on a shared machine (a synchronisation's spin-wait counts)."""
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.thread_time() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return sorted(rounds)[2]
+
+
 def layer_rows(preset: str) -> list[dict]:
-    """Eager µs (least of five medians, GpuTimer) with the direct launcher on and off, alternating twice."""
+    """Eager µs (least of five medians, GpuTimer) and host CPU µs per call with the direct launcher on and off,
+    alternating twice."""
     cfg = DecoConfig.preset(preset)
     timer = GpuTimer()
     x, w, _ = layer_inputs(cfg, 512, "cuda")
@@ -72,15 +88,18 @@ def layer_rows(preset: str) -> list[dict]:
     rows = []
     for name, fn in calls.items():
         us = {"direct": [], "triton_entry": []}
+        cpu = {"direct": [], "triton_entry": []}
         for _ in range(2):
             for mode, flag in (("direct", "1"), ("triton_entry", "0")):
                 os.environ["DECO_KERNELS_FAST_LAUNCH"] = flag
                 with torch.no_grad() if "backward" not in name else torch.enable_grad():
                     fn()
                     us[mode].append(timer(fn, False))
+                    cpu[mode].append(cpu_us(fn))
         os.environ.pop("DECO_KERNELS_FAST_LAUNCH")
-        rows.append(dict(preset=preset, call=name, us={k: min(v) for k, v in us.items()}, runs=us))
-        print(rows[-1])
+        rows.append(dict(preset=preset, call=name, us={k: min(v) for k, v in us.items()},
+                         cpu_us={k: min(v) for k, v in cpu.items()}, runs=us, cpu_runs=cpu))
+        print({k: rows[-1][k] for k in ("preset", "call", "us", "cpu_us")})
     return rows
 
 

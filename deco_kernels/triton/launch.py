@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+from triton.runtime.jit import JITFunction
+
 from ..backends import interpreting
 
 _INT32 = (-(2 ** 31), 2 ** 31)
@@ -87,12 +89,11 @@ class _Launcher:
             try:
                 from triton import knobs
                 from triton.runtime.driver import driver
-                from triton.runtime.jit import JITFunction
 
-                self.driver, self.knobs, self.jit_function = driver.active, knobs, JITFunction
+                self.driver, self.knobs = driver.active, knobs
                 self.get_device = self.driver.get_current_device
                 self.get_stream = self.driver.get_current_stream
-            except (ImportError, AttributeError):
+            except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no GPU driver on this machine
                 self.driver = False
         return bool(self.driver)
 
@@ -110,8 +111,8 @@ class _Launcher:
         return tuple(meta[name] if name in meta else default for name, default in self._params(kernel)[0][nargs:])
 
     def __call__(self, kernel, grid, args, meta):
-        if (not isinstance(grid, tuple) or not enabled() or interpreting() or not self._bind()
-                or not isinstance(kernel, self.jit_function)):
+        if (not isinstance(kernel, JITFunction) or not isinstance(grid, tuple) or not enabled() or interpreting()
+                or not self._bind()):
             return kernel[grid](*args, **meta)
         spec = spec_key(args, meta, self._params(kernel)[1])
         if spec is None:
