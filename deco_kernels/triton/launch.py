@@ -10,12 +10,13 @@ layer makes about a dozen such launches.
 So the first call with a given specialisation goes through Triton (which compiles, caches and launches it) and
 keeps the CompiledKernel it returns; later calls with the same key call that kernel's launcher. The key is at
 least as fine as Triton's own specialisation: per tensor its dtype and whether its address is 16-byte aligned;
-per int whether it equals 1, whether 16 divides it, and its integer type's range; floats, bools and None by
-type; the constexpr and option keywords by value; the current device. Two calls with one key therefore run the
-binary Triton would have picked. Anything else (a callable grid, an argument of another type, the interpreter,
-or a Triton without these internals, or DECO_KERNELS_FAST_LAUNCH=0) takes Triton's own entry. The direct call
-passes the launcher what Triton's entry passes it, launch hooks (profilers such as proton) and their metadata
-included.
+per int whether it equals 1, whether 16 divides it, and its integer type's range; bools by value; floats and
+None by type; the constexpr and option keywords by value; the current device. Two calls with one key therefore
+run the binary Triton would have picked. Anything else (a callable grid, an argument of another type, the
+interpreter, a machine without a GPU driver, a Triton without these internals, or DECO_KERNELS_FAST_LAUNCH=0)
+takes Triton's own entry. The direct call passes the launcher what Triton's entry passes it, launch hooks
+(profilers such as proton) and their metadata included. Measured on whole layers the saving was within the
+lent host's noise (benchmarks/NOTES.md, 2026-12-04 night).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def _arg_key(a):
     """What Triton's specialisation can depend on for one runtime argument, or None when this module does not
     know the type (the caller then takes Triton's entry)."""
     t = type(a)
-    if t is bool:
-        return ("b",)
+    if t is bool:  # by value: finer than Triton (which does not specialise bools) costs at most two binaries
+        return ("b", a)
     if t is int:
         width = 0 if _INT32[0] <= a < _INT32[1] else 1 if _INT64[0] <= a < _INT64[1] else 2
         return ("i", a == 1, a % 16 == 0, width)
