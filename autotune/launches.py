@@ -78,18 +78,21 @@ def _is_kernel(obj) -> bool:
 
 
 @contextlib.contextmanager
-def recording(module):
-    """Replace every Triton kernel that `module` references by a recorder; yields the list of launches."""
+def recording(*modules):
+    """Replace every Triton kernel that each of `modules` references by a recorder; yields the list of launches
+    (all modules' in call order). One lock for all of them: nested recordings would wait on each other."""
     out: list[Launch] = []
-    saved = {k: v for k, v in vars(module).items() if _is_kernel(v)}
+    saved = [(m, {k: v for k, v in vars(m).items() if _is_kernel(v)}) for m in modules]
     with _lock:
         try:
-            for k, v in saved.items():
-                setattr(module, k, _Recorder(k, v, out))
+            for module, kernels in saved:
+                for k, v in kernels.items():
+                    setattr(module, k, _Recorder(k, v, out))
             yield out
         finally:
-            for k, v in saved.items():
-                setattr(module, k, v)
+            for module, kernels in saved:
+                for k, v in kernels.items():
+                    setattr(module, k, v)
 
 
 def meta_layer(T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, device="meta"):

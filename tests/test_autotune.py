@@ -844,6 +844,20 @@ def test_compile_only_for_sm87():
     assert "_decode_down_kernel" in proc.stdout and "_grouped_down_kernel" in proc.stdout
 
 
+def test_recording_several_modules_at_once():
+    """One recording over several modules (nested recordings would wait on one lock) restores every kernel."""
+    pytest.importorskip("triton")
+    from deco_kernels.autotune.launches import recording
+    from deco_kernels.triton import means, swiglu
+
+    before = (swiglu._swiglu_fwd_kernel, means._expert_mean_kernel)
+    with recording(swiglu, means) as launches:
+        swiglu._swiglu_fwd_kernel[(3,)](1, 2, BLOCK=4)
+        means._expert_mean_kernel[(2, 1)](5)
+    assert [(ln.name, ln.grid) for ln in launches] == [("_swiglu_fwd_kernel", (3,)), ("_expert_mean_kernel", (2, 1))]
+    assert (swiglu._swiglu_fwd_kernel, means._expert_mean_kernel) == before
+
+
 # ---------------------------------------------------------------- GPU: a tuned cache is picked up and used
 
 @pytest.mark.gpu
