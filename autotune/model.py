@@ -389,7 +389,9 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                 smem = pipe * (bm + de) * bk * eb
                 stage = (bm + de) * bk * eb
                 atomics = 0.0
-                dram = T * d * eb + n * de * d * eb + count * n * (de * eb + 8)
+                dram = T * d * eb + n * de * d * eb + count * n * (de * eb + 8) + 2 * ds * d * eb + T * ds * eb
+                # The shared expert's programs: every token, gate and up products, so two full tiles' work each.
+                tiles += 2 * math.ceil(ds / de) * math.ceil(T / bm)
             else:
                 bd = c["BLOCK_D"]
                 iters = math.ceil(d / bd)

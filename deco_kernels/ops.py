@@ -133,10 +133,13 @@ def dense_swiglu(x, w_gate, w_up, w_down):
 
 
 def dense_swiglu_fp32(x, w_gate, w_up, w_down):
-    """dense_swiglu of rows x [T, d] with an fp32 output: the seed of the prefill paths' fp32 accumulator. On
-    CUDA with 16-bit x, cuBLAS writes the down projection's fp32 sums directly (no rounding to x's dtype and no
-    separate cast pass over [T, d])."""
-    h = _swiglu_hidden(x, w_gate, w_up)
+    """dense_swiglu of rows x [T, d] with an fp32 output: the seed of the CuPy prefill's fp32 accumulator."""
+    return linear_fp32(_swiglu_hidden(x, w_gate, w_up), w_down)
+
+
+def linear_fp32(h, w):
+    """h [T, k] @ w^T [k, d] with an fp32 output. On CUDA with 16-bit h, cuBLAS writes the fp32 sums directly
+    (no rounding to h's dtype and no separate cast pass over [T, d])."""
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(h, w_down.t(), out_dtype=torch.float32)
-    return torch.nn.functional.linear(h, w_down).float()
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(h, w).float()

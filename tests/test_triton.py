@@ -419,6 +419,17 @@ def test_gpu_long_prefill_matches_the_reference(preset, T):
 
 
 @pytest.mark.gpu
+def test_gpu_long_prefill_fp32():
+    """fp32 past ffn.ROUTER_LONG_T tokens: the router keeps 64-column K steps there (128 in 3 stages of fp32
+    tiles would pass a block's shared memory), and the shared expert's programs in the up kernel hold."""
+    x, w, _ = layer_inputs(DecoConfig.preset("0.1b"), 2048, "cuda", dtype=torch.float32)
+    with torch.no_grad():
+        y_ref = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()})
+        y = ops.deco_ffn(x, **w, backend="triton")
+    assert rel_err(y, y_ref) <= GPU_REL_TOL[torch.float32]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
 @pytest.mark.parametrize("block_t", [16, 32, 64])
 @pytest.mark.parametrize("warps", [4, 8])

@@ -13,7 +13,7 @@ import torch
 
 from .. import backends
 from ..autotune import config_for
-from ..ops import dense_swiglu_fp32
+from ..ops import linear_fp32
 from ..reference.ops import NORM_EPS
 from . import means
 from .grouped import _group_kernel, _grouped_down_kernel, _grouped_up_kernel
@@ -38,6 +38,14 @@ ROUTER_SPLIT_BLOCKS = 132
 ROUTER_STAGES = 3
 # Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
 USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
+# EXPERIMENT (A/B, not to land as a flag): the shared expert's hidden activation in the grouped up kernel.
+SHARED_IN_UP = True
+# K step of the router from ROUTER_LONG_T tokens on (64 below). H200, the router alone under a CUDA graph
+# (results/h200/probe_router_warps.json): at T=4096 128 beats 64 for 1.2b / 0.5b / 0.1b (21.7 -> 18.0,
+# 17.1 -> 14.8, 11.6 -> 10.4 µs at 32-token blocks); at T=512 64 is better (1.2b 11.9 vs 14.4 at 16-token blocks).
+# 16-bit x only: fp32 tiles of 128 columns in 3 stages would pass the shared memory of a block.
+ROUTER_LONG_T = 1024
+ROUTER_LONG_BLOCK_K = 128
 
 
 def cdiv(a: int, b: int) -> int:
@@ -105,11 +113,12 @@ def router_stages(block_t: int) -> int:
 
 
 def _router(x, w_router, mean, bias_s, bias_v, threshold, max_active, g, mu, gt=None, block_t=None, stages=None,
-            warps=4, block_k=64):
+            warps=4, block_k=None):
     """Gates g [T, N] and mu [T] (gt, g transposed, when given); mean: w_up's means.ExpertMean."""
     T, d = x.shape
     n = w_router.shape[0]
     block_t = block_t or (16 if T <= 16 else 32)
+    block_k = block_k or (ROUTER_LONG_BLOCK_K if T > ROUTER_LONG_T and x.element_size() == 2 else 64)
     blocks = cdiv(T, block_t)
     # Under ROUTER_SPLIT_BLOCKS token blocks, K is split too (chunks of >= 256 columns), so that a decode step's
     # router reads w_router on several SMs instead of one. 64-token blocks never split: adding their [64, BLOCK_N]
@@ -254,22 +263,29 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     (mu, tokens, counts, act, acc); g is written in place, acc is the fp32 output before the cast into y.
     benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
-    n, de = w["w_router"].shape[0], w["gamma"].shape[0]
-    cfg = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, w["ws_gate"].shape[0]) or grouped_config(T)
+    n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
+    cfg = cfg or config_for("grouped", x.device, T, x.dtype, d, n, de, ds) or grouped_config(T)
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
     act = _empty(n, T, de, device=dev, dtype=x.dtype)
+    hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
-    grid = (n, cdiv(T, block_m))
-    launch(_grouped_up_kernel, grid, x, w["w_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
-           T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_M=block_m, BLOCK_K=cfg["block_k"],
-           num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
-    # The shared expert is one dense SwiGLU on all tokens (cuBLAS), seeding the fp32 accumulator.
-    acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
-    launch(_grouped_down_kernel, grid, act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
+    tiles = cdiv(T, block_m)
+    # The routed experts' programs, then cdiv(ds, de) rows of the shared expert's (grouped.py).
+    shared_rows = cdiv(ds, de) if SHARED_IN_UP else 0
+    launch(_grouped_up_kernel, (n + shared_rows, tiles), x, w["w_up"], w["ws_gate"], w["ws_up"], tokens, counts,
+           g, mu, w["router_scale"], w["gamma"], act, hs, T, n, d, ds, x.stride(0), NORM_EPS, DE=de, PREC=prec,
+           BLOCK_M=block_m, BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
+    # The shared expert's down projection (cuBLAS) seeds the fp32 accumulator the routed experts add into.
+    if SHARED_IN_UP:
+        acc = linear_fp32(hs, w["ws_down"])
+    else:
+        from ..ops import dense_swiglu_fp32
+        acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    launch(_grouped_down_kernel, (n, tiles), act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
            BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     return mu, tokens, counts, act, acc
 

@@ -8,7 +8,11 @@ only the first count[e] rows of expert e are written and read, so time follows t
    training path, the last program writes the pair offsets: the exclusive prefix sum of the counts).
 2. `_grouped_up_kernel`, one program per (expert, block of BLOCK_M of its tokens): gathers the tokens' rows of x,
    multiplies by the expert's [DE, d] slab of w_up on tensor cores, and applies NormSiLU (mu = x.wbar from the
-   router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype.
+   router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype. The
+   grid's last cdiv(ds, DE) rows of programs are the shared expert's: one per (block of DE of its hidden
+   columns, block of BLOCK_M tokens), over every token, writing silu(gate) * up [T, ds] in x's dtype (the
+   launcher's cuBLAS GEMM by ws_down then seeds the fp32 output). Before, that hidden activation took five
+   torch launches (two GEMMs, silu, mul and their dependency gaps).
 3. `_grouped_down_kernel`, same grid: multiplies the activation tile by the expert's block of w_down, block of
    BLOCK_D output features at a time, and adds the result into the fp32 output at the tokens' rows with
    atomics (each output element receives one add per active expert of its token: the order of those adds is
@@ -18,7 +22,7 @@ Programs of an expert whose tokens end before their block exit at once.
 import triton
 import triton.language as tl
 
-from ._jit import norm_silu_gate
+from ._jit import norm_silu_gate, silu_mul
 
 
 @triton.jit
@@ -55,19 +59,26 @@ def _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_wk, K,
-                   DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_wk, K, row_end,
+                   DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   MASK_ROWS: tl.constexpr):
     """b[toks, :K] @ W_e^T -> [BLOCK_M, DE] fp32, with W_e[i, k] at w_ptr + (e*DE + i)*stride_wi + k*stride_wk
-    (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE))."""
+    (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE)); with MASK_ROWS, rows e*DE + i >=
+    row_end read as 0 (the shared expert's last block of hidden columns)."""
     rows = e64 * DE + tl.arange(0, DE)
+    wmask = rows < row_end if MASK_ROWS else rows >= 0
     acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         b = tl.load(b_ptr + toks[:, None] * stride_bt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
-                    mask=kmask[None, :], other=0.0)
+        if MASK_ROWS:
+            w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
+                        mask=wmask[:, None] & kmask[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
+                        mask=kmask[None, :], other=0.0)
         acc += tl.dot(b, tl.trans(w), input_precision=PREC)
     return acc
 
@@ -87,22 +98,46 @@ def _expert_scatter_add(a, toks, mmask, w_ptr, e64, stride_wc, stride_wi, out_pt
 
 
 @triton.jit
-def _grouped_up_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr, a_ptr,
-                       T, N, D, stride_xt, eps,
+def _shared_hidden_tile(x_ptr, stride_xt, m0, T, wsg_ptr, wsu_ptr, c, DS, K, hs_ptr,
+                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hs[m0:m0+BLOCK_M, c*DE:(c+1)*DE] = silu(x @ ws_gate^T) * (x @ ws_up^T) for those tokens and hidden
+    columns (fp32 until the store in hs's dtype). Two K loops like a routed expert's, one after the other, so
+    they reuse its shared-memory stages (one loop over both weights needs a third more, past the H200's
+    232 KB at BLOCK_M=128, BLOCK_K=128, 4 stages)."""
+    ms = m0 + tl.arange(0, BLOCK_M)
+    mmask = ms < T
+    toks = ms.to(tl.int64)
+    c64 = c.to(tl.int64)
+    gate = _expert_matmul(x_ptr, stride_xt, toks, mmask, wsg_ptr, c64, K, 1, K, DS, DE, PREC, BLOCK_M, BLOCK_K, True)
+    up = _expert_matmul(x_ptr, stride_xt, toks, mmask, wsu_ptr, c64, K, 1, K, DS, DE, PREC, BLOCK_M, BLOCK_K, True)
+    rows = c64 * DE + tl.arange(0, DE)
+    tl.store(hs_ptr + toks[:, None] * DS + rows[None, :], silu_mul(gate, up).to(hs_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (rows < DS)[None, :])
+
+
+@triton.jit
+def _grouped_up_kernel(x_ptr, wup_ptr, wsg_ptr, wsu_ptr, tok_ptr, count_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
+                       a_ptr, hs_ptr, T, N, D, DS, stride_xt, eps,
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    count = tl.load(count_ptr + e)
-    if m0 < count:
-        e64 = e.to(tl.int64)
-        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
-        mu = tl.load(mu_ptr + toks, mask=mmask, other=0.0)
-        gs = tl.load(g_ptr + toks * N + e, mask=mmask, other=0.0) * tl.load(scale_ptr + e).to(tl.float32)
-        gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
-        a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
-        tl.store(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
-                 a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
+    if e >= N:  # the shared expert's hidden columns (e - N)*DE .. over the tokens m0 ..
+        if m0 < T:
+            _shared_hidden_tile(x_ptr, stride_xt, m0, T, wsg_ptr, wsu_ptr, e - N, DS, D, hs_ptr, DE, PREC, BLOCK_M,
+                                BLOCK_K)
+    else:
+        count = tl.load(count_ptr + e)
+        if m0 < count:
+            e64 = e.to(tl.int64)
+            ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
+            h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, 0, DE, PREC, BLOCK_M, BLOCK_K,
+                               False)
+            mu = tl.load(mu_ptr + toks, mask=mmask, other=0.0)
+            gs = tl.load(g_ptr + toks * N + e, mask=mmask, other=0.0) * tl.load(scale_ptr + e).to(tl.float32)
+            gamma = tl.load(gamma_ptr + tl.arange(0, DE)).to(tl.float32)
+            a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
+            tl.store(a_ptr + (e64 * T + ms.to(tl.int64))[:, None] * DE + tl.arange(0, DE)[None, :],
+                     a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
 @triton.jit

@@ -143,7 +143,8 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
             ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
             pairs = off.to(tl.int64) + ms
             tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
-            h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, DE, PREC, BLOCK_M, BLOCK_K)
+            h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, 0, DE, PREC, BLOCK_M, BLOCK_K,
+                               False)
             cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
             tl.store(h_ptr + cells, h, mask=mmask[:, None])
             _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
@@ -191,8 +192,8 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
     off, count = _expert_span(off_ptr, e)
     if m0 < count:
         mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
-        da = _expert_matmul(dy_ptr, stride_dyt, toks, mmask, wd_ptr, e.to(tl.int64), 1, N * DE, D,
-                            DE, PREC, BLOCK_M, BLOCK_K)
+        da = _expert_matmul(dy_ptr, stride_dyt, toks, mmask, wd_ptr, e.to(tl.int64), 1, N * DE, D, 0,
+                            DE, PREC, BLOCK_M, BLOCK_K, False)
         cells = pairs[:, None] * DE + cols[None, :]
         h = tl.load(h_ptr + cells, mask=mmask[:, None], other=0.0)
         g, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
