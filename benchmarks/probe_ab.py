@@ -2,8 +2,10 @@
 the variants are timed interleaved (rounds x variants, CUDA graphs, the same inputs) with the output's rel_err
 against the torch reference, so a host's drift hits every variant alike.
 
-    python benchmarks/probe_ab.py --presets 1.2b 0.1b --tokens 128 512 4096 \
-        --variant base SHARED_IN_UP=0 --variant fused SHARED_IN_UP=1 --out results/h200/probe_ab.json
+    python benchmarks/probe_ab.py --presets 1.2b 0.1b --tokens 2048 4096 \
+        --variant k64 ROUTER_LONG_BLOCK_K=64 --variant k128 ROUTER_LONG_BLOCK_K=128 --out results/h200/probe_ab.json
+
+results/h200/probe_ab_shared_in_up.json compared a switch SHARED_IN_UP that commit b6ad7f4 had for the run.
 """
 from __future__ import annotations
 

@@ -38,8 +38,6 @@ ROUTER_SPLIT_BLOCKS = 132
 ROUTER_STAGES = 3
 # Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
 USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
-# EXPERIMENT (A/B, not to land as a flag): the shared expert's hidden activation in the grouped up kernel.
-SHARED_IN_UP = True
 # K step of the router from ROUTER_LONG_T tokens on (64 below). H200, the router alone under a CUDA graph
 # (results/h200/probe_router_warps.json): at T=4096 128 beats 64 for 1.2b / 0.5b / 0.1b (21.7 -> 18.0,
 # 17.1 -> 14.8, 11.6 -> 10.4 µs at 32-token blocks); at T=512 64 is better (1.2b 11.9 vs 14.4 at 16-token blocks).
@@ -259,7 +257,8 @@ def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
 
 
 def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=None):
-    """The prefill path's launches (router, grouping, up, shared expert, down), returning what each leaves:
+    """The prefill path's launches (router, grouping, up with the shared expert's hidden activation, the shared
+    expert's down projection, down), returning what each leaves:
     (mu, tokens, counts, act, acc); g is written in place, acc is the fp32 output before the cast into y.
     benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
@@ -274,17 +273,15 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)
-    # The routed experts' programs, then cdiv(ds, de) rows of the shared expert's (grouped.py).
-    shared_rows = cdiv(ds, de) if SHARED_IN_UP else 0
-    launch(_grouped_up_kernel, (n + shared_rows, tiles), x, w["w_up"], w["ws_gate"], w["ws_up"], tokens, counts,
+    # The routed experts' programs, then cdiv(ds, de) rows of the shared expert's (grouped.py). H200, whole
+    # layer under CUDA graphs against its five torch launches (results/h200/probe_ab_shared_in_up.json): 1.2b
+    # T=128 72.0 -> 64.0 µs, T=512 91.5 -> 83.9; 0.1b T=128 43.5 -> 34.2, T=512 47.5 -> 37.9; at T=4096 within
+    # +-4% (1.2b 344.4 -> 348.9, 0.1b 99.6 -> 95.6).
+    launch(_grouped_up_kernel, (n + cdiv(ds, de), tiles), x, w["w_up"], w["ws_gate"], w["ws_up"], tokens, counts,
            g, mu, w["router_scale"], w["gamma"], act, hs, T, n, d, ds, x.stride(0), NORM_EPS, DE=de, PREC=prec,
            BLOCK_M=block_m, BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
     # The shared expert's down projection (cuBLAS) seeds the fp32 accumulator the routed experts add into.
-    if SHARED_IN_UP:
-        acc = linear_fp32(hs, w["ws_down"])
-    else:
-        from ..ops import dense_swiglu_fp32
-        acc = dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    acc = linear_fp32(hs, w["ws_down"])
     launch(_grouped_down_kernel, (n, tiles), act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
            BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
     return mu, tokens, counts, act, acc
