@@ -1,7 +1,8 @@
 """Localise an error of the Triton prefill path: run it (ffn.grouped_stages) at a preset size and check what
 each launch leaves against torch in fp32 on the same inputs, for the default tiles, the tuned cache's and
 one-knob variants. Five calls each expose run-to-run differences, stage by stage: gates and mu (router), token
-lists (grouping), activations (up), output (down); the first stage that differs is where a race lives.
+lists (grouping), activations and the shared expert's hidden activation (up), output (down); the first stage
+that differs is where a race lives.
 
     python benchmarks/check_grouped.py --preset 1.2b --tokens 1024 4096
     TRITON_INTERPRET=1 python benchmarks/check_grouped.py --preset tiny --tokens 100 --device cpu
@@ -10,7 +11,7 @@ import argparse
 
 import torch
 
-from deco_kernels import DecoConfig, ops
+from deco_kernels import DecoConfig
 from deco_kernels import reference as ref
 from deco_kernels.autotune import config_for
 from deco_kernels.benchmark import layer_inputs
@@ -23,7 +24,7 @@ VARIANTS = [("block_m", 64), ("block_d", 32), ("down_warps", 4), ("up_warps", 4)
 
 
 def stages(x, w, mean, cfg):
-    """(g, mu, tokens, counts, act, acc) of one call of the prefill path, every buffer fresh."""
+    """(g, mu, tokens, counts, act, hs, acc) of one call of the prefill path, every buffer fresh."""
     g = torch.full((x.shape[0], w["w_router"].shape[0]), float("nan"), device=x.device)
     return (g, *ffn.grouped_stages(x, w, mean, 0.0, None, 0.0, None, g, cfg))
 
@@ -44,7 +45,7 @@ def check(x, w, cfg, label):
     mean = means.cached_expert_mean(w["w_up"])
     y_ref, g_ref = ref.deco_ffn(x.float(), **wf, return_gates=True)
     runs = [stages(x, w, mean, cfg) for _ in range(5)]
-    g, mu, tokens, counts, act, acc = runs[0]
+    g, mu, tokens, counts, act, hs, acc = runs[0]
     out = [label, f"gates same set {bool(torch.equal(g > 0, g_ref > 0))} rel {rel_err(g, g_ref):.1e}",
            f"mu rel {rel_err(mu, x.float() @ mean.wbar):.1e}"]
     # Each expert's activations and down projection in torch, from the kernels' own gates and token lists.
@@ -53,7 +54,10 @@ def check(x, w, cfg, label):
                       for e in range(n))
     out.append(f"token lists wrong for {wrong_lists} of {n} experts")
     act_err = 0.0
-    down_ref = ops.dense_swiglu_fp32(x, w["ws_gate"], w["ws_up"], w["ws_down"])
+    xf = x.float()
+    hs_ref = torch.nn.functional.silu(xf @ wf["ws_gate"].t()) * (xf @ wf["ws_up"].t())
+    out.append(f"shared hidden rel {rel_err(hs, hs_ref):.1e}")
+    down_ref = hs.float() @ wf["ws_down"].t()   # from the kernel's shared hidden, as the launcher does
     for e in range(n):
         c = int(counts[e])
         if c == 0:
@@ -66,7 +70,7 @@ def check(x, w, cfg, label):
     out += [f"act rel {act_err:.1e} (worst expert)", f"down vs torch on the kernel's act: {rel_err(acc, down_ref):.1e}",
             f"y vs reference {rel_err(acc, y_ref):.1e}"]
     spread = {name: max(float((valid(r, i) - valid(runs[0], i)).abs().nan_to_num(1e9).max()) for r in runs[1:])
-              for i, name in ((0, "g"), (1, "mu"), (3, "counts"), (2, "tokens"), (4, "act"), (5, "y"))}
+              for i, name in ((0, "g"), (1, "mu"), (3, "counts"), (2, "tokens"), (4, "act"), (5, "hs"), (6, "y"))}
     out.append(f"run-to-run max diff {spread}")
     print(" | ".join(out), flush=True)
 

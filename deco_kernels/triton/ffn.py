@@ -259,7 +259,8 @@ def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
 def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=None):
     """The prefill path's launches (router, grouping, up with the shared expert's hidden activation, the shared
     expert's down projection, down), returning what each leaves:
-    (mu, tokens, counts, act, acc); g is written in place, acc is the fp32 output before the cast into y.
+    (mu, tokens, counts, act, hs, acc); g is written in place, hs is the shared expert's hidden activation
+    [T, ds], acc the fp32 output before the cast into y.
     benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
@@ -284,7 +285,7 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     acc = linear_fp32(hs, w["ws_down"])
     launch(_grouped_down_kernel, (n, tiles), act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
            BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"], num_stages=cfg["down_stages"])
-    return mu, tokens, counts, act, acc
+    return mu, tokens, counts, act, hs, acc
 
 
 def check_expert_width(de: int) -> None:
