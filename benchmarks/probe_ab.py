@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from unittest import mock
 
 import torch
 
-from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import GpuTimer, layer_inputs, write_result
+from deco_kernels import ops
+from deco_kernels.benchmark import GpuTimer, preset_inputs, write_result
 from deco_kernels.testing import rel_err
 from deco_kernels.triton import ffn
 
@@ -35,36 +36,25 @@ def main():
     p.add_argument("--out")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variant]
-    saved = {k: getattr(ffn, k) for _, attrs in variants for k in attrs}
     timer = GpuTimer(rep_ms=60, warmup_ms=10)
     rows = []
-    for preset in args.presets:
-        cfg = DecoConfig.preset(preset)
-        x_all, w, _ = layer_inputs(cfg, max(args.tokens), "cuda")
-        for T in args.tokens:
-            x = x_all[:T]
-            with torch.no_grad():
-                y_ref = ops.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, backend="torch")
-            times = {name: [] for name, _ in variants}
-            errs = {}
-            for _ in range(args.rounds):
-                for name, attrs in variants:
-                    for k, v in attrs.items():
-                        setattr(ffn, k, v)
-                    try:
-                        with torch.no_grad():
-                            call = lambda: ops.deco_ffn(x, **w, backend="triton")  # noqa: E731
-                            errs[name] = rel_err(call().float(), y_ref)
-                            times[name].append(timer(call, graph=True))
-                    finally:
-                        for k, v in saved.items():
-                            setattr(ffn, k, v)
+    for preset, _, T, x, w, _ in preset_inputs(args.presets, args.tokens):
+        with torch.no_grad():
+            y_ref = ops.deco_ffn(x.float(), **{k: v.float() for k, v in w.items()}, backend="torch")
+        times = {name: [] for name, _ in variants}
+        errs = {}
+        for _ in range(args.rounds):
             for name, attrs in variants:
-                row = dict(preset=preset, T=T, variant=name, attrs=attrs, us=statistics.median(times[name]),
-                           us_rounds=times[name], rel_err=errs[name])
-                rows.append(row)
-                print(f"{preset} T={T:5d} {name:>10s}: {row['us']:8.1f} µs  {times[name]}  rel_err {errs[name]:.2e}",
-                      flush=True)
+                with mock.patch.multiple(ffn, **attrs), torch.no_grad():
+                    call = lambda: ops.deco_ffn(x, **w, backend="triton")  # noqa: E731
+                    errs[name] = rel_err(call().float(), y_ref)
+                    times[name].append(timer(call, graph=True))
+        for name, attrs in variants:
+            row = dict(preset=preset, T=T, variant=name, attrs=attrs, us=statistics.median(times[name]),
+                       us_rounds=times[name], rel_err=errs[name])
+            rows.append(row)
+            print(f"{preset} T={T:5d} {name:>10s}: {row['us']:8.1f} µs  {times[name]}  rel_err {errs[name]:.2e}",
+                  flush=True)
     if args.out:
         write_result(args.out, rows=rows)
 

@@ -16,8 +16,8 @@ os.environ["DECO_KERNELS_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
 
-from deco_kernels import DecoConfig, backends, ops  # noqa: E402
-from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result  # noqa: E402
+from deco_kernels import backends, ops  # noqa: E402
+from deco_kernels.benchmark import GpuTimer, kernel_times, preset_inputs, write_result  # noqa: E402
 from deco_kernels.triton import ffn  # noqa: E402
 
 COLUMNS = ("dense_twin", "triton_fma", "triton_dot", "triton", "triton_pdl_off", "cupy", "cupy_prefill",
@@ -61,22 +61,17 @@ def main():
     args = p.parse_args()
     timer = GpuTimer()
     rows = []
-    for preset in args.presets:
-        cfg = DecoConfig.preset(preset)
-        sizes = args.tokens + args.prefill
-        x_all, w, dense = layer_inputs(cfg, max(sizes), "cuda")
-        for T in sizes:
-            x = x_all[:T]
-            for name, (fn, setting) in variants(x, w, dense, T).items():
-                patch = mock.patch.object(*setting) if setting else contextlib.nullcontext()
-                try:
-                    with patch, torch.no_grad():
-                        row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
-                                   kernels_us=kernel_times(fn, 20))
-                except Exception as e:  # a failing variant must not hide the others
-                    row = dict(preset=preset, T=T, variant=name, error=f"{type(e).__name__}: {e}"[:300])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for preset, _, T, x, w, dense in preset_inputs(args.presets, args.tokens + args.prefill):
+        for name, (fn, setting) in variants(x, w, dense, T).items():
+            patch = mock.patch.object(*setting) if setting else contextlib.nullcontext()
+            try:
+                with patch, torch.no_grad():
+                    row = dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
+                               kernels_us=kernel_times(fn, 20))
+            except Exception as e:  # a failing variant must not hide the others
+                row = dict(preset=preset, T=T, variant=name, error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print(f"{'preset':>6} {'T':>5} " + " ".join(f"{v:>11}" for v in COLUMNS))
     for preset in args.presets:
         for T in args.tokens + args.prefill:

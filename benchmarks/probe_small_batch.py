@@ -9,8 +9,8 @@ import json
 
 import torch
 
-from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import GpuTimer, kernel_times, layer_inputs, write_result
+from deco_kernels import ops
+from deco_kernels.benchmark import GpuTimer, kernel_times, preset_inputs, write_result
 
 
 def main():
@@ -21,20 +21,16 @@ def main():
     args = p.parse_args()
     timer = GpuTimer()
     rows = []
-    for preset in args.presets:
-        cfg = DecoConfig.preset(preset)
-        x_all, w, dense = layer_inputs(cfg, max(args.tokens), "cuda")
-        for T in args.tokens:
-            x = x_all[:T]
-            variants = {"dense_twin": lambda: ops.dense_swiglu(x, **dense),
-                        "fused_router": lambda: ops.deco_ffn(x, **w, backend="triton"),
-                        "router_first": lambda: ops.deco_ffn(x, **w, max_active=cfg.num_experts - 1,
-                                                             backend="triton")}
-            with torch.no_grad():
-                for name, fn in variants.items():
-                    rows.append(dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
-                                     kernels_us=kernel_times(fn, 20)))
-                    print(json.dumps(rows[-1]), flush=True)
+    for preset, cfg, T, x, w, dense in preset_inputs(args.presets, args.tokens):
+        variants = {"dense_twin": lambda: ops.dense_swiglu(x, **dense),
+                    "fused_router": lambda: ops.deco_ffn(x, **w, backend="triton"),
+                    "router_first": lambda: ops.deco_ffn(x, **w, max_active=cfg.num_experts - 1,
+                                                         backend="triton")}
+        with torch.no_grad():
+            for name, fn in variants.items():
+                rows.append(dict(preset=preset, T=T, variant=name, graph_us=timer(fn, True),
+                                 kernels_us=kernel_times(fn, 20)))
+                print(json.dumps(rows[-1]), flush=True)
     if args.out:
         write_result(args.out, rows=rows)
 

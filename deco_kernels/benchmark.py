@@ -357,6 +357,16 @@ def layer_inputs(cfg: DecoConfig, max_tokens: int, device, dtype=torch.bfloat16,
     return x, w, make_dense_twin(cfg.d_model, cfg.d_ff, dtype=dtype, device=device, seed=seed + 1)
 
 
+def preset_inputs(presets, tokens, device="cuda"):
+    """(preset, cfg, T, x, w, dense) for every preset and token count: one layer_inputs per preset, x[:T] per T
+    (the probes' loop)."""
+    for preset in presets:
+        cfg = DecoConfig.preset(preset)
+        x_all, w, dense = layer_inputs(cfg, max(tokens), device)
+        for T in tokens:
+            yield preset, cfg, T, x_all[:T], w, dense
+
+
 def output_off(rel: float, dtype: torch.dtype) -> str | None:
     """The error text of an output whose rel_err against the reference is beyond testing.GPU_REL_TOL[dtype]
     (a figure timed on it is recorded as an error of its row), else None."""

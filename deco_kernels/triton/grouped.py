@@ -66,19 +66,16 @@ def _expert_matmul(b_ptr, stride_bt, toks, mmask, w_ptr, e64, stride_wi, stride_
     (w_up: strides (K, 1); w_down read as its transpose: strides (1, N*DE)); with MASK_ROWS, rows e*DE + i >=
     row_end read as 0 (the shared expert's last block of hidden columns)."""
     rows = e64 * DE + tl.arange(0, DE)
-    wmask = rows < row_end if MASK_ROWS else rows >= 0
     acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         b = tl.load(b_ptr + toks[:, None] * stride_bt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
                     other=0.0)
+        wmask = kmask[None, :]
         if MASK_ROWS:
-            w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
-                        mask=wmask[:, None] & kmask[None, :], other=0.0)
-        else:
-            w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk,
-                        mask=kmask[None, :], other=0.0)
+            wmask = wmask & (rows < row_end)[:, None]
+        w = tl.load(w_ptr + rows[:, None] * stride_wi + ks.to(tl.int64)[None, :] * stride_wk, mask=wmask, other=0.0)
         acc += tl.dot(b, tl.trans(w), input_precision=PREC)
     return acc
 
