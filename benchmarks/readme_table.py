@@ -71,6 +71,7 @@ def model_table(result: dict) -> str:
     rows = part["rows"]
     first = next((r["deco"] for r in rows if "decode_context" in r.get("deco", {})), {})
     busy = any("train_step_gpu_us" in r.get(m, {}) for r in rows for m in ("deco", "dense_twin"))
+    graphed = any("train_graph_tokens_per_s" in r.get(m, {}) for r in rows for m in ("deco", "dense_twin"))
     lines = [f"Whole model, DECO vs the dense-twin model, routers calibrated to ~{100 * part['target_ratio']:.0f}% "
              f"active: batch-1 decode after {first.get('decode_context', '?')} cached tokens "
              f"({first.get('decode_method', '?').replace('_', ' ')}), prefill of {first.get('prefill_tokens', '?')} "
@@ -78,12 +79,15 @@ def model_table(result: dict) -> str:
              f"AdamW) on {first.get('train_tokens', '?')} tokens. The "
              f"floor ratio is the weights read per decoded token, dense over DECO (attention, the embedding row "
              f"and the LM head do not shrink); the fraction is the measured decode speed-up over it."
-             + (" GPU-busy: the step's kernel time from torch.profiler, without the host's share." if busy else ""),
+             + (" GPU-busy: the step's kernel time from torch.profiler, without the host's share." if busy else "")
+             + (" Graph: the same step captured into one CUDA graph and replayed (AdamW with capturable state)."
+                if graphed else ""),
              "",
              "| preset | decode active | decode tok/s DECO / dense | decode x | floor ratio | fraction of floor "
              "ratio | prefill tok/s DECO / dense | train tok/s DECO / dense | train peak GiB DECO / dense |"
-             + (" train GPU-busy µs DECO / dense |" if busy else ""),
-             "|" + "---|" * (9 + busy)]
+             + (" train GPU-busy µs DECO / dense |" if busy else "")
+             + (" train tok/s graph DECO / dense |" if graphed else ""),
+             "|" + "---|" * (9 + busy + graphed)]
     for r in rows:
         deco, dense = r.get("deco", {}), r.get("dense_twin", {})
 
@@ -95,6 +99,7 @@ def model_table(result: dict) -> str:
                  _f(r.get("floor", {}).get("floor_ratio"), ".2f"), _f(r.get("fraction_of_floor_ratio"), ".2f"),
                  pair("prefill_tokens_per_s", ".0f"), pair("train_tokens_per_s", ".0f"),
                  pair("train_peak_bytes", ".1f", 2.0**-30)] + ([pair("train_step_gpu_us", ".0f")] if busy else [])
+        cells += [pair("train_graph_tokens_per_s", ".0f")] if graphed else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,23 +110,30 @@ def train_table(result: dict) -> str:
     names = [n for n in ("dense_twin", "torch", *KERNELS) if any(n in r.get("us", {}) for r in part["rows"])]
     busy = [n for n in names if any(n in r.get("gpu_us", {}) for r in part["rows"])]
     fast = [n for n in busy if n != "dense_twin"]
+    graphed = [n for n in names if any(n in r.get("graph_us", {}) for r in part["rows"])]
+    sparse_graphed = [n for n in graphed if n != "dense_twin"]
     lines = [f"One layer, forward + backward on {part.get('tokens', '?')} tokens (x and every weight require grad); "
              "peak memory is the step's own, above what is allocated before it."
-             + (" GPU-busy: the kernels' time from torch.profiler, without the host's share (the training path "
-                "synchronises once per forward, so it cannot be timed under a CUDA graph)." if busy else ""), "",
+             + (" GPU-busy: the kernels' time from torch.profiler, without the host's share." if busy else "")
+             + (" Graph: replayed from a CUDA graph (the Triton forward then sizes its pair buffers without a host "
+                "synchronisation)." if graphed else ""), "",
              "| preset | " + " | ".join(f"{n} µs" for n in names) + " | "
              + " | ".join(f"{n} vs dense" for n in names if n != "dense_twin") + " | "
              + " | ".join(f"{n} peak MiB" for n in names) + " |"
-             + "".join(f" {n} GPU-busy µs |" for n in busy) + "".join(f" {n} vs dense, GPU-busy |" for n in fast),
+             + "".join(f" {n} GPU-busy µs |" for n in busy) + "".join(f" {n} vs dense, GPU-busy |" for n in fast)
+             + "".join(f" {n} µs, graph |" for n in graphed)
+             + "".join(f" {n} vs dense, graph |" for n in sparse_graphed),
              "|" + "---|" * (1 + 2 * len(names) + len([n for n in names if n != "dense_twin"]) + len(busy)
-                             + len(fast))]
+                             + len(fast) + len(graphed) + len(sparse_graphed))]
     for r in part["rows"]:
         us, peak, speed = r.get("us", {}), r.get("peak_bytes", {}), r.get("speedup_vs_dense", {})
         gus, gspeed = r.get("gpu_us", {}), r.get("gpu_speedup_vs_dense", {})
+        cus, cspeed = r.get("graph_us", {}), r.get("graph_speedup_vs_dense", {})
         cells = ([r["preset"]] + [_f(us.get(n), ".0f") for n in names]
                  + [_f(speed.get(n), ".2f") + "x" for n in names if n != "dense_twin"]
                  + [_f(peak.get(n) and peak[n] / 2**20, ".0f") for n in names]
-                 + [_f(gus.get(n), ".0f") for n in busy] + [_f(gspeed.get(n), ".2f") + "x" for n in fast])
+                 + [_f(gus.get(n), ".0f") for n in busy] + [_f(gspeed.get(n), ".2f") + "x" for n in fast]
+                 + [_f(cus.get(n), ".0f") for n in graphed] + [_f(cspeed.get(n), ".2f") + "x" for n in sparse_graphed])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -258,8 +258,8 @@ def kernel_times(fn, reps: int = 5) -> dict[str, float]:
 def device_busy_us(fn, reps: int = 5) -> float:
     """µs per call that the GPU spends executing fn's kernels (the sum of kernel_times): the eager time without
     the host's share, so host load does not move it. It is what the call would take if the host always kept
-    ahead of the GPU (a lower bound on the eager time, and on a CUDA graph's for one stream); for paths that
-    cannot be captured (the training step synchronises once per layer) it is the host-independent figure."""
+    ahead of the GPU (a lower bound on the eager time, and on a CUDA graph's for one stream): the
+    host-independent figure of eager calls (the eager training step synchronises once per layer)."""
     return sum(kernel_times(fn, reps).values())
 
 
@@ -464,7 +464,8 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
                with_reference: bool = True, dtype=torch.bfloat16) -> dict:
     """µs and peak memory of forward + backward of one layer on T tokens (bf16, every weight and x requiring
     grad, one fixed upstream gradient) for the dense twin, the torch reference and each backend in ``names``
-    that has a backward, measured side by side."""
+    that has a backward, measured side by side: eagerly (us), GPU-busy (gpu_us) and on a GPU also replayed
+    from a CUDA graph (graph_us; not the torch reference, whose dense activations only cost memory there)."""
     x, w, dense, dy = train_inputs(cfg, T, device, dtype)
     calls = {"dense_twin": lambda: ops.dense_swiglu(x, **dense).backward(dy)}
     if with_reference:
@@ -472,7 +473,7 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
     for name in names:
         if name in backends.DIFFERENTIABLE:
             calls[name] = lambda name=name: ops.deco_ffn(x, **w, backend=name).backward(dy)
-    row = dict(preset=preset, T=T, us={}, gpu_us={}, peak_bytes={}, errors={})
+    row = dict(preset=preset, T=T, us={}, gpu_us={}, graph_us={}, peak_bytes={}, errors={})
     cuda = torch.device(device).type == "cuda"
     for name, fn in calls.items():
         try:
@@ -489,7 +490,15 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
                 row["gpu_us"][name] = device_busy_us(fn)
         except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
             row["errors"][name] = _error(exc)
-    for times, speedup in (("us", "speedup_vs_dense"), ("gpu_us", "gpu_speedup_vs_dense")):
+        if cuda and name != "torch":
+            # Replayed from a CUDA graph (the gradients accumulate into the same buffers every replay). The
+            # Triton training forward then sizes its pair buffers from shapes, without a host synchronisation.
+            try:
+                row["graph_us"][name] = timer(fn, True)
+            except Exception as exc:  # noqa: BLE001
+                row["errors"][f"{name}_graph"] = _error(exc)
+    for times, speedup in (("us", "speedup_vs_dense"), ("gpu_us", "gpu_speedup_vs_dense"),
+                           ("graph_us", "graph_speedup_vs_dense")):
         dense_us = row[times].get("dense_twin")
         row[speedup] = {k: dense_us / v for k, v in row[times].items()} if dense_us else {}
     if not row["errors"]:
@@ -584,8 +593,8 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
     one forward of ``prefill_tokens`` tokens without a cache, also under a CUDA graph when ``graphs`` (its
     eager time, host launches included, is kept as prefill_eager_us). Training: zero_grad, forward with labels
     (CE plus the entropy regulariser), backward and an AdamW step on ``train_tokens`` tokens; DECO layers take
-    backend "auto" (the Triton sparse training path on a GPU). Each figure that fails is recorded with its
-    error."""
+    backend "auto" (the Triton sparse training path on a GPU); eagerly (train_step_us) and, with ``graphs`` on
+    a GPU, captured as one CUDA graph (train_graph_us). Each figure that fails is recorded with its error."""
     figures: dict = {"errors": {}}
     model, ids = bench_model(cfg, dense_twin, device, dtype, seed)
     if not dense_twin:
@@ -669,6 +678,23 @@ def model_figures(cfg: DecoConfig, dense_twin: bool, timer, device="cuda", dtype
             figures["train_step_gpu_us"] = device_busy_us(train_step)
     except Exception as exc:  # noqa: BLE001
         figures["errors"]["train"] = _error(exc)
+    if graphs and torch.device(device).type == "cuda":
+        # The same step captured into one CUDA graph (AdamW with capturable state): what a training loop that
+        # replays its step pays, without the host's launches. DECO's training forward sizes its pair buffers
+        # without a host synchronisation while a graph is being captured (triton/training.py).
+        try:
+            _memory_reset(device)
+            graph_opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-6, capturable=True)
+
+            def graph_step():
+                graph_opt.zero_grad(set_to_none=True)
+                model(batch, labels=batch).loss.backward()
+                graph_opt.step()
+            figures["train_graph_us"] = timer(graph_step, True)
+            figures["train_graph_tokens_per_s"] = train_tokens / (figures["train_graph_us"] * 1e-6)
+            figures["train_graph_peak_bytes"] = _memory_peak(device)
+        except Exception as exc:  # noqa: BLE001
+            figures["errors"]["train_graph"] = _error(exc)
     if not figures["errors"]:
         del figures["errors"]
     return figures
@@ -684,7 +710,7 @@ def model_row(preset: str, cfg: DecoConfig, timer, bw: float, device="cuda", **k
         except Exception as exc:  # noqa: BLE001
             row[name] = {"errors": {"model": _error(exc) + "\n" + traceback.format_exc(limit=3)}}
     deco, dense = row["deco"], row["dense_twin"]
-    for figure in ("decode_us", "prefill_us", "train_step_us", "train_step_gpu_us"):
+    for figure in ("decode_us", "prefill_us", "train_step_us", "train_step_gpu_us", "train_graph_us"):
         if figure in deco and figure in dense:
             row[figure.replace("_us", "_speedup")] = dense[figure] / deco[figure]
     # The floor at the ratio the decode step measured (mean over DECO layers), else the calibrated one.

@@ -299,9 +299,31 @@ def test_readme_table_gpu_busy_columns_only_when_measured():
     for line in text.splitlines():  # every table row has as many cells as its header
         if line.startswith("|"):
             assert line.count("|") in {l.count("|") for l in text.splitlines() if l.startswith("| preset")}
+    assert ", graph |" not in rt.train_table(result)
+    result["train"]["rows"][0].update(graph_us=dict(dense_twin=990.0, triton=1100.0),
+                                      graph_speedup_vs_dense=dict(dense_twin=1.0, triton=0.9))
+    text = rt.train_table(result)
+    assert "| dense_twin µs, graph | triton µs, graph | triton vs dense, graph |" in text
+    assert text.rstrip().endswith("| 1000 | 1250 | 0.80x | 990 | 1100 | 0.90x |")
+    header, separator, row = text.splitlines()[2:5]
+    assert header.count("|") == separator.count("|") == row.count("|")
     only = dict(tokens=4096, rows=[dict(preset="1.2b", T=4096, us={"triton": 2800.0}, gpu_us={"triton": 1250.0})])
     header, separator, row = rt.train_table({"train": only}).splitlines()[2:5]
     assert header.count("|") == separator.count("|") == row.count("|")  # no dense twin measured
+
+
+def test_readme_table_graph_training_column_only_when_measured():
+    rt = _readme_table()
+    result = synthetic_result()
+    assert "train tok/s graph" not in rt.model_table(result)
+    result["model"]["rows"][0]["deco"]["train_graph_tokens_per_s"] = 60000.0
+    result["model"]["rows"][0]["dense_twin"]["train_graph_tokens_per_s"] = 75000.0
+    text = rt.model_table(result)
+    assert "| train tok/s graph DECO / dense |" in text and "captured into one CUDA graph" in text
+    assert "| 3.0 / 2.0 | 60000 / 75000 |" in text and text.count("| - / - |") >= 1  # other rows: dashes
+    for line in text.splitlines():  # every table row has as many cells as its header
+        if line.startswith("|"):
+            assert line.count("|") == text.splitlines()[2].count("|")
 
 
 def test_readme_table_graph_columns():

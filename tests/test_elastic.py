@@ -368,7 +368,8 @@ def test_elastic_training_runs_sparse_on_triton(triton_device, monkeypatch):
     from deco_kernels.triton import training
     calls = []
     forward = training._forward
-    monkeypatch.setattr(training, "_forward", lambda *a: calls.append(a[-1] is not None) or forward(*a))
+    monkeypatch.setattr(training, "_forward",
+                        lambda *a, **k: calls.append(a[-1] is not None) or forward(*a, **k))  # a[-1]: gates
     grads = {}
     for backend in ("torch", "triton"):
         model = build(elastic_prob=1.0).to(triton_device).train()

@@ -8,6 +8,7 @@ fixture of test_triton.py, which patches ffn._empty: the training launchers allo
 """
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -354,7 +355,9 @@ def saved_activations(fn, inputs):
     return out, [t for t in saved if t.untyped_storage().data_ptr() not in owned]
 
 
-def test_nothing_dense_is_saved_for_backward(triton_device):
+@pytest.mark.parametrize("sync_free", [False, True], ids=["synchronised", "sync-free"])
+def test_nothing_dense_is_saved_for_backward(triton_device, monkeypatch, sync_free):
+    monkeypatch.setattr(training, "SYNC_FREE", sync_free)
     T, d, N, de, ds = 65, 40, 13, 16, 24
     x, w = make_layer(T, d, N, de, ds, device=triton_device, seed=6, active=0.2, requires_grad=True)
     inputs = (x, *w.values())
@@ -364,13 +367,60 @@ def test_nothing_dense_is_saved_for_backward(triton_device):
     assert 0 < pairs < T * N
     assert max(t.numel() for t in acts) < dense
     # The shared expert's autograd keeps h [T, ds] (for its down GEMM), its gate and up pre-activations
-    # [T, 2*ds] and its two input weights concatenated [2*ds, d]; the routed op: per pair h [de] and its token,
-    # per token g [N] and mu, offsets [N+1], and wbar [d] (the mean of w_up, so the backward does not recompute it).
+    # [T, 2*ds] and its two input weights concatenated [2*ds, d]; the routed op: h [de] per pair (per saved
+    # pair in the sync-free sizing), each expert's tokens [N, T], per token g [N] and mu, offsets [N+1], and
+    # wbar [d] (the mean of w_up, so the backward does not recompute it).
     routed = [t for t in acts if tuple(t.shape) not in ((T, ds), (T, 2 * ds), (2 * ds, d))]
-    assert sum(t.numel() for t in routed) <= pairs * (de + 1) + T * (N + 1) + (N + 1) + d
+    h_rows = math.ceil(training.STATIC_H_SHARE * T * N) if sync_free else pairs
+    assert sum(t.numel() for t in routed) <= h_rows * de + T * N + T * (N + 1) + (N + 1) + d
     # The check can see a dense activation: the reference (all experts, dense formula) saves [T, N*de] ones.
     _, ref_acts = saved_activations(lambda: reference.deco_ffn(x, **w), inputs)
     assert max(t.numel() for t in ref_acts) >= dense
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sync-free sizing (CUDA-graph capture, torch.compile): static pair buffers, h saved up to a share
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("share, active, knobs", [
+    (0.0, 0.3, {}),                  # no h saved: the backward recomputes every pair's
+    (0.1, 0.3, {}),                  # some experts' tiles straddle the last saved pair
+    (0.05, "one", {}),               # one expert takes all 65 tokens, 43 h saved: both its tiles recompute
+    (1.0, "all", {}),                # every pair saved, every buffer row used
+    (0.1, 0.4, dict(max_active=3)),  # the pair rows follow the cap: T x 3
+    (0.1, "none", {}),
+], ids=["share0", "straddle", "one", "all", "max3", "none"])
+def test_sync_free_sizing_matches_the_reference(triton_device, monkeypatch, share, active, knobs):
+    monkeypatch.setattr(training, "SYNC_FREE", True)
+    monkeypatch.setattr(training, "STATIC_H_SHARE", share)
+    x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=31, active=active)
+    check(x, w, seed=5, **knobs)
+
+
+def test_sync_free_sizing_needs_no_host_synchronisation(triton_device, monkeypatch):
+    """A forward + backward with SYNC_FREE reads nothing back from the device (the synchronised sizing reads
+    P, which the same check catches): every aten op is watched for _local_scalar_dense (item(), int(t))."""
+
+    class NoSync(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                raise RuntimeError("host synchronisation")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(training, "_tracing", lambda x: False)   # the mode would send the call to the custom op
+    x, w = make_layer(33, 40, 13, 16, 24, device=triton_device, seed=2, active=0.3, requires_grad=True)
+    cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(triton_device)
+
+    def step():
+        y, g = ops.deco_ffn(x, **w, backend="triton", return_gates=True)
+        ((y * cy).sum() + reference.entropy_loss(g, 1.0, 1)).backward()
+
+    monkeypatch.setattr(training, "SYNC_FREE", True)
+    with NoSync():
+        step()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    monkeypatch.setattr(training, "SYNC_FREE", False)
+    with pytest.raises(RuntimeError, match="host synchronisation"), NoSync():
+        step()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,3 +583,108 @@ def test_gpu_peak_memory_of_a_training_step(preset, capsys):
         print(f"\npeak MiB of one training step, {preset}, T=4096, bf16: triton {sparse:.1f}, "
               f"dense twin {twin:.1f}, torch reference {ref:.1f}")
     assert sparse < ref
+
+
+def _capture(step):
+    """A CUDA graph of ``step`` after two warm-up calls on a side stream (compilation, scratch counters)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_training_step_of_a_layer_replays_from_a_cuda_graph(dtype, monkeypatch):
+    """Forward + backward of a 0.1b layer captured once (the sync-free sizing is taken under capture, with h
+    saved for only 10% of the slots so the backward also recomputes) and replayed on fresh inputs and
+    weights: y and every gradient as an eager call on the same inputs gives (up to the order of the fp32
+    atomics)."""
+    monkeypatch.setattr(training, "STATIC_H_SHARE", 0.1)
+    d, n, de, ds = PRESET_LAYERS["0.1b"]
+    T = 300
+    x, w = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=11, active=0.2)
+    leaves = {"x": x.clone().requires_grad_(), **{k: v.clone().requires_grad_() for k, v in w.items()}}
+    cy = torch.randn(T, d, generator=torch.Generator().manual_seed(2)).to("cuda", dtype)
+
+    def step(leaves=leaves):
+        for t in leaves.values():
+            t.grad = None
+        y, g = ops.deco_ffn(leaves["x"], **{k: leaves[k] for k in w}, backend="triton", return_gates=True)
+        losses(y, g, cy, "both").backward()
+        return y
+
+    graph, y_graph = _capture(step)
+    grads_graph = {k: t.grad for k, t in leaves.items()}
+    for seed in (101, 102):
+        x2, w2 = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=0.3)
+        with torch.no_grad():
+            for k, v in {"x": x2, **w2}.items():
+                leaves[k].copy_(v)
+        graph.replay()
+        fresh = {"x": x2.requires_grad_(), **{k: v.requires_grad_() for k, v in w2.items()}}
+        y_eager = step(fresh)
+        tol = 1e-5 if dtype == torch.float32 else GPU_REL_TOL[dtype]
+        assert_rel_close(y_graph, y_eager, tol, "y")
+        for k, t in fresh.items():
+            assert_rel_close(grads_graph[k], t.grad, tol, f"d{k}")
+
+
+@pytest.mark.gpu
+def test_gpu_whole_model_training_step_replays_from_a_cuda_graph():
+    """DecoForCausalLM (tiny preset, bf16, backend triton): forward with labels, backward and a capturable
+    AdamW step captured into one CUDA graph; replaying it on new batches trains like the eager loop from the
+    same start (losses within bf16 drift over 5 steps, the same active ratio to 2%)."""
+    from deco_kernels import DecoForCausalLM
+
+    cfg = DecoConfig.preset("tiny", backend="triton")
+
+    def build():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = DecoForCausalLM(cfg).to(torch.bfloat16).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+
+    batches = [torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(s)).cuda()
+               for s in range(8)]
+    model, opt = build()
+    eager = []
+    for ids in batches[3:]:
+        opt.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        eager.append((out.loss.item(), out.active_ratio.item()))
+
+    model, opt = build()
+    static_ids = batches[0].clone()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(static_ids, labels=static_ids)
+        out.loss.backward()
+        opt.step()
+        return out.loss.detach(), out.active_ratio
+
+    # The warm-up and the capture train on batches 0-2; rebuild the state the eager run started from.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    graph, (loss, ratio) = _capture(step)
+    with torch.no_grad():
+        model.load_state_dict(state)
+        for group in opt.state.values():
+            for v in group.values():
+                v.zero_()
+    replayed = []
+    for ids in batches[3:]:
+        static_ids.copy_(ids)
+        graph.replay()
+        replayed.append((loss.item(), ratio.item()))
+    for (le, re), (lg, rg) in zip(eager, replayed):
+        assert abs(lg - le) <= 2e-2 * abs(le), (eager, replayed)
+        assert abs(rg - re) <= 2e-2, (eager, replayed)

@@ -3,15 +3,22 @@
 Compute and memory follow the active (token, expert) pairs, never the dense T x N*de product.
 
 Pair layout. The router (`ffn._router`, knobs included) and `grouped._group_kernel` give each expert e its
-tokens in token order; the exclusive prefix sum of the counts, offsets [N+1], places expert e's pairs at
-p = offsets[e] .. offsets[e+1]-1 of flat, expert-major pair buffers. Sizing them takes ONE host
-synchronisation per training forward (P = offsets[N]), so this path is not CUDA-graph capturable; decode and
-inference (no autograd) never come here and stay capturable.
+tokens in token order, tokens[e, :count[e]] of a [N, T] table; the exclusive prefix sum of the counts, offsets
+[N+1], places expert e's pairs at rows p = offsets[e] .. offsets[e+1]-1 of flat, expert-major pair buffers
+(the activations a and dh, and h).
+
+Sizing the pair buffers (`pair_rows`). Eager calls read P = offsets[N] back: ONE host synchronisation per
+training forward, buffers of exactly P rows. While the stream is being captured into a CUDA graph, under
+torch.compile (the custom op), or always with SYNC_FREE, the sizes come from shapes alone: T x min(N,
+max_active) rows for the transient activations, and h saved for the first STATIC_H_SHARE x T x N pairs only;
+the pair backward recomputes h = x[t] W_e^T for the pairs past them (none while the active ratio stays below
+the share). Then a whole training step captures into one CUDA graph. Decode and inference (no autograd) never
+come here and are capturable anyway.
 
 Saved for backward: x (a view or the contiguous copy the shared expert saves too), the weights (by
-reference), the gates g [T, N] and mu [T] (fp32), offsets [N+1], pair_tok [P] (int32, the token of each pair)
-h [P, de] (fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the fp32 mean of w_up, computed
-once per step): O(T*N + P*de), nothing of size T*N*de.
+reference), the gates g [T, N] and mu [T] (fp32), offsets [N+1], tokens [N, T] (int32), h [h_rows, de]
+(fp32 pre-activation x.W_e, the only per-pair state) and wbar [d] (the fp32 mean of w_up, computed once per
+step): O(T*N + P*de) (O(T*N*(1 + STATIC_H_SHARE*de)) in the static sizing), nothing of size T*N*de.
 
 Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past the expert's count):
   forward   `_expert_mean_kernel`  wbar and its bf16 split for the router's tensor-core mu (means.py)
@@ -20,7 +27,8 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
             `_train_up_kernel`     h = x[t] W_e^T, NormSiLU + scaled gate -> a (x's dtype, transient); more
                                    rows of programs seed acc (fp32) with the shared expert's output
             `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); torch rounds acc into y
-  backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; recomputes a; dh through NormSiLU; at cell (t, e)
+  backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; h (recomputed past the saved rows); a; dh through
+                                   NormSiLU; at cell (t, e)
                                    of two [T, N] buffers the logit gradient <da, silu(n)> scale_e and
                                    -sum(dh) (mu's share); dgamma and drouter_scale finished by the last
                                    programs to arrive (fixed-order sums of per-program partials)
@@ -45,17 +53,19 @@ Rounding y and dx in the scatters instead (each token's last expert, per-token a
 slower on the H200: the 1.2b step's scatters 385 -> 451 µs against ~25 µs of casts (benchmarks/NOTES.md,
 2026-12-04). No zero fills: every buffer cell a kernel reads was written by an earlier kernel; the arrival
 counters (the group kernel's, one per expert and one global in the pair backward) come from ffn._zeroed and are
-left at zero, as the router's are. The forward's one host synchronisation is P = offsets[N].
+left at zero, as the router's are.
 
 torch.library custom ops `deco_kernels::deco_ffn_fwd` / `deco_kernels::deco_ffn_bwd` with fake implementations
-(P is a data-dependent size there) and register_autograd, so torch.compile traces a layer's forward and
-backward as two opaque ops without a graph break. Eager calls skip the custom-op dispatch through an
+(static sizes: shapes follow from the inputs) and register_autograd, so torch.compile traces a layer's forward
+and backward as two opaque ops without a graph break. Eager calls skip the custom-op dispatch through an
 autograd.Function around the same forward, context and backward (`_EagerDecoFfn`). The gates g the op returns
 are differentiable: the entropy regulariser's gradient enters the router backward as dg.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import math
 
 import torch
 import triton
@@ -83,6 +93,14 @@ TILES = {
     "token": dict(BLOCK_M=16, BLOCK_C=128, num_warps=4),      # _token_bwd_kernel (BLOCK_M tokens; untuned)
 }
 
+# The static sizing (see the module docstring): SYNC_FREE takes it in every eager call too (no host
+# synchronisation, more memory); STATIC_H_SHARE is the share of the T x N (token, expert) slots whose h the
+# forward saves, the rest recomputed in the backward: above the active ratio training holds (0.2 by default)
+# nothing is recomputed. Both are read at call time.
+SYNC_FREE = False
+STATIC_H_SHARE = 0.25
+
+
 def _pair_grid(n: int, T: int, tiles: dict) -> tuple[int, int]:
     """(expert, block of BLOCK_M of its pairs): an expert has at most T pairs."""
     return n, ffn.cdiv(T, tiles["BLOCK_M"])
@@ -99,10 +117,10 @@ def _expert_span(off_ptr, e):
 
 
 @triton.jit
-def _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M: tl.constexpr):
-    """Slots m0..m0+BLOCK_M of an expert's pairs: (valid mask, token ids int64, pair ids int64)."""
-    # _tile_tokens reads list e of a [N, T] table; here the list is the expert's slice of the flat pair_tok.
-    ms, mmask, toks = _tile_tokens(pair_tok_ptr + off, 0, m0, count, T, BLOCK_M)
+def _pair_slots(tok_ptr, e64, off, m0, count, T, BLOCK_M: tl.constexpr):
+    """Slots m0..m0+BLOCK_M of expert e's pairs: (valid mask, token ids int64 from tokens [N, T], pair ids int64:
+    rows of the flat pair buffers)."""
+    ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
     return mmask, toks, off.to(tl.int64) + ms
 
 
@@ -121,12 +139,12 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     pair_tok_ptr, h_ptr, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr,
+                     h_ptr, h_rows, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr,
                      T, N, D, stride_xt, eps, DE: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Programs (e < N, block): expert e's pairs. Programs (N + j, block): y's fp32 accumulator acc [T, D]
-    seeded with the shared expert's output at tokens block*BLOCK_M.. and columns j*BLOCK_K.. (the scatter, a
-    later launch, adds into it)."""
+    """Programs (e < N, block): expert e's pairs (h kept for the pairs below h_rows). Programs (N + j, block):
+    y's fp32 accumulator acc [T, D] seeded with the shared expert's output at tokens block*BLOCK_M.. and columns
+    j*BLOCK_K.. (the scatter, a later launch, adds into it)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     if e >= N:
@@ -140,20 +158,18 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
         off, count = _expert_span(off_ptr, e)
         if m0 < count:
             e64 = e.to(tl.int64)
-            ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-            pairs = off.to(tl.int64) + ms
-            tl.store(pair_tok_ptr + pairs, toks.to(tl.int32), mask=mmask)
+            mmask, toks, pairs = _pair_slots(tok_ptr, e64, off, m0, count, T, BLOCK_M)
             h = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, 0, DE, PREC, BLOCK_M, BLOCK_K,
                                False)
             cells = pairs[:, None] * DE + tl.arange(0, DE)[None, :]
-            tl.store(h_ptr + cells, h, mask=mmask[:, None])
+            tl.store(h_ptr + cells, h, mask=(mmask & (pairs < h_rows))[:, None])
             _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
             a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
             tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
 @triton.jit
-def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_ptr, out_ptr, T, C,
+def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, tok_ptr, off_ptr, out_ptr, T, C,
                          DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[t_p, :C] += A[p, :] @ W_e^T over expert e's pairs p, W_e[c, i] at w_ptr + c*stride_wc +
     (e*DE + i)*stride_wi (w_down: (N*DE, 1); w_up read as its transpose: (1, C)). fp32 atomics into out."""
@@ -161,22 +177,23 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, pair_tok_ptr, off_p
     m0 = tl.program_id(1) * BLOCK_M
     off, count = _expert_span(off_ptr, e)
     if m0 < count:
-        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
+        e64 = e.to(tl.int64)
+        mmask, toks, pairs = _pair_slots(tok_ptr, e64, off, m0, count, T, BLOCK_M)
         a = tl.load(a_ptr + pairs[:, None] * DE + tl.arange(0, DE)[None, :], mask=mmask[:, None], other=0.0)
-        _expert_scatter_add(a, toks, mmask, w_ptr, e.to(tl.int64), stride_wc, stride_wi, out_ptr, C, DE, PREC,
-                            BLOCK_C)
+        _expert_scatter_add(a, toks, mmask, w_ptr, e64, stride_wc, stride_wi, out_ptr, C, DE, PREC, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
-                     a_ptr, dh_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr, dgamma_exp_ptr,
-                     dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, eps,
+def _pair_bwd_kernel(dy_ptr, wd_ptr, x_ptr, wup_ptr, h_ptr, h_rows, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
+                     gamma_ptr, a_ptr, dh_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr, dgamma_exp_ptr,
+                     dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, stride_xt, eps,
                      DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_R: tl.constexpr):
-    """Per pair (t, e): a (recomputed from h, for dW_down), dh (through NormSiLU), and at cell (t, e) of two
+    """Per pair (t, e): h (saved below pair h_rows, else recomputed as x[t] W_e^T), a (from h, for dW_down),
+    dh (through NormSiLU), and at cell (t, e) of two
     [T, N] fp32 buffers (one writer per cell; the other cells are left unwritten: _token_bwd_kernel reads only
     the active ones) the routed part of the logit gradient <da, silu(n)> * scale[e] and mu's share -sum(dh).
 
@@ -191,11 +208,16 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, h_ptr, pair_tok_ptr, off_ptr, g_ptr, mu_ptr
     cols = tl.arange(0, DE)
     off, count = _expert_span(off_ptr, e)
     if m0 < count:
-        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
-        da = _expert_matmul(dy_ptr, stride_dyt, toks, mmask, wd_ptr, e.to(tl.int64), 1, N * DE, D, 0,
+        e64 = e.to(tl.int64)
+        mmask, toks, pairs = _pair_slots(tok_ptr, e64, off, m0, count, T, BLOCK_M)
+        da = _expert_matmul(dy_ptr, stride_dyt, toks, mmask, wd_ptr, e64, 1, N * DE, D, 0,
                             DE, PREC, BLOCK_M, BLOCK_K, False)
         cells = pairs[:, None] * DE + cols[None, :]
-        h = tl.load(h_ptr + cells, mask=mmask[:, None], other=0.0)
+        saved = mmask & (pairs < h_rows)
+        h = tl.load(h_ptr + cells, mask=saved[:, None], other=0.0)
+        if off + tl.minimum(count, m0 + BLOCK_M) > h_rows:   # some pair of the tile is past the saved h
+            h = tl.where(saved[:, None], h, _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, 0,
+                                                           DE, PREC, BLOCK_M, BLOCK_K, False))
         g, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
         # The forward of norm_silu_gate, keeping its intermediates.
         u = h - mu[:, None]
@@ -287,7 +309,7 @@ def _token_bwd_kernel(g_ptr, dr_pair_ptr, dmu_pair_ptr, dg_ptr, wr_ptr, wbar_ptr
 
 
 @triton.jit
-def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, vec_scale, out_ptr,
+def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, tok_ptr, off_ptr, vec_ptr, vec_scale, out_ptr,
                        stride_oi, stride_oc, T, C,
                        HAS_VEC: tl.constexpr, DE: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -298,16 +320,17 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
     cmask = cols < C
     ks = tl.arange(0, DE)
     off, count = _expert_span(off_ptr, e)
+    e64 = e.to(tl.int64)
     acc = tl.zeros([DE, BLOCK_C], dtype=tl.float32)
     for m0 in range(0, count, BLOCK_M):
-        mmask, toks, pairs = _pair_slots(pair_tok_ptr, off, m0, count, T, BLOCK_M)
+        mmask, toks, pairs = _pair_slots(tok_ptr, e64, off, m0, count, T, BLOCK_M)
         a = tl.load(a_ptr + pairs[:, None] * DE + ks[None, :], mask=mmask[:, None], other=0.0)
         b = tl.load(b_ptr + toks[:, None] * stride_bt + cols[None, :], mask=mmask[:, None] & cmask[None, :],
                     other=0.0)
         acc += tl.dot(tl.trans(a), b, input_precision=PREC)
     if HAS_VEC:
         acc += tl.load(vec_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] * vec_scale
-    rows = e.to(tl.int64) * DE + ks
+    rows = e64 * DE + ks
     tl.store(out_ptr + rows[:, None] * stride_oi + cols.to(tl.int64)[None, :] * stride_oc,
              acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
 
@@ -315,11 +338,36 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, pair_tok_ptr, off_ptr, vec_ptr, 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
+def static_pair_rows(T: int, n: int, max_active: int) -> tuple[int, int]:
+    """(rows of the flat pair buffers, rows of them whose h is saved for backward) by shapes alone: every token
+    may take min(N, max_active) experts (max_active 0: no cap), and h is saved for the first
+    STATIC_H_SHARE x T x N pairs (the backward recomputes the rest)."""
+    rows = T * min(n, max_active or n)
+    return rows, min(rows, math.ceil(STATIC_H_SHARE * T * n))
+
+
+def pair_rows(T: int, n: int, max_active: int, static: bool, offsets: Tensor) -> tuple[int, int]:
+    """static_pair_rows, or without ``static`` the pairs P the router made, read from the device (the one host
+    synchronisation), for both."""
+    if static:
+        return static_pair_rows(T, n, max_active)
+    P = int(offsets[-1])
+    return P, P
+
+
+def _sync_free(x: Tensor) -> bool:
+    """Whether an eager forward must size its pair buffers without a host synchronisation: always with
+    SYNC_FREE, else only while the current CUDA stream is being captured into a graph (where a synchronisation
+    is an error)."""
+    return SYNC_FREE or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active,
-             gates=None):
-    """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], pair_tok [P],
-    h [P, de] and wbar [d] (fp32, the backward reuses it). With ``gates`` [T, N] (then w_router is None and the
-    knobs are unused) g is a copy of them."""
+             gates=None, static=False):
+    """Returns y [T, d] (x's dtype, shared expert included), g [T, N], mu [T], offsets [N+1], tokens [N, T]
+    (expert e's pairs p = offsets[e] + m are its tokens tokens[e, m]), h [h_rows, de] (see pair_rows) and wbar
+    [d] (fp32, the backward reuses it). With ``gates`` [T, N] (then w_router is None and the knobs are unused)
+    g is a copy of them. ``static``: no host synchronisation (pair_rows)."""
     T, d = x.shape
     n, de = router_scale.shape[0], gamma.shape[0]
     dev, f32 = x.device, torch.float32
@@ -331,6 +379,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     mean = means.expert_mean(w_up)
     if T == 0:
         offsets.zero_()
+        tokens = ffn._empty(n, 0, device=dev, dtype=torch.int32)
     elif gates is None:
         tokens, _ = ffn._group_by_expert(x, w_router, mean, bias_value, bias, threshold, max_active, g, mu,
                                          offsets=offsets)
@@ -338,22 +387,21 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         g.copy_(gates)
         torch.mv(x.float(), mean.wbar, out=mu)
         tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
-    P = int(offsets[-1])                                  # the one host synchronisation: sizes the pair buffers
-    pair_tok = ffn._empty(P, device=dev, dtype=torch.int32)
-    h = ffn._empty(P, de, device=dev, dtype=f32)
+    rows, h_rows = pair_rows(T, n, max_active if gates is None else 0, static, offsets)
+    h = ffn._empty(h_rows, de, device=dev, dtype=f32)
     if T > 0:
         prec = ffn._precision(x.dtype)
-        a = ffn._empty(P, de, device=dev, dtype=x.dtype)
+        a = ffn._empty(rows, de, device=dev, dtype=x.dtype)
         up, scatter = TILES["up"], TILES["y_scatter"]
         # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
         launch(
             _train_up_kernel, _pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up), x, w_up, tokens, offsets, g, mu,
-            router_scale, gamma, pair_tok, h, a, shared, shared.stride(0), shared.stride(1), acc, T, n, d,
+            router_scale, gamma, h, h_rows, a, shared, shared.stride(0), shared.stride(1), acc, T, n, d,
             x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
-        if P > 0:
-            launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), a, w_down, n * de, 1, pair_tok, offsets, acc,
+        if rows > 0:
+            launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), a, w_down, n * de, 1, tokens, offsets, acc,
                    T, d, DE=de, PREC=prec, **scatter)
-    return acc.to(x.dtype), g, mu, offsets, pair_tok, h, mean.wbar
+    return acc.to(x.dtype), g, mu, offsets, tokens, h, mean.wbar
 
 
 def _router_grads(x, grad_t, w_router):
@@ -371,12 +419,13 @@ def _router_grads(x, grad_t, w_router):
     return out[n], out[:n].to(w_router.dtype)
 
 
-def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
+def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, tokens, h, wbar, rows):
     """Gradients (dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) of the routed part and the
-    router; dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None. Without w_router (the gates
-    were given) dw_router is empty and dgates [T, N] is the gradient of the given gates (else empty)."""
+    router; dy [T, d] contiguous in x's dtype, dg [T, N] fp32 contiguous or None, ``rows`` the forward's pair
+    rows (pair_rows). Without w_router (the gates were given) dw_router is empty and dgates [T, N] is the
+    gradient of the given gates (else empty)."""
     T, d = x.shape
-    n, de, P = router_scale.shape[0], gamma.shape[0], h.shape[0]
+    n, de = router_scale.shape[0], gamma.shape[0]
     has_router = w_router is not None
     none = x.new_empty(0)
     if T == 0:
@@ -386,8 +435,8 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dev, f32, prec = x.device, torch.float32, ffn._precision(x.dtype)
     bwd = TILES["bwd"]
     grid = _pair_grid(n, T, bwd)
-    a = ffn._empty(P, de, device=dev, dtype=x.dtype)
-    dh = ffn._empty(P, de, device=dev, dtype=x.dtype)
+    a = ffn._empty(rows, de, device=dev, dtype=x.dtype)
+    dh = ffn._empty(rows, de, device=dev, dtype=x.dtype)
     # The pair kernel writes the active cells of these two [T, N] buffers; nothing reads the others.
     dr_pair = ffn._empty(T, n, device=dev, dtype=f32)
     dmu_pair = ffn._empty(T, n, device=dev, dtype=f32)
@@ -396,9 +445,10 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dgamma_exp = ffn._empty(n, de, device=dev, dtype=f32)
     dgamma = ffn._empty(de, device=dev, dtype=gamma.dtype)
     dscale = ffn._empty(n, device=dev, dtype=router_scale.dtype)
-    launch(_pair_bwd_kernel, grid, dy, w_down, h, pair_tok, offsets, g, mu, router_scale, gamma, a, dh, dr_pair,
-           dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale, ffn._zeroed(dev, torch.int32, n + 1),
-           T, n, d, dy.stride(0), NORM_EPS, DE=de, PREC=prec, BLOCK_R=32, **bwd)
+    launch(_pair_bwd_kernel, grid, dy, w_down, x, w_up, h, h.shape[0], tokens, offsets, g, mu, router_scale, gamma,
+           a, dh, dr_pair, dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale,
+           ffn._zeroed(dev, torch.int32, n + 1), T, n, d, dy.stride(0), x.stride(0), NORM_EPS, DE=de, PREC=prec,
+           BLOCK_R=32, **bwd)
 
     # The router GEMM reads dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
     low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
@@ -413,16 +463,16 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     # Without a router the caller's autograd owns the gates: dL/dg is dr.
     dgates = none if has_router else grad_t[:n].t()
     scatter = TILES["dx_scatter"]
-    launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), dh, w_up, 1, d, pair_tok, offsets, dx, T, d,
+    launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), dh, w_up, 1, d, tokens, offsets, dx, T, d,
            DE=de, PREC=prec, **scatter)
 
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
     dw_up = ffn._empty(n * de, d, device=dev, dtype=w_up.dtype)
-    launch(_pair_wgrad_kernel, wgrid, dh, x, x.stride(0), pair_tok, offsets, dwbar, 1.0 / (n * de),
+    launch(_pair_wgrad_kernel, wgrid, dh, x, x.stride(0), tokens, offsets, dwbar, 1.0 / (n * de),
            dw_up, d, 1, T, d, HAS_VEC=True, **wgrad)
     dw_down = ffn._empty(d, n * de, device=dev, dtype=w_down.dtype)
-    launch(_pair_wgrad_kernel, wgrid, a, dy, dy.stride(0), pair_tok, offsets, dwbar, 0.0,
+    launch(_pair_wgrad_kernel, wgrid, a, dy, dy.stride(0), tokens, offsets, dwbar, 0.0,
            dw_down, 1, n * de, T, d, HAS_VEC=False, **wgrad)
     return dx.to(x.dtype), dw_router, dscale, dw_up, dgamma, dw_down, dgates
 
@@ -437,45 +487,51 @@ def deco_ffn_fwd(x: Tensor, w_router: Optional[Tensor], router_scale: Tensor, w_
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The routed experts plus ``shared`` (the shared expert's output [T, d]) on x [T, d] (unit column
     stride), routed by w_router and the knobs (max_active 0 means none), or by ``gates`` [T, N] fp32 when
-    w_router is None. Returns (y, g, mu, offsets, pair_tok, h, wbar), see _forward."""
+    w_router is None. Returns (y, g, mu, offsets, tokens, h, wbar), see _forward. Sized by shapes alone
+    (static pair_rows): a traced graph holds no data-dependent size and no host synchronisation."""
     return _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold,
-                    max_active, gates)
+                    max_active, gates, static=True)
 
 
 @deco_ffn_fwd.register_fake
 def _(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_value, threshold, max_active, gates):
     T, d = x.shape
     n, de = router_scale.shape[0], gamma.shape[0]
-    pairs = torch.library.get_ctx().new_dynamic_size()    # the number of active pairs is data-dependent
+    _, h_rows = static_pair_rows(T, n, max_active if gates is None else 0)
     f32 = torch.float32
     return (x.new_empty(T, d), x.new_empty(T, n, dtype=f32), x.new_empty(T, dtype=f32),
-            x.new_empty(n + 1, dtype=torch.int32), x.new_empty(pairs, dtype=torch.int32),
-            x.new_empty(pairs, de, dtype=f32), x.new_empty(d, dtype=f32))
+            x.new_empty(n + 1, dtype=torch.int32), x.new_empty(n, T, dtype=torch.int32),
+            x.new_empty(h_rows, de, dtype=f32), x.new_empty(d, dtype=f32))
 
 
 @torch.library.custom_op("deco_kernels::deco_ffn_bwd", mutates_args=())
 def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Optional[Tensor], router_scale: Tensor,
                  w_up: Tensor, gamma: Tensor, w_down: Tensor, g: Tensor, mu: Tensor, offsets: Tensor,
-                 pair_tok: Tensor, h: Tensor, wbar: Tensor
+                 tokens: Tensor, h: Tensor, wbar: Tensor, rows: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_router, drouter_scale, dw_up, dgamma, dw_down, dgates) from what deco_ffn_fwd saved."""
-    return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar)
+    return _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, tokens, h, wbar,
+                     rows)
 
 
 @deco_ffn_bwd.register_fake
-def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar):
+def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, tokens, h, wbar, rows):
     none = x.new_empty(0)
     return (torch.empty_like(x), none if w_router is None else torch.empty_like(w_router),
             *(torch.empty_like(t) for t in (router_scale, w_up, gamma, w_down)),
             torch.empty_like(g) if w_router is None else none)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, static=True):
     x, w_router, router_scale, w_up, gamma, w_down = inputs[:6]
-    _, g, mu, offsets, pair_tok, h, wbar = output
-    ctx.mark_non_differentiable(mu, offsets, pair_tok, h, wbar)
+    max_active, gates = inputs[10:12]
+    _, g, mu, offsets, tokens, h, wbar = output
+    ctx.mark_non_differentiable(mu, offsets, tokens, h, wbar)
     ctx.gates_given = w_router is None
-    ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, pair_tok, h, wbar)
+    # The pair buffers' rows: the synchronised sizing saves h for every pair, so it has as many rows.
+    ctx.rows = (static_pair_rows(x.shape[0], router_scale.shape[0], max_active if gates is None else 0)[0]
+                if static else h.shape[0])
+    ctx.save_for_backward(x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, tokens, h, wbar)
 
 
 def _grads(ctx, dy, dg, backward):
@@ -484,7 +540,7 @@ def _grads(ctx, dy, dg, backward):
     x = ctx.saved_tensors[0]
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()      # y unused: only the gates in the loss
     dg = None if dg is None else dg.contiguous()
-    dx, dw_router, *grads, dgates = backward(dy, dg, *ctx.saved_tensors)
+    dx, dw_router, *grads, dgates = backward(dy, dg, *ctx.saved_tensors, ctx.rows)
     routed = (dx, None, *grads) if ctx.gates_given else (dx, dw_router, *grads)
     # The shared expert's output enters y unchanged: its gradient is dy (torch's autograd takes it from there).
     return (*routed, dy, None, None, None, None, dgates if ctx.gates_given else None)
@@ -498,12 +554,12 @@ class _EagerDecoFfn(torch.autograd.Function):
     """deco_ffn_fwd's autograd without the custom-op machinery, for eager calls: the same _forward,
     _setup_context and _backward, minus the dispatcher round trips of two custom ops (about a fifth of a
     layer's host time in a training step, which the host sets: benchmarks/NOTES.md). torch.compile traces
-    the custom op instead (deco_ffn_train picks)."""
+    the custom op instead (deco_ffn_train picks). ``static``: size without a host synchronisation."""
 
     @staticmethod
-    def forward(ctx, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature per call
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, static, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature
+        output = _forward(*inputs, static=static)
+        _setup_context(ctx, inputs, output, static)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no [T, N] zeros for dg
         return output
 
@@ -511,7 +567,7 @@ class _EagerDecoFfn(torch.autograd.Function):
     def backward(ctx, dy, dg, *_):
         # Under create_graph the custom op runs instead: the kernels have no derivative of their own, and its
         # outputs make a second backward raise rather than silently treat the first derivative as constant.
-        return _grads(ctx, dy, dg, deco_ffn_bwd if torch.is_grad_enabled() else _backward)
+        return None, *_grads(ctx, dy, dg, deco_ffn_bwd if torch.is_grad_enabled() else _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -539,9 +595,9 @@ def deco_ffn_train(x, w: dict, bias, threshold, max_active, gates=None):
     bias_value, bias_vec = ffn._bias_args(bias, n, x.device)
     if gates is not None:
         gates = gates.float().contiguous()
-    op = deco_ffn_fwd if tracing else _EagerDecoFfn.apply
-    y, g, *_ = op(x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
-                  bias_value, float(threshold), int(max_active or 0), gates)
+    inputs = (x, w.get("w_router"), w["router_scale"], w["w_up"], w["gamma"], w["w_down"], shared, bias_vec,
+              bias_value, float(threshold), int(max_active or 0), gates)
+    y, g, *_ = deco_ffn_fwd(*inputs) if tracing else _EagerDecoFfn.apply(_sync_free(x), *inputs)
     return y, g
 
 
