@@ -461,6 +461,30 @@ def _compiled_layer_step(triton_device):
     return layer, x.requires_grad_(), step
 
 
+@pytest.mark.parametrize("routing", ["router", "max_active", "gates"])
+def test_custom_ops_fake_shapes_match_the_kernels(triton_device, routing):
+    """torch.library.opcheck: schema, autograd registration and the fake implementations (static shapes, what
+    torch.compile and CUDA graphs of a compiled step rely on) against real calls, forward and backward. Not
+    opcheck's AOT-dispatch comparison: the tokens table and h hold unwritten rows past each expert's count
+    (never read), so two calls differ there."""
+    x, w = make_layer(17, 40, 13, 16, 24, device=triton_device, seed=3, active=0.3, requires_grad=True)
+    shared = torch.randn(17, 40, device=triton_device)
+    gates = torch.relu(torch.randn(17, 13, device=triton_device)) if routing == "gates" else None
+    fwd_args = (x, None if gates is not None else w["w_router"], w["router_scale"], w["w_up"], w["gamma"],
+                w["w_down"], shared, None, 0.0, 0.0, 3 if routing == "max_active" else 0, gates)
+    torch.library.opcheck(training.deco_ffn_fwd, fwd_args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    _, g, mu, offsets, tokens, h, wbar = training.deco_ffn_fwd(*fwd_args)
+    rows, h_rows = training.static_pair_rows(17, 13, 3 if routing == "max_active" else 0)
+    assert h.shape == (h_rows, 16) and tokens.shape == (13, 17)
+    assert rows == 17 * (3 if routing == "max_active" else 13) and h_rows == min(rows, math.ceil(0.25 * 17 * 13))
+    bwd_args = (torch.randn(17, 40, device=triton_device), torch.randn(17, 13, device=triton_device), x.detach(),
+                None if gates is not None else w["w_router"].detach(),
+                *(w[k].detach() for k in ("router_scale", "w_up", "gamma", "w_down")), g.detach(), mu, offsets,
+                tokens, h, wbar, rows)
+    torch.library.opcheck(training.deco_ffn_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_torch_compile_fullgraph_forward_and_backward(triton_device):
     torch._dynamo.reset()
     layer, x, step = _compiled_layer_step(triton_device)
@@ -688,3 +712,26 @@ def test_gpu_whole_model_training_step_replays_from_a_cuda_graph():
     for (le, re), (lg, rg) in zip(eager, replayed):
         assert abs(lg - le) <= 2e-2 * abs(le), (eager, replayed)
         assert abs(rg - re) <= 2e-2, (eager, replayed)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_reduce_overhead_captures_the_training_step():
+    """torch.compile(mode="reduce-overhead") of a DecoMoE training step: the custom ops' static shapes let
+    inductor replay forward and backward from CUDA graphs (no cudagraph skip recorded), with the eager
+    gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer, x, step = _compiled_layer_step("cuda")
+    leaves = {"x": x, **dict(layer.named_parameters())}
+    step(x).backward()
+    eager = {k: t.grad.clone() for k, t in leaves.items()}
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):   # cudagraph trees record on a later call than the first
+        for t in leaves.values():
+            t.grad = None
+        compiled(x).backward()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for name, t in leaves.items():
+        assert_rel_close(t.grad, eager[name], 1e-5, f"d{name}")

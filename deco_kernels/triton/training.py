@@ -517,9 +517,10 @@ def deco_ffn_bwd(dy: Tensor, dg: Optional[Tensor], x: Tensor, w_router: Optional
 @deco_ffn_bwd.register_fake
 def _(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, offsets, tokens, h, wbar, rows):
     none = x.new_empty(0)
+    T, n = g.shape   # dgates is a transposed view of the router-gradient GEMM's left operand [N+1, T]
     return (torch.empty_like(x), none if w_router is None else torch.empty_like(w_router),
             *(torch.empty_like(t) for t in (router_scale, w_up, gamma, w_down)),
-            torch.empty_like(g) if w_router is None else none)
+            g.new_empty_strided((T, n), (1, T)) if w_router is None else none)
 
 
 def _setup_context(ctx, inputs, output, static=True):
