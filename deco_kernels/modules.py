@@ -190,10 +190,13 @@ class DecoMoE(nn.Module):
         self.router_offset.fill_(self.router_offset_value)
 
     def knobs(self, device=None) -> dict:
-        """The knobs a forward applies: the elastic ones, with router_offset added to the bias."""
+        """The knobs a forward applies: the elastic ones, with router_offset added to the bias as the buffer
+        itself (a tensor bias, read on the device), so a training step captured into a CUDA graph follows the
+        SparsityController's moves; the other knobs are host values, captured as they were."""
         bias = self.bias.to(device) if isinstance(self.bias, torch.Tensor) and device is not None else self.bias
-        if self.router_offset_value:
-            bias = bias + self.router_offset_value
+        offset = getattr(self, "router_offset", None)
+        if offset is not None:
+            bias = offset + bias
         return dict(bias=bias, threshold=self.threshold, max_active=self.max_active)
 
     def elastic_state(self) -> dict:

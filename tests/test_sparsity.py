@@ -117,6 +117,27 @@ def test_router_offset_shifts_the_logits_and_survives_a_round_trip():
     assert all(layer.router_offset.dtype == torch.float32 for layer in again.deco_layers())
 
 
+@pytest.mark.parametrize("bias", [0.0, "vector"])
+def test_router_offset_is_read_from_its_buffer_at_call_time(bias):
+    """A CUDA graph replays a forward with the arguments of its capture: the offset must reach the router as the
+    buffer (read on the device), not as its float mirror, or a captured training step would keep the offset of
+    its capture while the controller moves it. Changing only the buffer, as a replay sees it, changes y."""
+    torch.manual_seed(0)
+    model, ids = DecoForCausalLM(OFFSET).eval(), torch.randint(0, OFFSET.vocab_size, (2, 6))
+    layer = next(model.deco_layers())
+    if bias == "vector":
+        layer.set_elastic(bias=torch.linspace(-0.2, 0.2, OFFSET.num_experts))
+    x = torch.randn(2, 6, OFFSET.d_model)
+    layer.set_router_offset(0.3)
+    before = layer(x)
+    with torch.no_grad():
+        layer.router_offset.fill_(-0.3)          # the mirror router_offset_value still says 0.3
+    moved = layer(x)
+    layer.set_router_offset(-0.3)
+    assert torch.equal(moved, layer(x)) and not torch.allclose(before, moved)
+    assert isinstance(layer.knobs()["bias"], torch.Tensor)
+
+
 def test_router_offset_is_off_by_default():
     model = DecoForCausalLM(TINY)
     assert not any("router_offset" in k for k in model.state_dict())  # checkpoints without it still load
