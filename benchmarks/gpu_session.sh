@@ -29,7 +29,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-declare -A LIMIT=([check]=270 [host]=60 [tests]=400 [sanitizer]=120 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
+declare -A LIMIT=([check]=270 [host]=60 [tests]=400 [sanitizer]=240 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
                   [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120
                   [layer_profile]=150 [host_profile]=240 [train_sweep]=300 [router]=240 [decode]=200)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
@@ -42,7 +42,8 @@ run_step() {
                  && python3 check_grouped.py --preset 0.1b --tokens 4096) ;;
     host) python3 benchmarks/host_overhead.py && python3 benchmarks/host_overhead.py --train ;;
     tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
-    sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py) ;;
+    sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py \
+                  && compute-sanitizer --tool memcheck python3 sanitize_triton.py --train) ;;
     tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate ${TUNE_ARGS:-} \
             && cp -r autotune/caches "$RES/tune_caches" ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
