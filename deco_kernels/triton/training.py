@@ -28,10 +28,10 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
                                    rows of programs seed acc (fp32) with the shared expert's output
             `_pair_scatter_kernel` acc[t] += a W_down_e^T (fp32 atomics); torch rounds acc into y
   backward  `_pair_bwd_kernel`     da = dy[t] W_down_e; h (recomputed past the saved rows); a; dh through
-                                   NormSiLU; at cell (t, e)
-                                   of two [T, N] buffers the logit gradient <da, silu(n)> scale_e and
-                                   -sum(dh) (mu's share); dgamma and drouter_scale finished by the last
-                                   programs to arrive (fixed-order sums of per-program partials)
+                                   NormSiLU; at cell (t, e) of two [T, N] buffers the logit gradient
+                                   <da, silu(n)> scale_e and -sum(dh) (mu's share); dgamma and drouter_scale
+                                   finished by the last programs to arrive (fixed-order sums of per-program
+                                   partials)
             `_token_bwd_kernel`    the one dense [T, N] pass: dr (0 where g <= 0, which covers relu,
                                    threshold and max_active cuts; + dg), dmu = the row sums of the shares,
                                    and dx (fp32) seeded with dmu wbar + dr W_router
@@ -63,9 +63,8 @@ are differentiable: the entropy regulariser's gradient enters the router backwar
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -193,9 +192,9 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, x_ptr, wup_ptr, h_ptr, h_rows, tok_ptr, off
                      DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     """Per pair (t, e): h (saved below pair h_rows, else recomputed as x[t] W_e^T), a (from h, for dW_down),
-    dh (through NormSiLU), and at cell (t, e) of two
-    [T, N] fp32 buffers (one writer per cell; the other cells are left unwritten: _token_bwd_kernel reads only
-    the active ones) the routed part of the logit gradient <da, silu(n)> * scale[e] and mu's share -sum(dh).
+    dh (through NormSiLU), and at cell (t, e) of two [T, N] fp32 buffers (one writer per cell; the other cells
+    are left unwritten: _token_bwd_kernel reads only the active ones) the routed part of the logit gradient
+    <da, silu(n)> * scale[e] and mu's share -sum(dh).
 
     dgamma and drouter_scale are finished here, deterministically: each program with pairs (and block 0 of an
     expert without any) stores its partial sums and arrives at its expert's counter; the expert's last program
@@ -340,8 +339,9 @@ def _pair_wgrad_kernel(a_ptr, b_ptr, stride_bt, tok_ptr, off_ptr, vec_ptr, vec_s
 # ---------------------------------------------------------------------------------------------------------
 def static_pair_rows(T: int, n: int, max_active: int) -> tuple[int, int]:
     """(rows of the flat pair buffers, rows of them whose h is saved for backward) by shapes alone: every token
-    may take min(N, max_active) experts (max_active 0: no cap), and h is saved for the first
-    STATIC_H_SHARE x T x N pairs (the backward recomputes the rest)."""
+    may take min(N, max_active) experts (max_active 0: no cap; the router keeps at most max_active gates per
+    token, ties broken by expert index), and h is saved for the first STATIC_H_SHARE x T x N pairs (the
+    backward recomputes the rest)."""
     rows = T * min(n, max_active or n)
     return rows, min(rows, math.ceil(STATIC_H_SHARE * T * n))
 
