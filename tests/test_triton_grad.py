@@ -396,6 +396,36 @@ def test_sync_free_sizing_matches_the_reference(triton_device, monkeypatch, shar
     check(x, w, seed=5, **knobs)
 
 
+def test_sync_free_sizing_trains_the_model_like_the_synchronised_one(triton_device, monkeypatch):
+    """Two AdamW steps of the tiny DecoForCausalLM on backend triton, synchronised sizing against sync-free
+    sizing with h saved for 10% of the slots (the recompute runs in every layer): the same losses and
+    parameters, up to fp32 rounding."""
+    from deco_kernels import DecoForCausalLM
+
+    cfg = DecoConfig.preset("tiny", backend="triton")
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).to(triton_device)
+    runs = {}
+    for sync_free in (False, True):
+        monkeypatch.setattr(training, "SYNC_FREE", sync_free)
+        monkeypatch.setattr(training, "STATIC_H_SHARE", 0.1)
+        torch.manual_seed(0)
+        model = DecoForCausalLM(cfg).to(triton_device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())
+        runs[sync_free] = losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (loss0, state0), (loss1, state1) = runs[False], runs[True]
+    assert loss0 == pytest.approx(loss1, rel=1e-5)
+    for name, value in state0.items():
+        if value.is_floating_point():
+            assert_rel_close(state1[name], value, 1e-5, name)
+
+
 def test_sync_free_sizing_needs_no_host_synchronisation(triton_device, monkeypatch):
     """A forward + backward with SYNC_FREE reads nothing back from the device (the synchronised sizing reads
     P, which the same check catches): every aten op is watched for _local_scalar_dense (item(), int(t))."""
