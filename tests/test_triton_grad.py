@@ -396,6 +396,15 @@ def test_sync_free_sizing_matches_the_reference(triton_device, monkeypatch, shar
     check(x, w, seed=5, **knobs)
 
 
+@pytest.mark.parametrize("T", [0, 1, 3])
+def test_sync_free_sizing_few_tokens(triton_device, monkeypatch, T):
+    # T = 1 and 3 at a 10% share: ceil(0.1 T N) rows of h, fewer than the pairs, so even these recompute.
+    monkeypatch.setattr(training, "SYNC_FREE", True)
+    monkeypatch.setattr(training, "STATIC_H_SHARE", 0.1)
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=40 + T, active=0.5)
+    check(x, w, seed=T)
+
+
 def test_sync_free_sizing_trains_the_model_like_the_synchronised_one(triton_device, monkeypatch):
     """Two AdamW steps of the tiny DecoForCausalLM on backend triton, synchronised sizing against sync-free
     sizing with h saved for 10% of the slots (the recompute runs in every layer): the same losses and
