@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -106,3 +107,18 @@ def resolve(backend: str, device: torch.device, needs_grad: bool = False) -> str
         raise NotImplementedError(f"backend {backend!r} runs inference only for now: call it under "
                                   f"torch.no_grad() or use backend='torch' (or 'auto') for training")
     return backend
+
+
+def alert_not_deterministic(what: str) -> None:
+    """What torch does for its own nondeterministic ops under torch.use_deterministic_algorithms(True), for a
+    path of ours whose fp32 atomics make results vary between runs in the last bits: raise a RuntimeError naming
+    ``what`` (a warning with warn_only=True). Nothing when determinism was not asked for."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{what} sums with fp32 atomics, so its results can differ between runs in the last bits, but "
+           "torch.use_deterministic_algorithms(True) is set: use backend 'triton' (deterministic then) or "
+           "'torch'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)

@@ -137,6 +137,14 @@ def dense_swiglu_fp32(x, w_gate, w_up, w_down):
     return linear_fp32(_swiglu_hidden(x, w_gate, w_up), w_down)
 
 
+def addmm_fp32(acc, a, b):
+    """acc [T, d] fp32 + a [T, k] @ b [k, d], fp32, as a new tensor. On CUDA with 16-bit a and b, one cuBLAS GEMM
+    reads acc as its C operand and writes fp32 (no rounding to a's dtype in between)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return torch.addmm(acc, a.float(), b.float())
+
+
 def linear_fp32(h, w):
     """h [T, k] @ w^T [k, d] with an fp32 output. On CUDA with 16-bit h, cuBLAS writes the fp32 sums directly
     (no rounding to h's dtype and no separate cast pass over [T, d])."""

@@ -616,6 +616,20 @@ def test_prefill_atomics_are_stable():
 
 @pytest.mark.gpu
 @needs_cupy
+def test_prefill_refuses_deterministic_mode(monkeypatch):
+    # Its fp32 atomics vary between runs: under torch.use_deterministic_algorithms(True) it raises, as torch's
+    # own nondeterministic ops do; decode (no atomics) still runs.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: False)
+    x, w = make_layer(65, 64, 7, 16, 16, dtype=BF16, device="cuda", seed=4, active=0.5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="backend 'cupy' at 65 tokens"):
+        ops.deco_ffn(x, **w, backend="cupy")
+    with torch.no_grad():
+        ops.deco_ffn(x[:2], **w, backend="cupy")
+
+
+@pytest.mark.gpu
+@needs_cupy
 def test_wbar_cache_is_reused():
     x, w = make_layer(3, 32, 7, 16, 16, dtype=BF16, device="cuda", seed=4, active=0.5)
     check(x, w)

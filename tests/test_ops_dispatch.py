@@ -373,3 +373,20 @@ def test_an_op_a_backend_lacks_is_refused_by_name(monkeypatch):
     g = torch.relu(torch.randn(*x.shape[:-1], w["router_scale"].shape[0]))
     with torch.no_grad(), pytest.raises(NotImplementedError, match="deco_ffn_from_gates: backend 'cupy'"):
         ops.deco_ffn_from_gates(x, g, **w, backend="cupy")
+
+
+def test_alert_not_deterministic_follows_torch():
+    """backends.alert_not_deterministic: silent by default, raises under torch.use_deterministic_algorithms(True),
+    warns with warn_only=True (torch's own rule for its nondeterministic ops)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(False)
+        backends.alert_not_deterministic("the path")
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="the path sums with fp32 atomics"):
+            backends.alert_not_deterministic("the path")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="the path"):
+            backends.alert_not_deterministic("the path")
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

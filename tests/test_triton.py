@@ -108,6 +108,56 @@ def test_n1_and_wide_shared(triton_device):
     check(x, w)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic calls: the GEMM down projection (ffn.DOWN_GEMM, torch.use_deterministic_algorithms)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T, active, knobs", [
+    (3, 0.3, {}), (17, 0.3, {}), (65, 0.3, {}), (65, "none", {}), (65, "all", {}), (65, "one", {}),
+    (65, 0.4, dict(max_active=3)), (17, 0.4, dict(threshold=0.3, bias=0.1)), (1, 0.3, {}), (2, 0.3, {}),
+], ids=["T3", "T17", "T65", "none", "all", "one", "max3", "knobs", "T1", "T2"])
+def test_down_gemm_matches_the_reference(triton_device, monkeypatch, T, active, knobs):
+    # From 3 tokens the grouped path with its GEMM (the small-batch kernels' atomics are avoided); 1-2 tokens
+    # the register-FMA decode kernels, which sum nothing across programs.
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=60 + T, active=active)
+    check(x, w, **knobs)
+
+
+def test_deterministic_calls_avoid_the_atomic_kernels(triton_device, monkeypatch):
+    """With torch.use_deterministic_algorithms(True) no launch of a kernel that sums with fp32 atomics, at
+    any token count, even where a tuned config asks for the tensor-core kernels at 2 tokens."""
+    launched = []
+    real = triton_ffn.launch
+    monkeypatch.setattr(triton_ffn, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    monkeypatch.setattr(triton_ffn, "config_for",   # a tuned cache asking for the tensor-core kernels
+                        lambda kind, *a, **k: triton_ffn.small_batch_config(8) if kind == "small_batch" else None)
+    atomic = {triton_ffn._grouped_down_kernel, triton_ffn._union_down_kernel}
+    x, w = make_layer(70, 40, 13, 16, 24, device=triton_device, seed=8, active=0.3)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    for T in (1, 2, 3, 64, 70):
+        check(x[:T], w)
+    assert launched and not atomic & set(launched)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    check(x[:2], w)
+    check(x[:70], w)
+    assert atomic <= set(launched)   # the check can see them: the default calls launch both
+
+
+def test_down_gemm_stages_are_token_major(triton_device, monkeypatch):
+    # grouped_stages' act is [T, N*de] with zeros where a gate is off, and its output is the layer's y.
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=9, active=0.3)
+    g = torch.empty(65, 13, device=triton_device)
+    mean = triton_means.cached_expert_mean(w["w_up"])
+    with torch.no_grad():
+        mu, tokens, counts, act, hs, y = triton_ffn.grouped_stages(x, w, mean, 0.0, None, 0.0, None, g)
+    assert act.shape == (65, 13 * 16) and y.dtype == x.dtype
+    off = (g <= 0).repeat_interleave(16, dim=1)
+    assert bool((act[off] == 0).all()) and bool((act[~off] != 0).any())
+    _, _, y_ref, _ = run_both(x, w)
+    assert_rel_close(y, y_ref.to(y.dtype), CPU_TOL, "y")
+
+
 # Tensor-core configs: every key of ffn.small_batch_config(T, use_dot=True).
 def dot_cfg(**kw):
     return {**dict(use_dot=True, rows=64, block_k=16, split_k=3, up_warps=4, up_stages=2, block_d=32, group=4,
@@ -385,6 +435,28 @@ def test_gpu_int64_offsets(T):
     x, w = far_apart_rows(T)
     y, _, y_ref, _ = run_both(x, w)
     assert_rel_close(y, y_ref.to(y.dtype), 1e-2, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [8, 300, 2048])
+def test_gpu_down_gemm_is_bitwise_repeatable(preset, dtype, T, monkeypatch):
+    """ffn.DOWN_GEMM (what torch.use_deterministic_algorithms selects): five calls give the same bits, within
+    the reference's bound, and a CUDA graph of the call replays them."""
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda", dtype=dtype)
+    with torch.no_grad():
+        ys = [ops.deco_ffn(x, **w, backend="triton") for _ in range(5)]
+        y_ref = reference.deco_ffn(x.double(), **{k: v.double() for k, v in w.items()})
+        assert all(torch.equal(y, ys[0]) for y in ys[1:])
+        assert rel_err(ys[0], y_ref) <= GPU_REL_TOL[dtype]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = ops.deco_ffn(x, **w, backend="triton")
+        graph.replay()
+        assert torch.equal(y_graph, ys[0])
 
 
 @pytest.mark.gpu

@@ -435,6 +435,53 @@ def test_sync_free_sizing_trains_the_model_like_the_synchronised_one(triton_devi
             assert_rel_close(state1[name], value, 1e-5, name)
 
 
+@pytest.mark.parametrize("T, active, knobs, sync_free", [
+    (0, 0.3, {}, False), (1, 0.3, {}, False), (17, 0.3, {}, False), (65, 0.3, {}, False),
+    (65, "none", {}, False), (65, "all", {}, False), (65, "one", {}, False), (65, 0.4, dict(max_active=3), False),
+    (65, 0.3, {}, True),
+], ids=["T0", "T1", "T17", "T65", "none", "all", "one", "max3", "sync-free"])
+def test_deterministic_training_matches_the_reference(triton_device, monkeypatch, T, active, knobs, sync_free):
+    """ffn.DOWN_GEMM (what torch.use_deterministic_algorithms selects): y and dx's expert part as GEMMs over
+    token-major activations instead of the two atomic scatters; every gradient against float64."""
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    monkeypatch.setattr(training, "SYNC_FREE", sync_free)
+    monkeypatch.setattr(training, "STATIC_H_SHARE", 0.1)
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=70 + T, active=active)
+    check(x, w, seed=T, **knobs)
+
+
+def test_deterministic_training_launches_no_scatter(triton_device, monkeypatch):
+    launched = []
+    real = training.launch
+    monkeypatch.setattr(training, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    x, w = make_layer(33, 40, 13, 16, 24, device=triton_device, seed=4, active=0.3)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    check(x, w)
+    assert training._pair_bwd_kernel in launched and training._pair_scatter_kernel not in launched
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    check(x, w)
+    assert launched.count(training._pair_scatter_kernel) == 2   # forward and backward, the check can see them
+
+
+def test_deterministic_training_from_given_gates(triton_device, monkeypatch):
+    # deco_ffn_from_gates (EMoE-style training): the gates' own gradient through the GEMM path too.
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    x, w = make_layer(33, 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)
+    logits = torch.randn(33, 13, generator=torch.Generator().manual_seed(1)).to(triton_device)
+    weights = {k: v for k, v in w.items() if k != "w_router"}
+    leaves = [t.detach().requires_grad_() for t in (x, logits, *weights.values())]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    outs = []
+    for backend, (xl, rl, *wl) in (("triton", leaves), ("torch", ref)):
+        # A gate rule (relu) in front: its derivative is 0 where it outputs 0, where Triton computes nothing.
+        y = ops.deco_ffn_from_gates(xl, torch.relu(rl), **dict(zip(weights, wl)), backend=backend)
+        outs.append((y, torch.autograd.grad((y * y).sum(), [xl, rl, *wl])))
+    (y, grads), (y_ref, grads_ref) = outs
+    assert_rel_close(y, y_ref, CPU_TOL, "y")
+    for name, a, b in zip(("x", "logits", *weights), grads, grads_ref):
+        assert_rel_close(a, b, CPU_TOL, f"d{name}")
+
+
 def test_sync_free_sizing_needs_no_host_synchronisation(triton_device, monkeypatch):
     """A forward + backward with SYNC_FREE reads nothing back from the device (the synchronised sizing reads
     P, which the same check catches): every aten op is watched for _local_scalar_dense (item(), int(t))."""
@@ -597,8 +644,15 @@ def test_gpu_presets_grads(preset, T, active, dtype, seed):
 
 
 @pytest.mark.gpu
-def test_gpu_atomics_are_stable_and_the_rest_deterministic():
+@pytest.mark.parametrize("down_gemm", [0, 1], ids=["atomics", "gemm"])
+def test_gpu_atomics_are_stable_and_the_rest_deterministic(down_gemm, monkeypatch):
+    """Four forward + backward runs: every weight gradient bitwise equal; y and dx equal up to the order of the
+    fp32 atomics, and bitwise with ffn.DOWN_GEMM (the deterministic mode), which must also match float64."""
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", down_gemm)
+    torch.backends.cuda.matmul.allow_tf32 = False
     x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.float32, device="cuda", seed=9, active=0.2)
+    if down_gemm:
+        check(x, w, tol=GPU_REL_TOL[torch.float32], fp32_floor=True)
     cy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
     runs = []
     for _ in range(4):
@@ -608,11 +662,22 @@ def test_gpu_atomics_are_stable_and_the_rest_deterministic():
     for run in runs[1:]:
         # y (forward) and dx (backward) are summed with fp32 atomics: equal up to the order of the adds.
         for name in ("y", "x"):
+            if down_gemm:
+                assert torch.equal(run[name], runs[0][name]), name
             spread = (run[name] - runs[0][name]).abs().max().item()
             assert spread <= 1e-5 * runs[0][name].abs().max().item(), name
         # Every routed and router weight gradient is reduced in a fixed order: bitwise equal.
         for name in ("w_router", "router_scale", "w_up", "gamma", "w_down"):
             assert torch.equal(run[name], runs[0][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
+def test_gpu_deterministic_training_grads_bf16(preset, monkeypatch):
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    d, n, de, ds = PRESET_LAYERS[preset]
+    x, w = make_layer(1024, d, n, de, ds, dtype=torch.bfloat16, device="cuda", seed=12, active=0.2)
+    check(x, w, tol=GPU_REL_TOL[torch.bfloat16], seed=12)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import cupy
 import numpy as np
 import torch
 
-from .. import layout
+from .. import backends, layout
 from ..ops import dense_swiglu_fp32
 from ..reference.ops import NORM_EPS
 from . import geometry as geo
@@ -235,6 +235,8 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
                                                                       ("w_router", "w_up", "w_down", "ws_gate",
                                                                        "ws_up", "ws_down")])
         path = _decode if T <= geo.DECODE_MAX_T else _prefill
+        if path is _prefill:
+            backends.alert_not_deterministic(f"backend 'cupy' at {T} tokens (the grouped prefill)")
         path(launch, x2, w, wbar, *_bias_args(bias, n, x.device), threshold, max_active, g, y, vec)
     y = y.reshape(*lead, d)
     return (y, g.reshape(*lead, n)) if return_gates else y

@@ -44,6 +44,10 @@ USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 # 16-bit x only: fp32 tiles of 128 columns in 3 stages would pass the shared memory of a block.
 ROUTER_LONG_T = 1024
 ROUTER_LONG_BLOCK_K = 128
+# The prefill's down projection as one cuBLAS GEMM over token-major activations (grouped.py) instead of the fp32
+# atomics: bit-for-bit repeatable, and taken whenever torch.use_deterministic_algorithms(True) is on; 1 takes it
+# always. Not the default: it has not been timed against the atomics on a GPU yet (benchmarks/probe_ab.py).
+DOWN_GEMM = 0
 
 
 def cdiv(a: int, b: int) -> int:
@@ -252,15 +256,24 @@ def grouped_config(T: int) -> dict:
                 down_stages=3)
 
 
+def deterministic() -> bool:
+    """Whether the layer must be bit-for-bit repeatable: DOWN_GEMM, or torch.use_deterministic_algorithms(True)."""
+    return bool(DOWN_GEMM) or torch.are_deterministic_algorithms_enabled()
+
+
 def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
-    y.copy_(grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg)[-1])
+    out = grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg, y=y)[-1]
+    if out is not y:
+        y.copy_(out)   # the fp32 accumulator of the atomics, rounded once
 
 
-def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=None):
+def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=None, y=None):
     """The prefill path's launches (router, grouping, up with the shared expert's hidden activation, the shared
     expert's down projection, down), returning what each leaves:
-    (mu, tokens, counts, act, hs, acc); g is written in place, hs is the shared expert's hidden activation
-    [T, ds], acc the fp32 output before the cast into y.
+    (mu, tokens, counts, act, hs, out); g is written in place, hs is the shared expert's hidden activation
+    [T, ds]. With the atomics, act is [N, T, de] (expert e's i-th token at act[e, i]) and out the fp32 output
+    before the cast into y; deterministic(), act is token-major [T, N*de] (zero where a gate is off) and out is
+    the output itself, in x's dtype (written into ``y`` when given).
     benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
     n, de, ds = w["w_router"].shape[0], w["gamma"].shape[0], w["ws_gate"].shape[0]
@@ -270,7 +283,11 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     mu = _empty(T, device=dev, dtype=torch.float32)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
-    act = _empty(n, T, de, device=dev, dtype=x.dtype)
+    gemm = deterministic()
+    if gemm:   # token-major, zero where a gate is off: the dense-masked operand of one GEMM by w_down
+        act = _empty(T, n * de, device=dev, dtype=x.dtype).zero_()
+    else:
+        act = _empty(n, T, de, device=dev, dtype=x.dtype)
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)
@@ -280,7 +297,15 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     # +-4% (1.2b 344.4 -> 348.9, 0.1b 99.6 -> 95.6).
     launch(_grouped_up_kernel, (n + cdiv(ds, de), tiles), x, w["w_up"], w["ws_gate"], w["ws_up"], tokens, counts,
            g, mu, w["router_scale"], w["gamma"], act, hs, T, n, d, ds, x.stride(0), NORM_EPS, DE=de, PREC=prec,
-           BLOCK_M=block_m, BLOCK_K=cfg["block_k"], num_warps=cfg["up_warps"], num_stages=cfg["up_stages"])
+           BLOCK_M=block_m, BLOCK_K=cfg["block_k"], TOKEN_MAJOR=gemm, num_warps=cfg["up_warps"],
+           num_stages=cfg["up_stages"])
+    if gemm:
+        # y = shared + act @ w_down^T in one cuBLAS GEMM (fp32 sums, one rounding; the shared expert's output
+        # enters as its C operand in x's dtype).
+        shared = torch.nn.functional.linear(hs, w["ws_down"])
+        out = torch.addmm(shared, act, w["w_down"].t()) if y is None else \
+            torch.addmm(shared, act, w["w_down"].t(), out=y)
+        return mu, tokens, counts, act, hs, out
     # The shared expert's down projection (cuBLAS) seeds the fp32 accumulator the routed experts add into.
     acc = linear_fp32(hs, w["ws_down"])
     launch(_grouped_down_kernel, (n, tiles), act, w["w_down"], tokens, counts, acc, T, n, d, DE=de, PREC=prec,
@@ -321,7 +346,13 @@ def deco_ffn(x, w_router, router_scale, w_up, gamma, w_down, ws_gate, ws_up, ws_
         g = _empty(T, n, device=x.device, dtype=torch.float32)
         if T > 0:
             mean = means.cached_expert_mean(w["w_up"])
-            path = _small_batch if T <= SMALL_BATCH_MAX else _grouped
-            path(x2, w, mean, *_bias_args(bias, n, x.device), threshold, max_active, g, y)
+            path, cfg = (_small_batch if T <= SMALL_BATCH_MAX else _grouped), None
+            if deterministic():
+                # The tensor-core small-batch kernels add partial sums with fp32 atomics: a deterministic call
+                # takes the register-FMA decode kernels (no cross-program sums) up to FMA_MAX_T tokens, whatever
+                # a tuned config says, and the grouped path with its GEMM down projection above.
+                path = _small_batch if T <= FMA_MAX_T else _grouped
+                cfg = small_batch_config(T, x.dtype, use_dot=False) if path is _small_batch else None
+            path(x2, w, mean, *_bias_args(bias, n, x.device), threshold, max_active, g, y, cfg)
     y = y.reshape(*lead, d)
     return (y, g.reshape(*lead, n)) if return_gates else y

@@ -42,6 +42,11 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
                                    over the expert's pairs: deterministic, every expert written
 Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
 prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
+Deterministic (ffn.deterministic(): torch.use_deterministic_algorithms(True), or ffn.DOWN_GEMM): no atomics.
+The up kernel writes a token-major into a zero-filled [T, N*de] and y = shared + a W_down^T is one cuBLAS
+GEMM (rounded once, into x's dtype); the pair backward also writes dh token-major and dx's expert part is one
+GEMM by W_up into the fp32 dx. Dense-masked: T*N*de*d*2 FLOPs each, whatever the active ratio. Everything
+else was already reduced in a fixed order, so a step is then bit-for-bit repeatable.
 The shared expert runs through torch's GEMMs (its gate nonlinearity fused on Triton in eager calls,
 swiglu.py) and its own autograd; its output seeds y's fp32 accumulator inside the op, so y is rounded once.
 
@@ -72,11 +77,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..ops import dense_swiglu
+from ..ops import addmm_fp32, dense_swiglu
 from ..reference.ops import NORM_EPS
 from . import ffn, means, swiglu
 from ._jit import fixed_order_sum, norm_silu_gate
-from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens
+from .grouped import _expert_matmul, _expert_scatter_add, _tile_tokens, token_major_cells
 from .launch import launch
 
 # Each launch's tiles: BLOCK_M pairs of one expert per program, BLOCK_K the reduction step over d of the gather
@@ -140,9 +145,10 @@ def _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE: tl.c
 def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr, gamma_ptr,
                      h_ptr, h_rows, a_ptr, shared_ptr, stride_st, stride_sc, acc_ptr,
                      T, N, D, stride_xt, eps, DE: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Programs (e < N, block): expert e's pairs (h kept for the pairs below h_rows). Programs (N + j, block):
-    y's fp32 accumulator acc [T, D] seeded with the shared expert's output at tokens block*BLOCK_M.. and columns
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """Programs (e < N, block): expert e's pairs (h kept for the pairs below h_rows; a into the pair rows, or
+    with TOKEN_MAJOR into a [T, N*DE]). Programs (N + j, block), launched for the atomics only: y's fp32
+    accumulator acc [T, D] seeded with the shared expert's output at tokens block*BLOCK_M.. and columns
     j*BLOCK_K.. (the scatter, a later launch, adds into it)."""
     e = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -164,6 +170,8 @@ def _train_up_kernel(x_ptr, wup_ptr, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
             tl.store(h_ptr + cells, h, mask=(mmask & (pairs < h_rows))[:, None])
             _, gs, mu, gamma = _pair_gates(g_ptr, mu_ptr, scale_ptr, gamma_ptr, toks, mmask, e, N, DE)
             a = norm_silu_gate(h, mu, gamma, gs, eps, DE)
+            if TOKEN_MAJOR:
+                cells = token_major_cells(toks, e64, N, DE)
             tl.store(a_ptr + cells, a.to(a_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
@@ -187,14 +195,15 @@ def _pair_scatter_kernel(a_ptr, w_ptr, stride_wc, stride_wi, tok_ptr, off_ptr, o
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _pair_bwd_kernel(dy_ptr, wd_ptr, x_ptr, wup_ptr, h_ptr, h_rows, tok_ptr, off_ptr, g_ptr, mu_ptr, scale_ptr,
-                     gamma_ptr, a_ptr, dh_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr, dgamma_exp_ptr,
-                     dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, stride_xt, eps,
+                     gamma_ptr, a_ptr, dh_ptr, dh_tm_ptr, dr_ptr, dmu_ptr, dgamma_part_ptr, dscale_part_ptr,
+                     dgamma_exp_ptr, dgamma_out_ptr, dscale_out_ptr, counter_ptr, T, N, D, stride_dyt, stride_xt, eps,
                      DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, DH_TOKEN_MAJOR: tl.constexpr):
     """Per pair (t, e): h (saved below pair h_rows, else recomputed as x[t] W_e^T), a (from h, for dW_down),
-    dh (through NormSiLU), and at cell (t, e) of two [T, N] fp32 buffers (one writer per cell; the other cells
-    are left unwritten: _token_bwd_kernel reads only the active ones) the routed part of the logit gradient
-    <da, silu(n)> * scale[e] and mu's share -sum(dh).
+    dh (through NormSiLU; with DH_TOKEN_MAJOR also into a token-major [T, N*DE] for dx's GEMM), and at cell
+    (t, e) of two [T, N] fp32 buffers (one writer per cell; the other cells are left unwritten:
+    _token_bwd_kernel reads only the active ones) the routed part of the logit gradient <da, silu(n)> * scale[e]
+    and mu's share -sum(dh).
 
     dgamma and drouter_scale are finished here, deterministically: each program with pairs (and block 0 of an
     expert without any) stores its partial sums and arrives at its expert's counter; the expert's last program
@@ -233,6 +242,9 @@ def _pair_bwd_kernel(dy_ptr, wd_ptr, x_ptr, wup_ptr, h_ptr, h_rows, tok_ptr, off
         # RMS norm backward: du = (duhat - uhat * mean(duhat * uhat)) / rms
         du = inv_rms[:, None] * (duhat - uhat * (tl.sum(duhat * uhat, axis=1) / DE)[:, None])
         tl.store(dh_ptr + cells, du.to(dh_ptr.dtype.element_ty), mask=mmask[:, None])
+        if DH_TOKEN_MAJOR:
+            tl.store(dh_tm_ptr + token_major_cells(toks, e64, N, DE), du.to(dh_tm_ptr.dtype.element_ty),
+                     mask=mmask[:, None])
         tl.store(dmu_ptr + toks * N + e, -tl.sum(du, axis=1), mask=mmask)
         tl.store(dgamma_part_ptr + part * DE + cols, tl.sum(dn * uhat, axis=0))
         tl.store(dscale_part_ptr + part, tl.sum(dgs * g, axis=0))
@@ -374,7 +386,6 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     g = ffn._empty(T, n, device=dev, dtype=f32)
     mu = ffn._empty(T, device=dev, dtype=f32)
     offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
-    acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
     # Never cached (weights may be refilled in place, as FSDP does): one launch per step, the split included.
     mean = means.expert_mean(w_up)
     if T == 0:
@@ -389,16 +400,24 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
     rows, h_rows = pair_rows(T, n, max_active if gates is None else 0, static, offsets)
     h = ffn._empty(h_rows, de, device=dev, dtype=f32)
+    up, prec = TILES["up"], ffn._precision(x.dtype)
+    args = (x, w_up, tokens, offsets, g, mu, router_scale, gamma, h, h_rows)
+    if ffn.deterministic():
+        # The activations token-major (zero where a gate is off) and y = shared + a W_down^T in one GEMM.
+        a = ffn._empty(T, n * de, device=dev, dtype=x.dtype).zero_()
+        if T > 0:
+            launch(_train_up_kernel, _pair_grid(n, T, up), *args, a, shared, 0, 0, shared, T, n, d, x.stride(0),
+                   NORM_EPS, DE=de, PREC=prec, TOKEN_MAJOR=True, **up)
+        return torch.addmm(shared, a, w_down.t()), g, mu, offsets, tokens, h, mean.wbar
+    acc = ffn._empty(T, d, device=dev, dtype=f32)    # seeded with the shared expert's output by _train_up_kernel
     if T > 0:
-        prec = ffn._precision(x.dtype)
         a = ffn._empty(rows, de, device=dev, dtype=x.dtype)
-        up, scatter = TILES["up"], TILES["y_scatter"]
         # cdiv(d, BLOCK_K) more rows of programs (expert index >= n) seed acc with the shared expert's output.
-        launch(
-            _train_up_kernel, _pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up), x, w_up, tokens, offsets, g, mu,
-            router_scale, gamma, h, h_rows, a, shared, shared.stride(0), shared.stride(1), acc, T, n, d,
-            x.stride(0), NORM_EPS, DE=de, PREC=prec, **up)
+        launch(_train_up_kernel, _pair_grid(n + ffn.cdiv(d, up["BLOCK_K"]), T, up), *args, a, shared,
+               shared.stride(0), shared.stride(1), acc, T, n, d, x.stride(0), NORM_EPS, DE=de, PREC=prec,
+               TOKEN_MAJOR=False, **up)
         if rows > 0:
+            scatter = TILES["y_scatter"]
             launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), a, w_down, n * de, 1, tokens, offsets, acc,
                    T, d, DE=de, PREC=prec, **scatter)
     return acc.to(x.dtype), g, mu, offsets, tokens, h, mean.wbar
@@ -445,10 +464,12 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dgamma_exp = ffn._empty(n, de, device=dev, dtype=f32)
     dgamma = ffn._empty(de, device=dev, dtype=gamma.dtype)
     dscale = ffn._empty(n, device=dev, dtype=router_scale.dtype)
+    gemm = ffn.deterministic()   # dx's expert part as one GEMM over token-major dh (zero where a gate is off)
+    dh_tm = ffn._empty(T, n * de, device=dev, dtype=x.dtype).zero_() if gemm else dh
     launch(_pair_bwd_kernel, grid, dy, w_down, x, w_up, h, h.shape[0], tokens, offsets, g, mu, router_scale, gamma,
-           a, dh, dr_pair, dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale,
+           a, dh, dh_tm, dr_pair, dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale,
            ffn._zeroed(dev, torch.int32, n + 1), T, n, d, dy.stride(0), x.stride(0), NORM_EPS, DE=de, PREC=prec,
-           BLOCK_R=32, **bwd)
+           BLOCK_R=32, DH_TOKEN_MAJOR=gemm, **bwd)
 
     # The router GEMM reads dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
     low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
@@ -462,9 +483,12 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dwbar, dw_router = _router_grads(x, grad_t, w_router)
     # Without a router the caller's autograd owns the gates: dL/dg is dr.
     dgates = none if has_router else grad_t[:n].t()
-    scatter = TILES["dx_scatter"]
-    launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), dh, w_up, 1, d, tokens, offsets, dx, T, d,
-           DE=de, PREC=prec, **scatter)
+    if gemm:
+        dx = addmm_fp32(dx, dh_tm, w_up)
+    else:
+        scatter = TILES["dx_scatter"]
+        launch(_pair_scatter_kernel, _pair_grid(n, T, scatter), dh, w_up, 1, d, tokens, offsets, dx, T, d,
+               DE=de, PREC=prec, **scatter)
 
     wgrad = dict(DE=de, PREC=prec, **TILES["wgrad"])
     wgrid = (n, ffn.cdiv(d, wgrad["BLOCK_C"]))   # (expert, column block), looping over the expert's pairs
