@@ -7,6 +7,9 @@ dense twin and for Triton with
     eager_recompute  the same with STATIC_H_SHARE = 0: the pair backward recomputes h for every pair
     graph            replayed from a CUDA graph (static sizes, share 0.25; the dense twin's too)
     graph_recompute  the same with share 0
+    eager_gemm       ffn.DOWN_GEMM, the deterministic mode: y and dx's expert part by cuBLAS GEMMs over
+                     token-major activations instead of the two atomic scatters
+    graph_gemm       the same from a CUDA graph
 
 Per variant: µs (eager: GpuTimer's least of medians; graph: median replay), GPU-busy µs of the eager ones
 (torch.profiler), the step's peak memory above what is allocated before it, and every gradient's rel_err against
@@ -25,15 +28,17 @@ import torch
 from deco_kernels import DecoConfig, ops
 from deco_kernels.benchmark import GpuTimer, device_busy_us, train_inputs, write_result
 from deco_kernels.testing import rel_err
-from deco_kernels.triton import training
+from deco_kernels.triton import ffn, training
 
-# name: (graph, training module attributes while it runs)
+# name: (graph, training module attributes while it runs, ffn module attributes)
 VARIANTS = {
-    "eager": (False, dict(SYNC_FREE=False)),
-    "eager_static": (False, dict(SYNC_FREE=True, STATIC_H_SHARE=0.25)),
-    "eager_recompute": (False, dict(SYNC_FREE=True, STATIC_H_SHARE=0.0)),
-    "graph": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.25)),
-    "graph_recompute": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.0)),
+    "eager": (False, dict(SYNC_FREE=False), dict(DOWN_GEMM=0)),
+    "eager_static": (False, dict(SYNC_FREE=True, STATIC_H_SHARE=0.25), dict(DOWN_GEMM=0)),
+    "eager_recompute": (False, dict(SYNC_FREE=True, STATIC_H_SHARE=0.0), dict(DOWN_GEMM=0)),
+    "graph": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.25), dict(DOWN_GEMM=0)),
+    "graph_recompute": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.0), dict(DOWN_GEMM=0)),
+    "eager_gemm": (False, dict(SYNC_FREE=False), dict(DOWN_GEMM=1)),
+    "graph_gemm": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.25), dict(DOWN_GEMM=1)),
 }
 
 
@@ -75,8 +80,8 @@ def main():
             extra = {}
             for r in range(args.rounds):
                 for name, variant in cases:
-                    graph, attrs = VARIANTS[variant]
-                    with mock.patch.multiple(training, **attrs):
+                    graph, attrs, ffn_attrs = VARIANTS[variant]
+                    with mock.patch.multiple(training, **attrs), mock.patch.multiple(ffn, **ffn_attrs):
                         times[(name, variant)].append(timer(calls[name], graph))
                         if r == 0:
                             info = extra.setdefault((name, variant), {})
