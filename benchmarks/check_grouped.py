@@ -46,6 +46,9 @@ def check(x, w, cfg, label):
     y_ref, g_ref = ref.deco_ffn(x.float(), **wf, return_gates=True)
     runs = [stages(x, w, mean, cfg) for _ in range(5)]
     g, mu, tokens, counts, act, hs, acc = runs[0]
+    if act.dim() != 3:
+        raise SystemExit("check_grouped.py checks the atomic down projection's stages ([N, T, de] activations); "
+                         "the deterministic mode (ffn.DOWN_GEMM, torch.use_deterministic_algorithms) is on")
     out = [label, f"gates same set {bool(torch.equal(g > 0, g_ref > 0))} rel {rel_err(g, g_ref):.1e}",
            f"mu rel {rel_err(mu, x.float() @ mean.wbar):.1e}"]
     # Each expert's activations and down projection in torch, from the kernels' own gates and token lists.
