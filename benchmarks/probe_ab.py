@@ -5,7 +5,11 @@ against the torch reference, so a host's drift hits every variant alike.
     python benchmarks/probe_ab.py --presets 1.2b 0.1b --tokens 2048 4096 \
         --variant k64 ROUTER_LONG_BLOCK_K=64 --variant k128 ROUTER_LONG_BLOCK_K=128 --out results/h200/probe_ab.json
 
-results/h200/probe_ab_shared_in_up.json compared a switch SHARED_IN_UP that commit b6ad7f4 had for the run.
+results/h200/probe_ab_shared_in_up.json compared a switch SHARED_IN_UP that commit b6ad7f4 had for the run. The
+deterministic GEMM down projection against the atomics:
+
+    python benchmarks/probe_ab.py --presets 1.2b 0.1b --tokens 128 512 2048 4096 \
+        --variant atomics DOWN_GEMM=0 --variant gemm DOWN_GEMM=1 --out results/h200/probe_ab_down_gemm.json
 """
 from __future__ import annotations
 
