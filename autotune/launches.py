@@ -104,8 +104,24 @@ def meta_layer(T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, d
     return e(T, d), w
 
 
+@contextlib.contextmanager
+def tiled_down_projection():
+    """The grouped path with its atomic down kernel (ffn.DOWN_GEMM = 0), the variant whose down projection has
+    tiles: the tuner, its cost model and the shipped caches all measure and model that one. With the default
+    GEMM down projection (cuBLAS) a cache's router and up tiles apply and its down tiles go unused."""
+    from deco_kernels.triton import ffn
+
+    saved = ffn.DOWN_GEMM
+    ffn.DOWN_GEMM = 0
+    try:
+        yield
+    finally:
+        ffn.DOWN_GEMM = saved
+
+
 def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16) -> list[Launch]:
-    """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg`."""
+    """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg` (the
+    grouped path with its tiled down kernel, see tiled_down_projection)."""
     from deco_kernels.triton import ffn, means
 
     x, w = meta_layer(T, d, n, de, ds, dtype)
@@ -114,6 +130,6 @@ def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype
     mean = means.ExpertMean(torch.empty(d, device="meta", dtype=torch.float32),
                             torch.empty(3, d, device="meta", dtype=torch.bfloat16))
     launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
-    with recording(ffn) as launches, torch.no_grad():
+    with recording(ffn) as launches, tiled_down_projection(), torch.no_grad():
         launcher(x, w, mean, 0.0, None, 0.0, None, g, y, dict(cfg))
     return launches

@@ -21,6 +21,8 @@ import torch
 
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
+from .launches import tiled_down_projection
+
 
 class ContextLost(RuntimeError):
     """The CUDA context no longer works: nothing more can be measured in this process."""
@@ -167,7 +169,8 @@ class LayerBench:
         self.launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
 
     def run(self, cfg):
-        self.launcher(self.x, self.w, self.mean, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
+        with tiled_down_projection():   # what the configs' down tiles tune (launches.tiled_down_projection)
+            self.launcher(self.x, self.w, self.mean, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
 
     def reference(self):
         """(y, g) of the torch reference in fp32 on the same inputs."""

@@ -18,7 +18,7 @@ import torch
 from deco_kernels import DecoConfig, ops
 from deco_kernels.benchmark import device_busy_us, train_inputs, write_result
 from deco_kernels.testing import rel_err
-from deco_kernels.triton import training
+from deco_kernels.triton import ffn, training
 
 GATHER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_K=[32, 64, 128])]
 SCATTER = [dict(BLOCK_M=[32, 64, 128], num_warps=[4, 8]), dict(BLOCK_C=[32, 64, 128, 256])]
@@ -63,8 +63,11 @@ def measure(step, grads, reference, tiles: dict, timer) -> dict:
             return dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def sweep(step, grads, timer=device_busy_us, knobs=KNOBS) -> dict:
-    """The coordinate sweep from the current TILES: {default, default_us, best, best_us, rows}."""
+def sweep(step, grads, timer=device_busy_us, knobs=None) -> dict:
+    """The coordinate sweep from the current TILES: {default, default_us, best, best_us, rows}. knobs: KNOBS,
+    without the two scatters' when the down projections are GEMMs (ffn.down_gemm(): then they do not run)."""
+    if knobs is None:
+        knobs = {k: v for k, v in KNOBS.items() if not (ffn.down_gemm() and k.endswith("_scatter"))}
     default = {k: dict(v) for k, v in training.TILES.items()}
     base = measure(step, grads, None, default, timer)
     if "us" not in base:

@@ -109,16 +109,27 @@ def test_n1_and_wide_shared(triton_device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Deterministic calls: the GEMM down projection (ffn.DOWN_GEMM, torch.use_deterministic_algorithms)
+# The two down projections of the prefill (ffn.DOWN_GEMM: the GEMM, the default, or the atomics) and
+# deterministic calls (torch.use_deterministic_algorithms)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T, active, knobs", [
-    (3, 0.3, {}), (17, 0.3, {}), (65, 0.3, {}), (65, "none", {}), (65, "all", {}), (65, "one", {}),
-    (65, 0.4, dict(max_active=3)), (17, 0.4, dict(threshold=0.3, bias=0.1)), (1, 0.3, {}), (2, 0.3, {}),
+    (65, 0.3, {}), (65, "none", {}), (65, "all", {}), (65, "one", {}), (65, 0.4, dict(max_active=3)),
+    (65, 0.4, dict(threshold=0.3, bias=0.1)), (130, 0.3, {}),
+], ids=["T65", "none", "all", "one", "max3", "knobs", "T130"])
+def test_atomic_down_projection_matches_the_reference(triton_device, monkeypatch, T, active, knobs):
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
+    x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=50 + T, active=active)
+    check(x, w, **knobs)
+
+
+@pytest.mark.parametrize("T, active, knobs", [
+    (3, 0.3, {}), (17, 0.3, {}), (65, 0.3, {}), (17, "none", {}), (17, "all", {}), (17, "one", {}),
+    (17, 0.4, dict(max_active=3)), (17, 0.4, dict(threshold=0.3, bias=0.1)), (1, 0.3, {}), (2, 0.3, {}),
 ], ids=["T3", "T17", "T65", "none", "all", "one", "max3", "knobs", "T1", "T2"])
-def test_down_gemm_matches_the_reference(triton_device, monkeypatch, T, active, knobs):
+def test_deterministic_calls_match_the_reference(triton_device, monkeypatch, T, active, knobs):
     # From 3 tokens the grouped path with its GEMM (the small-batch kernels' atomics are avoided); 1-2 tokens
     # the register-FMA decode kernels, which sum nothing across programs.
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=60 + T, active=active)
     check(x, w, **knobs)
 
@@ -138,14 +149,14 @@ def test_deterministic_calls_avoid_the_atomic_kernels(triton_device, monkeypatch
         check(x[:T], w)
     assert launched and not atomic & set(launched)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
     check(x[:2], w)
     check(x[:70], w)
-    assert atomic <= set(launched)   # the check can see them: the default calls launch both
+    assert atomic <= set(launched)   # the check can see them: calls outside the deterministic mode launch both
 
 
-def test_down_gemm_stages_are_token_major(triton_device, monkeypatch):
-    # grouped_stages' act is [T, N*de] with zeros where a gate is off, and its output is the layer's y.
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+def test_down_gemm_stages_are_token_major(triton_device):
+    # By default grouped_stages' act is [T, N*de] with zeros where a gate is off, and its output is the layer's y.
     x, w = make_layer(65, 40, 13, 16, 24, device=triton_device, seed=9, active=0.3)
     g = torch.empty(65, 13, device=triton_device)
     mean = triton_means.cached_expert_mean(w["w_up"])
@@ -442,9 +453,9 @@ def test_gpu_int64_offsets(T):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T", [8, 300, 2048])
 def test_gpu_down_gemm_is_bitwise_repeatable(preset, dtype, T, monkeypatch):
-    """ffn.DOWN_GEMM (what torch.use_deterministic_algorithms selects): five calls give the same bits, within
-    the reference's bound, and a CUDA graph of the call replays them."""
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+    """torch.use_deterministic_algorithms' routing (the GEMM down projection; from 3 tokens the grouped path):
+    five calls give the same bits, within the reference's bound, and a CUDA graph of the call replays them."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     torch.backends.cuda.matmul.allow_tf32 = False
     x, w, _ = layer_inputs(DecoConfig.preset(preset), T, "cuda", dtype=dtype)
     with torch.no_grad():
@@ -460,7 +471,8 @@ def test_gpu_down_gemm_is_bitwise_repeatable(preset, dtype, T, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_prefill_atomics_are_stable():
+def test_gpu_prefill_atomics_are_stable(monkeypatch):
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
     x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.float32, device="cuda", seed=9, active=0.2)
     with torch.no_grad():
         ys = [ops.deco_ffn(x, **w, backend="triton") for _ in range(5)]

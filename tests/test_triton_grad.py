@@ -308,9 +308,11 @@ def test_other_tiles(triton_device, monkeypatch):
     check(x, w)
 
 
-def test_train_tile_sweep_keeps_the_fastest_correct_tiles(triton_device):
-    """benchmarks/sweep_train_tiles.py's coordinate sweep with a stand-in timer (µs = the y-scatter's BLOCK_M):
-    it keeps the fastest tiles that compile and reproduce the default gradients, and records the rest."""
+def test_train_tile_sweep_keeps_the_fastest_correct_tiles(triton_device, monkeypatch):
+    """benchmarks/sweep_train_tiles.py's coordinate sweep with a stand-in timer (µs = the y-scatter's BLOCK_M,
+    with the atomic scatters on): it keeps the fastest tiles that compile and reproduce the default gradients,
+    and records the rest."""
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
     import importlib.util
     from pathlib import Path
 
@@ -440,10 +442,10 @@ def test_sync_free_sizing_trains_the_model_like_the_synchronised_one(triton_devi
     (65, "none", {}, False), (65, "all", {}, False), (65, "one", {}, False), (65, 0.4, dict(max_active=3), False),
     (65, 0.3, {}, True),
 ], ids=["T0", "T1", "T17", "T65", "none", "all", "one", "max3", "sync-free"])
-def test_deterministic_training_matches_the_reference(triton_device, monkeypatch, T, active, knobs, sync_free):
-    """ffn.DOWN_GEMM (what torch.use_deterministic_algorithms selects): y and dx's expert part as GEMMs over
-    token-major activations instead of the two atomic scatters; every gradient against float64."""
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+def test_atomic_scatters_match_the_reference(triton_device, monkeypatch, T, active, knobs, sync_free):
+    """ffn.DOWN_GEMM = 0: y and dx's expert part by the two atomic scatters instead of the default GEMMs over
+    token-major activations (the other tests run the default); every gradient against float64."""
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
     monkeypatch.setattr(training, "SYNC_FREE", sync_free)
     monkeypatch.setattr(training, "STATIC_H_SHARE", 0.1)
     x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=70 + T, active=active)
@@ -455,7 +457,8 @@ def test_deterministic_training_launches_no_scatter(triton_device, monkeypatch):
     real = training.launch
     monkeypatch.setattr(training, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
     x, w = make_layer(33, 40, 13, 16, 24, device=triton_device, seed=4, active=0.3)
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)   # wins over DOWN_GEMM
     check(x, w)
     assert training._pair_bwd_kernel in launched and training._pair_scatter_kernel not in launched
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
@@ -463,9 +466,10 @@ def test_deterministic_training_launches_no_scatter(triton_device, monkeypatch):
     assert launched.count(training._pair_scatter_kernel) == 2   # forward and backward, the check can see them
 
 
-def test_deterministic_training_from_given_gates(triton_device, monkeypatch):
-    # deco_ffn_from_gates (EMoE-style training): the gates' own gradient through the GEMM path too.
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+@pytest.mark.parametrize("down_gemm", [1, 0], ids=["gemm", "atomics"])
+def test_training_from_given_gates_both_down_projections(triton_device, monkeypatch, down_gemm):
+    # deco_ffn_from_gates (EMoE-style training): the gates' own gradient through either down projection.
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", down_gemm)
     x, w = make_layer(33, 40, 13, 16, 24, device=triton_device, seed=5, active=0.3)
     logits = torch.randn(33, 13, generator=torch.Generator().manual_seed(1)).to(triton_device)
     weights = {k: v for k, v in w.items() if k != "w_router"}
@@ -647,7 +651,7 @@ def test_gpu_presets_grads(preset, T, active, dtype, seed):
 @pytest.mark.parametrize("down_gemm", [0, 1], ids=["atomics", "gemm"])
 def test_gpu_atomics_are_stable_and_the_rest_deterministic(down_gemm, monkeypatch):
     """Four forward + backward runs: every weight gradient bitwise equal; y and dx equal up to the order of the
-    fp32 atomics, and bitwise with ffn.DOWN_GEMM (the deterministic mode), which must also match float64."""
+    fp32 atomics (DOWN_GEMM=0), and bitwise with the default GEMM, which must also match float64."""
     monkeypatch.setattr(triton_ffn, "DOWN_GEMM", down_gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     x, w = make_layer(2048, 768, 42, 64, 128, dtype=torch.float32, device="cuda", seed=9, active=0.2)
@@ -673,8 +677,9 @@ def test_gpu_atomics_are_stable_and_the_rest_deterministic(down_gemm, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["0.1b", "1.2b"])
-def test_gpu_deterministic_training_grads_bf16(preset, monkeypatch):
-    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1)
+def test_gpu_atomic_scatter_training_grads_bf16(preset, monkeypatch):
+    # The default GEMM down projection runs in every other GPU gradient test; this is the atomics' (DOWN_GEMM=0).
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 0)
     d, n, de, ds = PRESET_LAYERS[preset]
     x, w = make_layer(1024, d, n, de, ds, dtype=torch.bfloat16, device="cuda", seed=12, active=0.2)
     check(x, w, tol=GPU_REL_TOL[torch.bfloat16], seed=12)

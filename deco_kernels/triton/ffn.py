@@ -44,10 +44,14 @@ USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 # 16-bit x only: fp32 tiles of 128 columns in 3 stages would pass the shared memory of a block.
 ROUTER_LONG_T = 1024
 ROUTER_LONG_BLOCK_K = 128
-# The prefill's down projection as one cuBLAS GEMM over token-major activations (grouped.py) instead of the fp32
-# atomics: bit-for-bit repeatable, and taken whenever torch.use_deterministic_algorithms(True) is on; 1 takes it
-# always. Not the default: it has not been timed against the atomics on a GPU yet (benchmarks/probe_ab.py).
-DOWN_GEMM = 0
+# The down projection of the prefill (grouped.py) and of training (training.py) as one cuBLAS GEMM over
+# token-major activations, zero where a gate is off (1), or the fp32-atomic scatter over the active pairs only
+# (0; always the GEMM under torch.use_deterministic_algorithms(True)). H100, whole layer under CUDA graphs, ~20%
+# active (results/h100/probe_ab_down_gemm.json): 1.2b T=128 66.5 -> 62.3 µs, T=512 87.9 -> 73.9, T=2048
+# 235.0 -> 190.1, T=4096 401.7 -> 306.4; 0.1b 34.4 -> 33.6, 39.2 -> 36.7, 73.3 -> 62.1, 106.3 -> 92.4; one
+# training step at T=4096 from a CUDA graph (results/h100/probe_train_graph.json) 1.2b 1070 -> 935 µs, 0.1b
+# 325 -> 324. The GEMM's FLOPs do not shrink with the active ratio, so far sparser layers may prefer 0.
+DOWN_GEMM = 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -257,8 +261,14 @@ def grouped_config(T: int) -> dict:
 
 
 def deterministic() -> bool:
-    """Whether the layer must be bit-for-bit repeatable: DOWN_GEMM, or torch.use_deterministic_algorithms(True)."""
-    return bool(DOWN_GEMM) or torch.are_deterministic_algorithms_enabled()
+    """Whether the layer must be bit-for-bit repeatable: torch.use_deterministic_algorithms(True)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def down_gemm() -> bool:
+    """Whether the down projection of the prefill and of training is the GEMM (no atomics): DOWN_GEMM, and
+    always when deterministic()."""
+    return bool(DOWN_GEMM) or deterministic()
 
 
 def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -272,7 +282,7 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     expert's down projection, down), returning what each leaves:
     (mu, tokens, counts, act, hs, out); g is written in place, hs is the shared expert's hidden activation
     [T, ds]. With the atomics, act is [N, T, de] (expert e's i-th token at act[e, i]) and out the fp32 output
-    before the cast into y; deterministic(), act is token-major [T, N*de] (zero where a gate is off) and out is
+    before the cast into y; with down_gemm(), act is token-major [T, N*de] (zero where a gate is off) and out is
     the output itself, in x's dtype (written into ``y`` when given).
     benchmarks/check_grouped.py checks the stages one by one."""
     T, d = x.shape
@@ -283,7 +293,7 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     mu = _empty(T, device=dev, dtype=torch.float32)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
-    gemm = deterministic()
+    gemm = down_gemm()
     if gemm:   # token-major, zero where a gate is off: the dense-masked operand of one GEMM by w_down
         act = _empty(T, n * de, device=dev, dtype=x.dtype).zero_()
     else:
