@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 
 from deco_kernels import DecoConfig, ops
-from deco_kernels.benchmark import GpuTimer, device_busy_us, train_inputs, write_result
+from deco_kernels.benchmark import GpuTimer, device_busy_us, step_peak_bytes, train_inputs, write_result
 from deco_kernels.testing import rel_err
 from deco_kernels.triton import ffn, training
 
@@ -40,15 +40,6 @@ VARIANTS = {
     "eager_gemm": (False, dict(SYNC_FREE=False), dict(DOWN_GEMM=1)),
     "graph_gemm": (True, dict(SYNC_FREE=False, STATIC_H_SHARE=0.25), dict(DOWN_GEMM=1)),
 }
-
-
-def peak_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def gradients(fn, leaves) -> list[torch.Tensor]:
@@ -87,7 +78,7 @@ def main():
                             info = extra.setdefault((name, variant), {})
                             if not graph:
                                 info["gpu_us"] = device_busy_us(calls[name])
-                                info["peak_bytes"] = peak_bytes(calls[name])
+                                info["peak_bytes"] = step_peak_bytes(calls[name])
                                 if name == "triton":
                                     info["rel_err"] = max(rel_err(a, b) for a, b in
                                                           zip(gradients(calls[name], leaves), reference))

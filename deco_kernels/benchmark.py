@@ -255,6 +255,16 @@ def kernel_times(fn, reps: int = 5) -> dict[str, float]:
     return dict(device_kernels(prof.key_averages(), reps))
 
 
+def step_peak_bytes(fn, device="cuda") -> int:
+    """Peak GPU memory of one call of fn above what was allocated before it (weights, inputs, earlier grads)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def device_busy_us(fn, reps: int = 5) -> float:
     """µs per call that the GPU spends executing fn's kernels (the sum of kernel_times): the eager time without
     the host's share, so host load does not move it. It is what the call would take if the host always kept
@@ -479,12 +489,7 @@ def train_case(cfg: DecoConfig, preset: str, T: int, timer, names: list[str], de
         try:
             fn()  # compile and warm up
             if cuda:  # the step's memory above what is allocated before it (weights, x, grads of the warm-up)
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                torch.cuda.synchronize()
-                row["peak_bytes"][name] = torch.cuda.max_memory_allocated(device) - base
+                row["peak_bytes"][name] = step_peak_bytes(fn, device)
             row["us"][name] = timer(fn, False)
             if cuda:
                 row["gpu_us"][name] = device_busy_us(fn)

@@ -17,6 +17,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from deco_kernels import DecoConfig, DecoMoE, backends, ops, reference
+from deco_kernels.benchmark import cuda_graph, step_peak_bytes
 from deco_kernels._validate import WEIGHT_NAMES
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
@@ -702,12 +703,7 @@ def test_gpu_peak_memory_of_a_training_step(preset, capsys):
     def peak(fn):
         for t in (x, *w.values(), *dense):
             t.grad = None                     # every step pays for allocating its gradients
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn().float().sum().backward()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return step_peak_bytes(lambda: fn().float().sum().backward()) / 2**20
 
     sparse = peak(lambda: ops.deco_ffn(x, **w, backend="triton"))
     twin = peak(lambda: ops.dense_swiglu(x, *dense))
@@ -716,20 +712,6 @@ def test_gpu_peak_memory_of_a_training_step(preset, capsys):
         print(f"\npeak MiB of one training step, {preset}, T=4096, bf16: triton {sparse:.1f}, "
               f"dense twin {twin:.1f}, torch reference {ref:.1f}")
     assert sparse < ref
-
-
-def _capture(step):
-    """A CUDA graph of ``step`` after two warm-up calls on a side stream (compilation, scratch counters)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
 
 
 @pytest.mark.gpu
@@ -753,7 +735,7 @@ def test_gpu_training_step_of_a_layer_replays_from_a_cuda_graph(dtype, monkeypat
         losses(y, g, cy, "both").backward()
         return y
 
-    graph, y_graph = _capture(step)
+    graph, y_graph = cuda_graph(step)
     grads_graph = {k: t.grad for k, t in leaves.items()}
     for seed in (101, 102):
         x2, w2 = make_layer(T, d, n, de, ds, dtype=dtype, device="cuda", seed=seed, active=0.3)
@@ -805,9 +787,9 @@ def test_gpu_whole_model_training_step_replays_from_a_cuda_graph():
         opt.step()
         return out.loss.detach(), out.active_ratio
 
-    # The warm-up and the capture train on batches 0-2; rebuild the state the eager run started from.
+    # The warm-up steps train on batch 0; rebuild the state the eager run started from.
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    graph, (loss, ratio) = _capture(step)
+    graph, (loss, ratio) = cuda_graph(step)
     with torch.no_grad():
         model.load_state_dict(state)
         for group in opt.state.values():

@@ -70,6 +70,13 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def _token_major(T: int, n: int, de: int, like: torch.Tensor) -> torch.Tensor:
+    """A zero-filled token-major activation [T, N*de] in like's dtype: the kernels write the active (token,
+    expert) cells (grouped.token_major_cells), the rest stays 0, and one GEMM by the expert weights sums every
+    expert (the down projection of the prefill and of training: DOWN_GEMM)."""
+    return _empty(T, n * de, device=like.device, dtype=like.dtype).zero_()
+
+
 _scratch: dict = {}
 
 
@@ -294,8 +301,8 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
     gemm = down_gemm()
-    if gemm:   # token-major, zero where a gate is off: the dense-masked operand of one GEMM by w_down
-        act = _empty(T, n * de, device=dev, dtype=x.dtype).zero_()
+    if gemm:
+        act = _token_major(T, n, de, x)
     else:
         act = _empty(n, T, de, device=dev, dtype=x.dtype)
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation

@@ -66,7 +66,7 @@ def _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M: tl.constexpr):
 @triton.jit
 def token_major_cells(toks, e64, N, DE: tl.constexpr):
     """Offsets of tokens ``toks``' cells of expert e in a token-major [T, N*DE] activation, [BLOCK_M, DE] int64:
-    the dense-masked operand of the deterministic down projection (a GEMM by w_down, or by w_up backward)."""
+    the dense-masked operand of the GEMM down projection (by w_down, or by w_up backward; ffn._token_major)."""
     return (toks * N + e64)[:, None] * DE + tl.arange(0, DE)[None, :]
 
 

@@ -406,7 +406,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     args = (x, w_up, tokens, offsets, g, mu, router_scale, gamma, h, h_rows)
     if ffn.down_gemm():
         # The activations token-major (zero where a gate is off) and y = shared + a W_down^T in one GEMM.
-        a = ffn._empty(T, n * de, device=dev, dtype=x.dtype).zero_()
+        a = ffn._token_major(T, n, de, x)
         if T > 0:
             launch(_train_up_kernel, _pair_grid(n, T, up), *args, a, shared, 0, 0, shared, T, n, d, x.stride(0),
                    NORM_EPS, DE=de, PREC=prec, TOKEN_MAJOR=True, **up)
@@ -467,7 +467,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     dgamma = ffn._empty(de, device=dev, dtype=gamma.dtype)
     dscale = ffn._empty(n, device=dev, dtype=router_scale.dtype)
     gemm = ffn.down_gemm()   # dx's expert part as one GEMM over token-major dh (zero where a gate is off)
-    dh_tm = ffn._empty(T, n * de, device=dev, dtype=x.dtype).zero_() if gemm else dh
+    dh_tm = ffn._token_major(T, n, de, x) if gemm else dh
     launch(_pair_bwd_kernel, grid, dy, w_down, x, w_up, h, h.shape[0], tokens, offsets, g, mu, router_scale, gamma,
            a, dh, dh_tm, dr_pair, dmu_pair, dgamma_part, dscale_part, dgamma_exp, dgamma, dscale,
            ffn._zeroed(dev, torch.int32, n + 1), T, n, d, dy.stride(0), x.stride(0), NORM_EPS, DE=de, PREC=prec,
@@ -476,7 +476,7 @@ def _backward(dy, dg, x, w_router, router_scale, w_up, gamma, w_down, g, mu, off
     # The router GEMM reads dr and dmu in bf16 when x and the router are bf16 (see _router_grads).
     low = has_router and x.dtype == torch.bfloat16 and w_router.dtype == x.dtype
     grad_t = ffn._empty(n + 1, T, device=dev, dtype=x.dtype if low else f32)   # [dr | dmu]^T
-    dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32 accumulator: seeded here, the scatter adds into it
+    dx = ffn._empty(T, d, device=dev, dtype=f32)   # fp32, seeded here; the scatter or the GEMM adds the experts
     tok = TILES["token"]
     launch(
         _token_bwd_kernel, (ffn.cdiv(T, tok["BLOCK_M"]),), g, dr_pair, dmu_pair, g if dg is None else dg,
