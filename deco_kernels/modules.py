@@ -373,7 +373,8 @@ class DecoderBlock(nn.Module):
 class CausalLMOutput:
     """loss: CE (+ sum of the DECO layers' reg_loss in training) or None without labels; logits [B, S, V];
     past_key_values: the KV cache with use_cache=True, else None; reg_loss: sum of the DECO layers' entropy
-    losses (training mode only, else None); active_ratio: detached 0-d mean over DECO layers (None for the
+    losses (training mode only, else None; the layers' own ``reg_loss`` is moved into it, left None on them);
+    active_ratio: detached 0-d mean over DECO layers (None for the
     dense twin)."""
     loss: torch.Tensor | None
     logits: torch.Tensor
@@ -493,7 +494,15 @@ class DecoForCausalLM(nn.Module):
         logits = self.lm_head(self.norm(h))
 
         deco = list(self.deco_layers())
-        reg_loss = torch.stack([m.reg_loss for m in deco]).sum() if self.training and deco else None
+        reg_loss = None
+        if self.training and deco:
+            reg_loss = torch.stack([m.reg_loss for m in deco]).sum()
+            # The output carries the step's regulariser from here: a layer that kept its term would keep the
+            # step's autograd graph alive past backward, and a CUDA graph captured later on another stream
+            # (torch.cuda.graph after eager steps) would reach that graph's AccumulateGrad nodes, made on the
+            # eager stream, and be invalidated.
+            for m in deco:
+                m.reg_loss = None
         active_ratio = torch.stack([m.active_ratio for m in deco]).mean() if deco else None
         loss = None
         if labels is not None:

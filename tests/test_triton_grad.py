@@ -789,6 +789,7 @@ def test_gpu_whole_model_training_step_replays_from_a_cuda_graph():
 
     # The warm-up steps train on batch 0; rebuild the state the eager run started from.
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    step()   # an eager step on the default stream first, as a training loop (and the bench) may take
     graph, (loss, ratio) = cuda_graph(step)
     with torch.no_grad():
         model.load_state_dict(state)
