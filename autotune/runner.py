@@ -21,7 +21,7 @@ import torch
 
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
-from .launches import tiled_down_projection
+from .launches import down_mode, down_projection
 
 
 class ContextLost(RuntimeError):
@@ -146,10 +146,11 @@ def graph_us(fn, warmup_ms: float = 5, rep_ms: float = 25) -> float:
 
 class LayerBench:
     """One layer's tensors on the GPU (init-scale weights, SPEC §1; router bias set so ~20% of the gates are
-    active) and the launcher of `path`, called with a config."""
+    active) and the launcher of `path`, called with a config; the grouped path with `down`'s down projection
+    (launches.down_projection; None: as ffn runs it now, recorded in self.down)."""
 
     def __init__(self, path: str, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, device="cuda",
-                 seed: int = 0, target: float = 0.2):
+                 seed: int = 0, target: float = 0.2, down: str | None = None):
         from deco_kernels.triton import ffn, means
 
         g = torch.Generator(device=device).manual_seed(seed)
@@ -167,9 +168,10 @@ class LayerBench:
         self.g = torch.empty(T, n, device=device, dtype=torch.float32)
         self.y = torch.empty(T, d, device=device, dtype=dtype)
         self.launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
+        self.down = down or down_mode()
 
     def run(self, cfg):
-        with tiled_down_projection():   # what the configs' down tiles tune (launches.tiled_down_projection)
+        with down_projection(self.down):
             self.launcher(self.x, self.w, self.mean, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
 
     def reference(self):

@@ -27,6 +27,9 @@ SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], spli
 DOT_ONLY = ("block_k", "up_stages", "split_k", "group", "down_stages")
 GROUPED = dict(router_block_t=[16, 32, 64], block_m=[32, 64, 128], block_k=[32, 64, 128], up_warps=[4, 8],
                up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8], down_stages=[2, 3, 4])
+# The grouped keys only the atomic down kernel reads (launches.down_mode() "atomics"): with the GEMM down
+# projection they keep their defaults and are not searched.
+GROUPED_DOWN_KEYS = ("block_d", "down_warps", "down_stages")
 
 
 def _pow2(x: int) -> int:
@@ -39,9 +42,18 @@ def _pow2(x: int) -> int:
 FMA_CANDIDATE_MAX_T = 8
 
 
-def spaces_for(path: str, T: int) -> list[dict]:
-    """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens."""
+def _down(down: str | None) -> str:
+    from .launches import down_mode
+
+    return down or down_mode()
+
+
+def spaces_for(path: str, T: int, down: str | None = None) -> list[dict]:
+    """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens; the
+    grouped path's with `down`'s down projection (None: as ffn runs it now, launches.down_mode)."""
     if path == "grouped":
+        if _down(down) == "gemm":
+            return [{k: v for k, v in GROUPED.items() if k not in GROUPED_DOWN_KEYS}]
         return [GROUPED]
     if T == 1:
         return [SMALL_FMA]
@@ -62,8 +74,10 @@ def missing_keys(path: str, cfg: dict, T: int, dtype) -> set:
     return set(default_config(path, T, dtype, cfg.get("use_dot"))) - set(cfg)
 
 
-def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:
-    """{"smem": bytes of the largest kernel, "regs": fp32 values per thread of the largest register tile}."""
+def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int,
+             down: str | None = None) -> dict:
+    """{"smem": bytes of the largest kernel, "regs": fp32 values per thread of the largest register tile}; the
+    grouped path's down kernel counts only with the atomics (`down`, None: as ffn runs it now)."""
     smem, regs = 0, 0
     if path == "small_batch":
         rows = min(cfg["rows"], de)
@@ -79,8 +93,8 @@ def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, ele
             # w_down block and the partial h tiles (counted for every stage: the compiled kernels on sm_90 hold
             # up to num_stages copies plus scratch).
             split, bd = cfg.get("split_k", 1), cfg["block_d"]
-            down = (bt * bd + (bd + bt) * de * elem_bytes // 4 + split * bt * de) // (32 * cfg["down_warps"])
-            regs = max(regs, down)
+            down_regs = (bt * bd + (bd + bt) * de * elem_bytes // 4 + split * bt * de) // (32 * cfg["down_warps"])
+            regs = max(regs, down_regs)
             smem = max(smem, max(cfg.get("down_stages", 1), 1) * (bd * de * elem_bytes + split * bt * de * 4))
         else:
             bk = min(_pow2(d), max(16, FMA_SLAB // rows))
@@ -89,18 +103,19 @@ def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, ele
             smem = 0
     else:
         bm, bk, bd = cfg["block_m"], cfg["block_k"], cfg["block_d"]
-        up = max(cfg["up_stages"] - 1, 1) * (bm * bk + de * bk) * elem_bytes
-        down = max(cfg["down_stages"] - 1, 1) * bd * de * elem_bytes + bm * de * elem_bytes
-        smem = max(up, down)
-        regs = max(bm * de // (32 * cfg["up_warps"]), bm * bd // (32 * cfg["down_warps"]))
+        smem = max(cfg["up_stages"] - 1, 1) * (bm * bk + de * bk) * elem_bytes
+        regs = bm * de // (32 * cfg["up_warps"])
+        if _down(down) == "atomics":
+            smem = max(smem, max(cfg["down_stages"] - 1, 1) * bd * de * elem_bytes + bm * de * elem_bytes)
+            regs = max(regs, bm * bd // (32 * cfg["down_warps"]))
     return dict(smem=smem, regs=regs)
 
 
-def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile) -> str | None:
+def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile, down: str | None = None) -> str | None:
     """Why `cfg` cannot fit `profile` by the estimate (None when it may)."""
     if cfg.get("rows", 1) > de or de % min(cfg.get("rows", 1), de):
         return "rows do not divide the expert width"
-    est = estimate(path, cfg, T, d, n, de, ds, elem_bytes)
+    est = estimate(path, cfg, T, d, n, de, ds, elem_bytes, down)
     if est["smem"] > profile.smem_per_block:
         return f"~{est['smem']} B of shared memory > {profile.smem_per_block} B per block"
     if est["regs"] > REGS_BUDGET:
@@ -109,15 +124,16 @@ def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile) -> str | None:
 
 
 def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profile, limit: int | None = None,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, down: str | None = None) -> list[dict]:
     """The default config first, then every config of the space that fits `profile` (seeded order), at most
-    `limit` in all. Duplicates of the default are dropped."""
+    `limit` in all. Duplicates of the default are dropped. `down`: the grouped path's down projection (None:
+    as ffn runs it now)."""
     from .buckets import dtype_name
 
     elem = 4 if dtype_name(dtype) == "fp32" else 2
     base = default_config(path, T, dtype)
     out, seen = [base], {_freeze(base)}
-    combos = [dict(zip(space, vals)) for space in spaces_for(path, T) for vals in itertools.product(*space.values())]
+    combos = [dict(zip(space, vals)) for space in spaces_for(path, T, down) for vals in itertools.product(*space.values())]
     random.Random(seed).shuffle(combos)
     for combo in combos:
         cfg = {**base, **combo}
@@ -125,7 +141,7 @@ def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profi
             for k in DOT_ONLY:
                 cfg.pop(k, None)
         f = _freeze(cfg)
-        if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile) is not None:
+        if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile, down) is not None:
             continue
         seen.add(f)
         out.append(cfg)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deco_kernels.autotune import buckets, cache, devices, lookup, model, runner, space
+from deco_kernels.autotune import launches as launches_mod
 from deco_kernels.autotune.launches import meta_layer, record
 
 H100 = devices.PROFILES["h100-sxm"]
@@ -487,8 +488,47 @@ def test_recorded_launches_follow_the_launcher():
     assert [ln.name for ln in launches] == ["_up_kernel", "_decode_down_kernel"]
     assert launches[1].grid == ((GEOM[0] + 15) // 16,)
     assert all(t.device.type == "meta" for ln in launches for t in ln.args.values() if isinstance(t, torch.Tensor))
-    names = [ln.name for ln in record("grouped", space.default_config("grouped", 512, torch.bfloat16), 512, *GEOM)]
-    assert "_grouped_up_kernel" in names and "_grouped_down_kernel" in names
+    cfg = space.default_config("grouped", 512, torch.bfloat16)
+    names = {down: [ln.name for ln in record("grouped", cfg, 512, *GEOM, down=down)] for down in ("gemm", "atomics")}
+    assert "_grouped_up_kernel" in names["gemm"] and "_grouped_down_kernel" not in names["gemm"]
+    assert "_grouped_up_kernel" in names["atomics"] and "_grouped_down_kernel" in names["atomics"]
+    assert [ln.name for ln in record("grouped", cfg, 512, *GEOM)] == names[launches_mod.down_mode()]
+
+
+def test_the_grouped_tune_follows_the_down_projection(monkeypatch):
+    """The tune measures and models the grouped path as ffn runs it: with the GEMM down projection (the
+    default) the atomic down kernel's tiles are not searched and keep their defaults, and the model adds the
+    GEMM's cost, the same for every config; entries without a "down" field were measured with the atomics."""
+    from deco_kernels.triton import ffn
+
+    gemm = set(space.spaces_for("grouped", 512, "gemm")[0])
+    atomics = set(space.spaces_for("grouped", 512, "atomics")[0])
+    assert atomics - gemm == set(space.GROUPED_DOWN_KEYS) and gemm < atomics
+    base = space.default_config("grouped", 512, torch.bfloat16)
+    cands = space.candidates("grouped", 512, *GEOM, torch.bfloat16, H100, down="gemm")
+    assert len(cands) > 10 and all(c[k] == base[k] for c in cands for k in space.GROUPED_DOWN_KEYS)
+    assert {c["block_d"] for c in space.candidates("grouped", 512, *GEOM, torch.bfloat16, H100, limit=200,
+                                                    down="atomics")} == set(space.GROUPED["block_d"])
+    monkeypatch.setattr(ffn, "DOWN_GEMM", 0)
+    assert launches_mod.down_mode() == "atomics" and set(space.spaces_for("grouped", 512)[0]) == atomics
+    monkeypatch.setattr(ffn, "DOWN_GEMM", 1)
+    assert launches_mod.down_mode() == "gemm" and set(space.spaces_for("grouped", 512)[0]) == gemm
+
+    for T in (512, 4096):
+        launches = record("grouped", base, T, *GEOM, down="gemm")
+        term = model.down_gemm_us("grouped", launches, T, *GEOM[:3], torch.bfloat16, H100)
+        assert term > 0
+        assert model.down_gemm_us("grouped", record("grouped", base, T, *GEOM, down="atomics"), T, *GEOM[:3],
+                                  torch.bfloat16, H100) == 0.0
+        assert model.predict("grouped", base, T, *GEOM, torch.bfloat16, H100, down="gemm") > term
+    small = model.down_gemm_us("grouped", record("grouped", base, 512, *GEOM, down="gemm"), 512, *GEOM[:3],
+                               torch.bfloat16, H100)
+    assert small < term   # 8x the tokens never costs less
+    assert launches_mod.entry_down_mode({}) == "atomics"
+    assert launches_mod.entry_down_mode({"down": "gemm"}) == "gemm"
+    with pytest.raises(ValueError, match="mode"):
+        with launches_mod.down_projection("dense"):
+            pass
 
 
 def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
@@ -676,7 +716,7 @@ def test_ship_rewrites_the_constants_and_the_fit_paragraph_only(tmp_path):
 def test_grouped_warps_beyond_the_row_tile_split_columns_and_wait_more():
     def work(kernel, **kw):
         cfg = dict(space.default_config("grouped", 512, torch.bfloat16), **kw)
-        ws = model.works_of(record("grouped", cfg, 512, *GEOM), 512, *GEOM, torch.bfloat16)
+        ws = model.works_of(record("grouped", cfg, 512, *GEOM, down="atomics"), 512, *GEOM, torch.bfloat16)
         return next(w for w in ws if w.name == kernel)
 
     for kernel, warps in (("_grouped_down_kernel", "down_warps"), ("_grouped_up_kernel", "up_warps")):
@@ -813,9 +853,11 @@ from deco_kernels.autotune import compile as C, devices, model, space
 from deco_kernels.autotune.launches import record
 orin = devices.PROFILES["orin-agx-64gb"]
 try:
-    for path, T, name in (("small_batch", 1, "_decode_down_kernel"), ("grouped", 512, "_grouped_down_kernel")):
-        (ln,) = [l for l in record(path, space.default_config(path, T, torch.bfloat16), T, 768, 42, 64, 128)
-                 if l.name == name]
+    for path, T, name, down in (("small_batch", 1, "_decode_down_kernel", None),
+                                ("grouped", 512, "_grouped_down_kernel", "atomics"),
+                                ("grouped", 512, "_grouped_up_kernel", "gemm")):
+        (ln,) = [l for l in record(path, space.default_config(path, T, torch.bfloat16), T, 768, 42, 64, 128,
+                                   down=down) if l.name == name]
         u = C.compile_launch(ln, (8, 7))
         assert 0 < u["shared"] <= orin.smem_per_block, u
         assert u["regs"] is None or 0 < u["regs"] <= 255, u
