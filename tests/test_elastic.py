@@ -343,9 +343,10 @@ def test_elastic_training_forward_counts_and_regularises_the_natural_gates():
     counters and the entropy loss see the gates inference would use (the natural ones of the knobs)."""
     model, ids = build(elastic_prob=1.0, elastic_pool_multiplier=1.0, elastic_budget_range=(2.0, 2.0)), ids_of()
     natural_eval = layer_ratios(model, ids)  # eval: no elastic sampling
-    inputs = {}
+    inputs, reg_losses = {}, {}   # each layer's input, and its reg_loss as its forward leaves it (the model takes it)
     for layer in model.deco_layers():
         layer.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m.layer_idx, args[0]))
+        layer.register_forward_hook(lambda m, args, y: reg_losses.__setitem__(m.layer_idx, m.reg_loss))
         layer.sparsity_lambda.fill_(0.1)
     model.train()
     out = model(ids, labels=ids)
@@ -354,7 +355,7 @@ def test_elastic_training_forward_counts_and_regularises_the_natural_gates():
         natural = ref.apply_knobs(ref.router_logits(x.reshape(-1, x.shape[-1]), layer.w_router))
         assert layer.active_ratio.item() == pytest.approx(2 * TINY.target_active_ratio, abs=1e-3)
         assert layer.active_count.item() == (natural > 0).sum().item() and layer.gate_count.item() == natural.numel()
-        torch.testing.assert_close(layer.reg_loss, ref.entropy_loss(natural, 0.1, TINY.num_layers))
+        torch.testing.assert_close(reg_losses[layer.layer_idx], ref.entropy_loss(natural, 0.1, TINY.num_layers))
     assert abs(natural_eval[1] - 2 * TINY.target_active_ratio) > 0.05  # the premise: sampling changed the ratio
     out.loss.backward()
     assert all(layer.w_router.grad is not None and layer.w_up.grad.abs().sum() > 0 for layer in model.deco_layers())
