@@ -101,7 +101,7 @@ def load_entries(cache_path: str, compiled: bool = False, profile=None) -> tuple
     cache's device description; each entry carries `profile` (default: devices.profile_for the cache's device).
     With compiled, the Works carry the compiled resource usage of each candidate's kernels for the device's
     arch (validate.usage_cache: compiled once, then read from its file)."""
-    from .launches import entry_down_mode, record
+    from .launches import as_measured, record
     from .validate import parse_key, usage_cache
 
     data = load(cache_path, check_versions=False)
@@ -116,7 +116,7 @@ def load_entries(cache_path: str, compiled: bool = False, profile=None) -> tuple
             if c.get("us") is None:
                 continue
             try:
-                launches = record(path, c["config"], T, d, n, de, ds, dtype, entry_down_mode(e))
+                launches = record(path, as_measured(path, c["config"]), T, d, n, de, ds, dtype)
                 ws = model.works_of(launches, T, d, n, de, ds, dtype, uc.usage(launches) if uc else None)
             except Exception:  # noqa: BLE001 - a config the current launcher rejects cannot be modelled
                 continue

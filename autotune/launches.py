@@ -104,41 +104,16 @@ def meta_layer(T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, d
     return e(T, d), w
 
 
-def down_mode() -> str:
-    """The grouped path's down projection as ffn runs it now: "gemm" (ffn.down_gemm(): one cuBLAS GEMM over
-    token-major activations, the default) or "atomics" (ffn.DOWN_GEMM = 0: the tiled kernel with fp32 atomics)."""
-    from deco_kernels.triton import ffn
-
-    return "gemm" if ffn.down_gemm() else "atomics"
+def as_measured(path: str, cfg: dict) -> dict:
+    """`cfg` as a cache entry's timing ran it: grouped configs without a "down" key predate it (2026-12-05) and
+    were all measured with the atomic down kernel (at run time they take the GEMM, ffn.down_gemm)."""
+    return {**cfg, "down": "atomics"} if path == "grouped" and "down" not in cfg else cfg
 
 
-def entry_down_mode(entry: dict) -> str:
-    """The down projection a cache entry's grouped timings were measured with; entries without the field
-    predate it (2026-12-05) and were all measured with the atomics."""
-    return entry.get("down", "atomics")
-
-
-@contextlib.contextmanager
-def down_projection(mode: str | None):
-    """Run the grouped path with `mode`'s down projection ("gemm" or "atomics"; None: as configured)."""
-    from deco_kernels.triton import ffn
-
-    if mode not in (None, "gemm", "atomics"):
-        raise ValueError(f"mode: expected None, 'gemm' or 'atomics', got {mode!r}")
-    saved = ffn.DOWN_GEMM
-    if mode is not None:
-        ffn.DOWN_GEMM = int(mode == "gemm")
-    try:
-        yield
-    finally:
-        ffn.DOWN_GEMM = saved
-
-
-def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16,
-           down: str | None = None) -> list[Launch]:
-    """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg`; the
-    grouped path with `down`'s down projection (None: as configured, see down_projection). The GEMM mode's
-    torch ops (the zero fill, cuBLAS) are not Triton launches and are not recorded."""
+def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16) -> list[Launch]:
+    """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg` (the
+    grouped path with cfg's down projection, ffn.down_gemm; the GEMM's torch ops, its zero fill and cuBLAS
+    call, are not Triton launches and are not recorded)."""
     from deco_kernels.triton import ffn, means
 
     x, w = meta_layer(T, d, n, de, ds, dtype)
@@ -147,6 +122,6 @@ def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype
     mean = means.ExpertMean(torch.empty(d, device="meta", dtype=torch.float32),
                             torch.empty(3, d, device="meta", dtype=torch.bfloat16))
     launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
-    with recording(ffn) as launches, down_projection(down), torch.no_grad():
+    with recording(ffn) as launches, torch.no_grad():
         launcher(x, w, mean, 0.0, None, 0.0, None, g, y, dict(cfg))
     return launches

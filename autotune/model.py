@@ -143,6 +143,11 @@ class Constants:
 
 CONSTANTS = Constants()
 
+# Library launches (cuBLAS) run at a measured share of the tensor-core peak, not the fitted Triton one: the
+# bench's bf16 matmul (benchmark.device_ceilings, an 8192^3 torch.mm) reached 750 TFLOP/s on the H100 and 687 on
+# the H200 (benchmarks/results/*/bench.json "bf16_matmul_flops"), of the profiles' 989 (tc_tflops): 0.76, 0.69.
+LIBRARY_TC_EFFICIENCY = 0.72
+
 
 @dataclass
 class Work:
@@ -169,6 +174,7 @@ class Work:
     tail_rounds: float = 0.0  # dependent round trips once per launch, not per wave (a longer program, an epilogue)
     tail_syncs: float = 0.0   # block-wide synchronisations likewise
     base_regs: bool = True    # False: tile_regs is the thread's whole count (the register-FMA kernels, no REG_BASE)
+    library: bool = False     # a torch / cuBLAS launch: `flops` (whole launch) at LIBRARY_TC_EFFICIENCY, `dram`
 
 
 def _elem(dtype) -> int:
@@ -422,7 +428,19 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
         if u is not None:
             out[-1].smem, out[-1].regs, out[-1].spills = u.get("shared", 0), u.get("regs"), u.get("spills") or 0
             out[-1].wgmma_smem = 0
+        if name == "_grouped_up_kernel" and c.get("TOKEN_MAJOR"):
+            out += _dense_down_works(T, d, n, de, eb)
     return out
+
+
+def _dense_down_works(T: int, d: int, n: int, de: int, eb: int) -> list[Work]:
+    """The GEMM down projection's two torch launches (ffn.down_gemm; the up kernel then writes token-major): the
+    zero fill of the activations [T, N*de] and one cuBLAS GEMM act [T, N*de] @ w_down^T over every expert's
+    columns, whatever the active ratio (5x the active FLOPs at 20% active). Library launches (see kernel_us)."""
+    k = n * de
+    return [Work("zero_fill (torch)", 1, 0, 0, 0, 4, library=True, dram=T * k * eb),
+            Work("down_gemm (cuBLAS)", 1, 0, 2 * T * k * d, 0, 4, library=True,
+                 dram=(T + d) * k * eb + 2 * T * d * eb)]
 
 
 def _regs(w: Work, k: Constants) -> float:
@@ -443,6 +461,9 @@ def _occupancy(w: Work, profile, k: Constants = CONSTANTS) -> int:
 def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     """Predicted µs of one launch on `profile` (see the module docstring)."""
     k = constants or CONSTANTS
+    if w.library:
+        return profile.launch_us + max(w.flops / (profile.tc_tflops * 1e6 * LIBRARY_TC_EFFICIENCY),
+                                       (w.dram or 0.0) / (profile.dram_gbps * 1e3 * DRAM_EFFICIENCY))
     sms, lat = profile.sms, profile.mem_latency_us
     per_sm = math.ceil(w.programs / sms) if w.programs > 0 else 0
     if per_sm == 0:
@@ -489,36 +510,16 @@ def shared_expert_us(path: str, T: int, d: int, ds: int, dtype, profile, constan
     return 6 * profile.launch_us + max(flops / peak, byts / (profile.dram_gbps * 1e3 * DRAM_EFFICIENCY))
 
 
-def down_gemm_us(path: str, launches, T: int, d: int, n: int, de: int, dtype, profile,
-                 constants: Constants | None = None) -> float:
-    """The grouped path's GEMM down projection (torch, recorded launches without the atomic down kernel): the
-    zero fill of the token-major activations [T, N*de] and one cuBLAS GEMM over them (every expert's columns,
-    ~5x the active FLOPs at 20% active). The same for every tile config of an entry: it moves the predicted µs,
-    not the pick."""
-    if path != "grouped" or any(ln.name == "_grouped_down_kernel" for ln in launches):
-        return 0.0
-    k = constants or CONSTANTS
-    eb = _elem(dtype)
-    bw = profile.dram_gbps * 1e3 * DRAM_EFFICIENCY
-    peak = profile.tc_flops_per_clk_sm * k.tc_efficiency * profile.clock_ghz * 1e3 * profile.sms
-    fill = T * n * de * eb / bw
-    gemm = max(2 * T * n * de * d / peak, (T * n * de + d * n * de + 2 * T * d) * eb / bw)
-    return 2 * profile.launch_us + fill + gemm
-
-
 def predict(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype, profile,
-            usage: dict | None = None, launches=None, constants: Constants | None = None,
-            down: str | None = None) -> float:
+            usage: dict | None = None, launches=None, constants: Constants | None = None) -> float:
     """Predicted µs of the whole `path` launcher for `cfg` on `profile` (launches: a recorded list, to skip
-    recording it again; constants: other than the shipped CONSTANTS, e.g. while fitting them; down: the
-    grouped path's down projection when recording, None: as ffn runs it now)."""
+    recording it again; constants: other than the shipped CONSTANTS, e.g. while fitting them)."""
     from .launches import record
 
-    launches = launches if launches is not None else record(path, cfg, T, d, n, de, ds, dtype, down)
+    launches = launches if launches is not None else record(path, cfg, T, d, n, de, ds, dtype)
     works = works_of(launches, T, d, n, de, ds, dtype, usage)
     return (profile.graph_start_us + sum(kernel_us(w, profile, constants) for w in works)
-            + shared_expert_us(path, T, d, ds, dtype, profile, constants)
-            + down_gemm_us(path, launches, T, d, n, de, dtype, profile, constants))
+            + shared_expert_us(path, T, d, ds, dtype, profile, constants))
 
 
 def with_constants(**values) -> Constants:

@@ -21,8 +21,6 @@ import torch
 
 from deco_kernels.testing import GPU_REL_TOL, rel_err
 
-from .launches import down_mode, down_projection
-
 
 class ContextLost(RuntimeError):
     """The CUDA context no longer works: nothing more can be measured in this process."""
@@ -146,11 +144,10 @@ def graph_us(fn, warmup_ms: float = 5, rep_ms: float = 25) -> float:
 
 class LayerBench:
     """One layer's tensors on the GPU (init-scale weights, SPEC §1; router bias set so ~20% of the gates are
-    active) and the launcher of `path`, called with a config; the grouped path with `down`'s down projection
-    (launches.down_projection; None: as ffn runs it now, recorded in self.down)."""
+    active) and the launcher of `path`, called with a config."""
 
     def __init__(self, path: str, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, device="cuda",
-                 seed: int = 0, target: float = 0.2, down: str | None = None):
+                 seed: int = 0, target: float = 0.2):
         from deco_kernels.triton import ffn, means
 
         g = torch.Generator(device=device).manual_seed(seed)
@@ -168,11 +165,9 @@ class LayerBench:
         self.g = torch.empty(T, n, device=device, dtype=torch.float32)
         self.y = torch.empty(T, d, device=device, dtype=dtype)
         self.launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
-        self.down = down or down_mode()
 
     def run(self, cfg):
-        with down_projection(self.down):
-            self.launcher(self.x, self.w, self.mean, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
+        self.launcher(self.x, self.w, self.mean, self.bias, None, 0.0, None, self.g, self.y, dict(cfg))
 
     def reference(self):
         """(y, g) of the torch reference in fp32 on the same inputs."""

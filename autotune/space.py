@@ -3,7 +3,8 @@
 Regimes (kept in step with ffn.small_batch_config): small_batch multiplies in registers by default for T <= 4
 (use_dot False: rows, up_warps, block_d, slots, down_warps) and on tensor cores for 5 <= T <= 64 (use_dot True:
 rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); from 2 to 8 tokens the
-tune measures both regimes; grouped is the prefill path. Keys are treated generically: a config is a dict, the
+tune measures both regimes; grouped is the prefill path, with its two down projections as regimes too ("down":
+"gemm", the default, searches the router and up tiles; "atomics" also the atomic down kernel's). Keys are treated generically: a config is a dict, the
 launcher reads what it knows (and fills the small-batch keys a partial config lacks from its regime's defaults).
 
 The estimates are conservative first cuts that need no compiler; the exact check is compile.py (modelled
@@ -25,11 +26,15 @@ SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], spli
                  down_warps=[4, 8], down_stages=[1, 2, 3])
 # Keys only the tensor-core regime reads: dropped from FMA candidates built on a tensor-core default.
 DOT_ONLY = ("block_k", "up_stages", "split_k", "group", "down_stages")
-GROUPED = dict(router_block_t=[16, 32, 64], block_m=[32, 64, 128], block_k=[32, 64, 128], up_warps=[4, 8],
-               up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8], down_stages=[2, 3, 4])
-# The grouped keys only the atomic down kernel reads (launches.down_mode() "atomics"): with the GEMM down
-# projection they keep their defaults and are not searched.
+# The prefill's two down projections (ffn.down_gemm): with the GEMM the atomic kernel's tiles
+# (GROUPED_DOWN_KEYS) keep their defaults and are not searched.
 GROUPED_DOWN_KEYS = ("block_d", "down_warps", "down_stages")
+GROUPED_ATOMICS = dict(down=["atomics"], router_block_t=[16, 32, 64], block_m=[32, 64, 128], block_k=[32, 64, 128],
+                       up_warps=[4, 8], up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8],
+                       down_stages=[2, 3, 4])
+GROUPED_GEMM = dict({k: v for k, v in GROUPED_ATOMICS.items() if k not in GROUPED_DOWN_KEYS}, down=["gemm"])
+# Keys a cached config may lack: grouped entries from before the "down" key run with the GEMM.
+OPTIONAL_KEYS = ("down",)
 
 
 def _pow2(x: int) -> int:
@@ -42,19 +47,10 @@ def _pow2(x: int) -> int:
 FMA_CANDIDATE_MAX_T = 8
 
 
-def _down(down: str | None) -> str:
-    from .launches import down_mode
-
-    return down or down_mode()
-
-
-def spaces_for(path: str, T: int, down: str | None = None) -> list[dict]:
-    """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens; the
-    grouped path's with `down`'s down projection (None: as ffn runs it now, launches.down_mode)."""
+def spaces_for(path: str, T: int) -> list[dict]:
+    """The search spaces (each a dict of key -> values, searched as a product) of a path at T tokens."""
     if path == "grouped":
-        if _down(down) == "gemm":
-            return [{k: v for k, v in GROUPED.items() if k not in GROUPED_DOWN_KEYS}]
-        return [GROUPED]
+        return [GROUPED_GEMM, GROUPED_ATOMICS]
     if T == 1:
         return [SMALL_FMA]
     return [SMALL_DOT, SMALL_FMA] if T <= FMA_CANDIDATE_MAX_T else [SMALL_DOT]
@@ -71,13 +67,12 @@ def default_config(path: str, T: int, dtype, use_dot: bool | None = None) -> dic
 def missing_keys(path: str, cfg: dict, T: int, dtype) -> set:
     """The keys the current kernels of cfg's regime read that `cfg` lacks: a cached config without them was
     tuned for an earlier kernel (e.g. before split_k existed), so its other values are not a tuned choice."""
-    return set(default_config(path, T, dtype, cfg.get("use_dot"))) - set(cfg)
+    return set(default_config(path, T, dtype, cfg.get("use_dot"))) - set(cfg) - set(OPTIONAL_KEYS)
 
 
-def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int,
-             down: str | None = None) -> dict:
+def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:
     """{"smem": bytes of the largest kernel, "regs": fp32 values per thread of the largest register tile}; the
-    grouped path's down kernel counts only with the atomics (`down`, None: as ffn runs it now)."""
+    grouped path's down kernel counts only with the atomics (cfg's "down")."""
     smem, regs = 0, 0
     if path == "small_batch":
         rows = min(cfg["rows"], de)
@@ -105,17 +100,17 @@ def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, ele
         bm, bk, bd = cfg["block_m"], cfg["block_k"], cfg["block_d"]
         smem = max(cfg["up_stages"] - 1, 1) * (bm * bk + de * bk) * elem_bytes
         regs = bm * de // (32 * cfg["up_warps"])
-        if _down(down) == "atomics":
+        if cfg.get("down", "gemm") == "atomics":
             smem = max(smem, max(cfg["down_stages"] - 1, 1) * bd * de * elem_bytes + bm * de * elem_bytes)
             regs = max(regs, bm * bd // (32 * cfg["down_warps"]))
     return dict(smem=smem, regs=regs)
 
 
-def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile, down: str | None = None) -> str | None:
+def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile) -> str | None:
     """Why `cfg` cannot fit `profile` by the estimate (None when it may)."""
     if cfg.get("rows", 1) > de or de % min(cfg.get("rows", 1), de):
         return "rows do not divide the expert width"
-    est = estimate(path, cfg, T, d, n, de, ds, elem_bytes, down)
+    est = estimate(path, cfg, T, d, n, de, ds, elem_bytes)
     if est["smem"] > profile.smem_per_block:
         return f"~{est['smem']} B of shared memory > {profile.smem_per_block} B per block"
     if est["regs"] > REGS_BUDGET:
@@ -124,16 +119,15 @@ def fits(path, cfg, T, d, n, de, ds, elem_bytes, profile, down: str | None = Non
 
 
 def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profile, limit: int | None = None,
-               seed: int = 0, down: str | None = None) -> list[dict]:
+               seed: int = 0) -> list[dict]:
     """The default config first, then every config of the space that fits `profile` (seeded order), at most
-    `limit` in all. Duplicates of the default are dropped. `down`: the grouped path's down projection (None:
-    as ffn runs it now)."""
+    `limit` in all. Duplicates of the default are dropped."""
     from .buckets import dtype_name
 
     elem = 4 if dtype_name(dtype) == "fp32" else 2
     base = default_config(path, T, dtype)
     out, seen = [base], {_freeze(base)}
-    combos = [dict(zip(space, vals)) for space in spaces_for(path, T, down) for vals in itertools.product(*space.values())]
+    combos = [dict(zip(space, vals)) for space in spaces_for(path, T) for vals in itertools.product(*space.values())]
     random.Random(seed).shuffle(combos)
     for combo in combos:
         cfg = {**base, **combo}
@@ -141,7 +135,7 @@ def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profi
             for k in DOT_ONLY:
                 cfg.pop(k, None)
         f = _freeze(cfg)
-        if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile, down) is not None:
+        if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile) is not None:
             continue
         seen.add(f)
         out.append(cfg)

@@ -21,7 +21,6 @@ import time
 import torch
 
 from . import buckets, cache, devices, model, runner, space
-from .launches import down_mode
 from .lookup import user_cache_dir
 
 KERNELS = ("small_batch", "grouped")
@@ -155,9 +154,6 @@ class Progress:
 
 
 def _entry(task, res, source, **extra) -> dict:
-    down = extra.pop("down", None) or down_mode()
-    if task["path"] == "grouped":   # the down projection its times include (launches.entry_down_mode)
-        extra["down"] = down
     return dict(config=res["config"], us=res["us"], default_us=res["default_us"], T=task["T"], source=source,
                 candidates=res["candidates"], date=cache.now(), versions=cache.versions(), **extra)
 
@@ -193,8 +189,7 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
             for row in res["candidates"]:
                 row["model_us"] = model_of.get(space._freeze(row["config"]))
             key = buckets.entry_key(task["path"], *task["geom"], dtype, task["T"])
-            cache.merge_entries(out_dir, info, {key: _entry(task, res, "measured", profile=profile.key,
-                                                            down=bench.down)})
+            cache.merge_entries(out_dir, info, {key: _entry(task, res, "measured", profile=profile.key)})
             table.append(dict(task, default_us=res["default_us"], us=res["us"],
                               measured=sum(r["us"] is not None for r in res["candidates"]),
                               failed=sum(r["us"] is None for r in res["candidates"])))

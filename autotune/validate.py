@@ -71,7 +71,7 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
     this cache alone) and counted on this cache's entries (all_caches: on all of them). With compiled, every
     measured candidate's kernels are compiled for the device's arch (cached, see usage_cache) and the model
     takes their registers, shared memory and spills instead of its estimates."""
-    from .launches import entry_down_mode, record
+    from .launches import as_measured, record
 
     data = load(cache_path, check_versions=False)
     profile = profile or devices.profile_for(data["device"])
@@ -83,7 +83,7 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
         measured = [c for c in entry.get("candidates", []) if c.get("us") is not None]
         for c in measured:
             try:
-                launches = record(path, c["config"], T, d, n, de, ds, dtype, entry_down_mode(entry))
+                launches = record(path, as_measured(path, c["config"]), T, d, n, de, ds, dtype)
                 usage = uc.usage(launches) if uc else None
                 c["model_now"] = model.predict(path, c["config"], T, d, n, de, ds, dtype, profile, usage=usage,
                                                launches=launches)

@@ -20,6 +20,7 @@ from deco_kernels.autotune.launches import meta_layer, record
 
 H100 = devices.PROFILES["h100-sxm"]
 ORIN = devices.PROFILES["orin-agx-64gb"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOM = (768, 42, 64, 128)          # preset 0.1b: d, N, de, ds
 DEV = dict(name="Test GPU", capability=[9, 0], sms=7, memory_gb=16.0,
            fingerprint=devices.fingerprint_of("Test GPU", (9, 0), 7))
@@ -489,46 +490,62 @@ def test_recorded_launches_follow_the_launcher():
     assert launches[1].grid == ((GEOM[0] + 15) // 16,)
     assert all(t.device.type == "meta" for ln in launches for t in ln.args.values() if isinstance(t, torch.Tensor))
     cfg = space.default_config("grouped", 512, torch.bfloat16)
-    names = {down: [ln.name for ln in record("grouped", cfg, 512, *GEOM, down=down)] for down in ("gemm", "atomics")}
+    names = {down: [ln.name for ln in record("grouped", dict(cfg, down=down), 512, *GEOM)]
+             for down in ("gemm", "atomics")}
     assert "_grouped_up_kernel" in names["gemm"] and "_grouped_down_kernel" not in names["gemm"]
     assert "_grouped_up_kernel" in names["atomics"] and "_grouped_down_kernel" in names["atomics"]
-    assert [ln.name for ln in record("grouped", cfg, 512, *GEOM)] == names[launches_mod.down_mode()]
+    assert cfg["down"] == "gemm"
 
 
-def test_the_grouped_tune_follows_the_down_projection(monkeypatch):
-    """The tune measures and models the grouped path as ffn runs it: with the GEMM down projection (the
-    default) the atomic down kernel's tiles are not searched and keep their defaults, and the model adds the
-    GEMM's cost, the same for every config; entries without a "down" field were measured with the atomics."""
+def test_the_grouped_tune_searches_both_down_projections(monkeypatch):
+    """The prefill's down projection is a config key the tune searches: with the GEMM the atomic kernel's tiles
+    keep their defaults; the model adds the GEMM's cost (zero fill and cuBLAS) where the atomic kernel's launch
+    is not recorded. Cached configs without the key run the GEMM and were measured with the atomics."""
     from deco_kernels.triton import ffn
 
-    gemm = set(space.spaces_for("grouped", 512, "gemm")[0])
-    atomics = set(space.spaces_for("grouped", 512, "atomics")[0])
-    assert atomics - gemm == set(space.GROUPED_DOWN_KEYS) and gemm < atomics
+    assert set(space.GROUPED_ATOMICS) - set(space.GROUPED_GEMM) == set(space.GROUPED_DOWN_KEYS)
     base = space.default_config("grouped", 512, torch.bfloat16)
-    cands = space.candidates("grouped", 512, *GEOM, torch.bfloat16, H100, down="gemm")
-    assert len(cands) > 10 and all(c[k] == base[k] for c in cands for k in space.GROUPED_DOWN_KEYS)
-    assert {c["block_d"] for c in space.candidates("grouped", 512, *GEOM, torch.bfloat16, H100, limit=200,
-                                                    down="atomics")} == set(space.GROUPED["block_d"])
-    monkeypatch.setattr(ffn, "DOWN_GEMM", 0)
-    assert launches_mod.down_mode() == "atomics" and set(space.spaces_for("grouped", 512)[0]) == atomics
-    monkeypatch.setattr(ffn, "DOWN_GEMM", 1)
-    assert launches_mod.down_mode() == "gemm" and set(space.spaces_for("grouped", 512)[0]) == gemm
+    cands = space.candidates("grouped", 512, *GEOM, torch.bfloat16, H100, limit=400)
+    by_mode = {m: [c for c in cands if c["down"] == m] for m in ("gemm", "atomics")}
+    assert len(by_mode["gemm"]) > 10 and len(by_mode["atomics"]) > 10
+    assert all(c[k] == base[k] for c in by_mode["gemm"] for k in space.GROUPED_DOWN_KEYS)
+    assert {c["block_d"] for c in by_mode["atomics"]} == set(space.GROUPED_ATOMICS["block_d"])
 
-    for T in (512, 4096):
-        launches = record("grouped", base, T, *GEOM, down="gemm")
-        term = model.down_gemm_us("grouped", launches, T, *GEOM[:3], torch.bfloat16, H100)
-        assert term > 0
-        assert model.down_gemm_us("grouped", record("grouped", base, T, *GEOM, down="atomics"), T, *GEOM[:3],
-                                  torch.bfloat16, H100) == 0.0
-        assert model.predict("grouped", base, T, *GEOM, torch.bfloat16, H100, down="gemm") > term
-    small = model.down_gemm_us("grouped", record("grouped", base, 512, *GEOM, down="gemm"), 512, *GEOM[:3],
-                               torch.bfloat16, H100)
-    assert small < term   # 8x the tokens never costs less
-    assert launches_mod.entry_down_mode({}) == "atomics"
-    assert launches_mod.entry_down_mode({"down": "gemm"}) == "gemm"
-    with pytest.raises(ValueError, match="mode"):
-        with launches_mod.down_projection("dense"):
-            pass
+    # The GEMM mode's two library launches are modelled; the atomic kernel is not recorded.
+    names = [w.name for w in model.works_of(record("grouped", base, 512, *GEOM), 512, *GEOM, torch.bfloat16)]
+    assert "down_gemm (cuBLAS)" in names and "zero_fill (torch)" in names and "_grouped_down_kernel" not in names
+
+    # The key decides unless ffn.DOWN_GEMM forces a mode or the deterministic mode forces the GEMM.
+    assert ffn.down_gemm(dict(down="gemm")) and not ffn.down_gemm(dict(down="atomics")) and ffn.down_gemm({})
+    monkeypatch.setattr(ffn, "DOWN_GEMM", 1)
+    assert ffn.down_gemm(dict(down="atomics"))
+    monkeypatch.setattr(ffn, "DOWN_GEMM", 0)
+    assert not ffn.down_gemm(dict(down="gemm"))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert ffn.down_gemm(dict(down="atomics"))
+
+    legacy = {k: v for k, v in base.items() if k != "down"}
+    assert not space.missing_keys("grouped", legacy, 512, torch.bfloat16)
+    assert launches_mod.as_measured("grouped", legacy)["down"] == "atomics"
+    assert launches_mod.as_measured("grouped", base) == base
+    assert launches_mod.as_measured("small_batch", legacy) == legacy
+
+
+def test_the_model_ranks_the_down_projections_as_measured_on_the_h100():
+    """benchmarks/results/h100/probe_ab_down_gemm.json: the whole prefill layer under CUDA graphs with each down
+    projection (default tiles), 0.1b and 1.2b at 128-4096 tokens; the GEMM won everywhere. The model picks the
+    faster one at every size and predicts the GEMM's time within 25%."""
+    rows = json.load(open(os.path.join(REPO, "benchmarks/results/h100/probe_ab_down_gemm.json")))["rows"]
+    measured = {(r["preset"], r["T"], r["variant"]): r["us"] for r in rows}
+    geoms = {"0.1b": (768, 42, 64, 128), "1.2b": (1792, 102, 64, 128)}
+    cases = sorted({(p, T) for p, T, _ in measured})
+    assert len(cases) == 8
+    for preset, T in cases:
+        pred = {m: model.predict("grouped", dict(space.default_config("grouped", T, torch.bfloat16), down=m), T,
+                                 *geoms[preset], torch.bfloat16, H100) for m in ("gemm", "atomics")}
+        fast = min(pred, key=pred.get)
+        assert fast == min(("gemm", "atomics"), key=lambda m: measured[preset, T, m]), (preset, T, pred)
+        assert abs(pred["gemm"] / measured[preset, T, "gemm"] - 1) < 0.25, (preset, T, pred)
 
 
 def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
@@ -716,7 +733,7 @@ def test_ship_rewrites_the_constants_and_the_fit_paragraph_only(tmp_path):
 def test_grouped_warps_beyond_the_row_tile_split_columns_and_wait_more():
     def work(kernel, **kw):
         cfg = dict(space.default_config("grouped", 512, torch.bfloat16), **kw)
-        ws = model.works_of(record("grouped", cfg, 512, *GEOM, down="atomics"), 512, *GEOM, torch.bfloat16)
+        ws = model.works_of(record("grouped", dict(cfg, down="atomics"), 512, *GEOM), 512, *GEOM, torch.bfloat16)
         return next(w for w in ws if w.name == kernel)
 
     for kernel, warps in (("_grouped_down_kernel", "down_warps"), ("_grouped_up_kernel", "up_warps")):
@@ -856,8 +873,8 @@ try:
     for path, T, name, down in (("small_batch", 1, "_decode_down_kernel", None),
                                 ("grouped", 512, "_grouped_down_kernel", "atomics"),
                                 ("grouped", 512, "_grouped_up_kernel", "gemm")):
-        (ln,) = [l for l in record(path, space.default_config(path, T, torch.bfloat16), T, 768, 42, 64, 128,
-                                   down=down) if l.name == name]
+        cfg = dict(space.default_config(path, T, torch.bfloat16), **({"down": down} if down else {}))
+        (ln,) = [l for l in record(path, cfg, T, 768, 42, 64, 128) if l.name == name]
         u = C.compile_launch(ln, (8, 7))
         assert 0 < u["shared"] <= orin.smem_per_block, u
         assert u["regs"] is None or 0 < u["regs"] <= 255, u

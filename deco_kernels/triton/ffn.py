@@ -45,13 +45,16 @@ USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 ROUTER_LONG_T = 1024
 ROUTER_LONG_BLOCK_K = 128
 # The down projection of the prefill (grouped.py) and of training (training.py) as one cuBLAS GEMM over
-# token-major activations, zero where a gate is off (1), or the fp32-atomic scatter over the active pairs only
-# (0; always the GEMM under torch.use_deterministic_algorithms(True)). H100, whole layer under CUDA graphs, ~20%
+# token-major activations, zero where a gate is off ("gemm"), or the fp32-atomic scatter over the active pairs
+# only ("atomics"). DOWN_GEMM None (the default): the prefill's config decides (its "down" key: a tuned cache's
+# choice, else grouped_config's "gemm"), training takes the GEMM; 1 or 0 force the GEMM or the atomics
+# everywhere; always the GEMM under torch.use_deterministic_algorithms(True). H100, whole layer under CUDA graphs, ~20%
 # active (results/h100/probe_ab_down_gemm.json): 1.2b T=128 66.5 -> 62.3 µs, T=512 87.9 -> 73.9, T=2048
 # 235.0 -> 190.1, T=4096 401.7 -> 306.4; 0.1b 34.4 -> 33.6, 39.2 -> 36.7, 73.3 -> 62.1, 106.3 -> 92.4; one
 # training step at T=4096 from a CUDA graph (results/h100/probe_train_graph.json) 1.2b 1070 -> 935 µs, 0.1b
-# 325 -> 324. The GEMM's FLOPs do not shrink with the active ratio, so far sparser layers may prefer 0.
-DOWN_GEMM = 1
+# 325 -> 324. The GEMM's FLOPs do not shrink with the active ratio, so far sparser layers, or GPUs with less
+# compute per byte (the cost model's Jetson Orin caches), may prefer the atomics.
+DOWN_GEMM = None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -255,16 +258,17 @@ def grouped_config(T: int) -> dict:
     """Default tile config of the prefill path (a tuned cache, deco_kernels.autotune, wins).
 
     router_block_t: tokens per router program; block_m: tokens of one expert per up/down program;
-    block_k: K step of the up-projection; block_d: output features per step of the down-projection."""
+    block_k: K step of the up-projection; down: the down projection, "gemm" or "atomics" (see DOWN_GEMM);
+    block_d, down_warps, down_stages: the atomic down kernel's output features per step, warps and stages."""
     # Best of benchmarks/sweep_tiles.py on the H100: 0.1b at T=512 (results/h100/sweep_tiles_0.1b.json) and 1.2b
     # at T=4096 (results/h100/sweep_tiles_1.2b_prefill.json). The router's 64-token blocks of that sweep are
     # 32 since router_stages (H200, whole layer at T=4096: 1.2b 353.2 -> 348.6 µs, 0.1b 112.5 -> 109.5,
     # results/h200/sweep_router_split.json).
     if T <= 1024:
-        return dict(router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64, down_warps=8,
-                    down_stages=3)
-    return dict(router_block_t=32, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64, down_warps=8,
-                down_stages=3)
+        return dict(down="gemm", router_block_t=16, block_m=64, block_k=128, up_warps=4, up_stages=4, block_d=64,
+                    down_warps=8, down_stages=3)
+    return dict(down="gemm", router_block_t=32, block_m=128, block_k=64, up_warps=8, up_stages=3, block_d=64,
+                down_warps=8, down_stages=3)
 
 
 def deterministic() -> bool:
@@ -272,10 +276,14 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def down_gemm() -> bool:
-    """Whether the down projection of the prefill and of training is the GEMM (no atomics): DOWN_GEMM, and
-    always when deterministic()."""
-    return bool(DOWN_GEMM) or deterministic()
+def down_gemm(cfg: dict | None = None) -> bool:
+    """Whether the down projection is the GEMM (no atomics): always when deterministic(); else DOWN_GEMM when
+    set; else the prefill config's "down" (absent, and for training: the GEMM)."""
+    if deterministic():
+        return True
+    if DOWN_GEMM is not None:
+        return bool(DOWN_GEMM)
+    return (cfg or {}).get("down", "gemm") == "gemm"
 
 
 def _grouped(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -300,7 +308,7 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     mu = _empty(T, device=dev, dtype=torch.float32)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
-    gemm = down_gemm()
+    gemm = down_gemm(cfg)
     if gemm:
         act = _token_major(T, n, de, x)
     else:

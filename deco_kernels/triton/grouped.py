@@ -17,7 +17,8 @@ only the first count[e] rows of expert e are written and read, so time follows t
    BLOCK_D output features at a time, and adds the result into the fp32 output at the tokens' rows with
    atomics (each output element receives one add per active expert of its token: the order of those adds is
    not fixed, so results can differ between runs in the last bits of fp32; tests bound that).
-   That is the path with ffn.DOWN_GEMM = 0. By default (ffn.down_gemm()) the up kernel writes the activations
+   That is the path with a config's down "atomics" (or ffn.DOWN_GEMM = 0). By default (ffn.down_gemm(cfg):
+   grouped_config's down "gemm") the up kernel writes the activations
    token-major into a zero-filled [T, N*de] (TOKEN_MAJOR) and ONE cuBLAS GEMM by w_down adds them all, the
    dense-masked product: T*N*de*d*2 FLOPs whatever the active ratio (96 GFLOP at 1.2b, T=4096, against ~19
    GFLOP of active products), yet faster than the atomics at ~20% active (H100: 1.2b T=4096 401.7 -> 306.4

@@ -42,7 +42,7 @@ Kernels (grids over (expert, block of BLOCK_M of its pairs) exit at once past th
                                    over the expert's pairs: deterministic, every expert written
 Atomics: only y (forward) and dx (backward), one add per active expert of a token, as in the inference
 prefill; the order of those adds can change the last bits of fp32 between runs (a gpu test bounds it).
-That is the path with ffn.DOWN_GEMM = 0. By default (ffn.down_gemm(): DOWN_GEMM = 1, and always under
+That is the path with ffn.DOWN_GEMM = 0. By default (ffn.down_gemm(): DOWN_GEMM None or 1, and always under
 torch.use_deterministic_algorithms(True)) there are no atomics: the up kernel writes a token-major into a
 zero-filled [T, N*de] and y = shared + a W_down^T is one cuBLAS GEMM (rounded once, into x's dtype); the pair
 backward also writes dh token-major and dx's expert part is one GEMM by W_up into the fp32 dx. Dense-masked:
