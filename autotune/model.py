@@ -84,7 +84,7 @@ Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants 
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 15 of its 16;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
 best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 14/15 (worst 1.126), held out 12/15
-(worst 1.240); NVIDIA H200 32/36 (worst 1.170), held out 31/36 (worst 1.169).
+(worst 1.240); NVIDIA H200 32/36 (worst 1.170), held out 30/36 (worst 1.169).
 
 The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone;
 the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens). Their misses at 3-16
