@@ -46,8 +46,11 @@ run_step() {
     tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py \
                   && compute-sanitizer --tool memcheck python3 sanitize_triton.py --train) ;;
-    tune) deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out autotune/caches --validate ${TUNE_ARGS:-} \
-            && cp -r autotune/caches "$RES/tune_caches" ;;
+    # The tune writes into a copy of the shipped caches under $RES after every entry, so a step cut by its
+    # limit (the validation after the tune compiles every candidate) still brings back what was measured.
+    tune) rm -rf "$RES/tune_caches" && cp -r autotune/caches "$RES/tune_caches" \
+            && deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out "$RES/tune_caches" --validate \
+                 ${TUNE_ARGS:-} ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
     bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
     micro) DECO_BENCH_QUICK=${MICRO_QUICK:-1} python3 -m pytest -q -p no:cacheprovider benchmarks \
