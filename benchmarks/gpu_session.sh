@@ -6,8 +6,8 @@
 # Steps (default order): check (per-case path checks of triton and cupy; the prefill launches one by one,
 # benchmarks/check_grouped.py), host (the Python cost of an eager call,
 # benchmarks/host_overhead.py), tests (the gpu-marked tests),
-# sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, with the
-# cost-model validation; writes autotune/caches/), bench (deco-kernels bench --quick), parity (50-step
+# sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, into
+# $RES/tune_caches; validate and commit them afterwards, on any machine), bench (deco-kernels bench --quick), parity (50-step
 # training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
@@ -47,9 +47,10 @@ run_step() {
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py \
                   && compute-sanitizer --tool memcheck python3 sanitize_triton.py --train) ;;
     # The tune writes into a copy of the shipped caches under $RES after every entry, so a step cut by its
-    # limit (the validation after the tune compiles every candidate) still brings back what was measured.
+    # limit still brings back what was measured. No --validate here: its held-out refits are minutes of CPU
+    # (they cut the step of 2026-12-05); run `deco-kernels tune --validate-cache FILE` on the results instead.
     tune) rm -rf "$RES/tune_caches" && cp -r autotune/caches "$RES/tune_caches" \
-            && deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out "$RES/tune_caches" --validate \
+            && deco-kernels tune --preset all --budget "${TUNE_BUDGET:-360}" --out "$RES/tune_caches" \
                  ${TUNE_ARGS:-} ;;
     bench) deco-kernels bench --quick --out "$RES/bench" ;;
     bench_repeat) deco-kernels bench --quick --out "$RES/bench_repeat" ;;
