@@ -7,8 +7,8 @@
 # benchmarks/check_grouped.py), host (the Python cost of an eager call,
 # benchmarks/host_overhead.py), tests (the gpu-marked tests),
 # sanitizer (compute-sanitizer memcheck of the Triton paths), tune (deco-kernels tune, all presets, into
-# $RES/tune_caches; validate and commit them afterwards, on any machine), bench (deco-kernels bench --quick), parity (50-step
-# training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
+# $RES/tune_caches; validate and commit them afterwards, on any machine), bench (deco-kernels bench --quick),
+# parity (50-step training parity), elastic (the elastic experiment; needs data/shakespeare, see benchmarks/elastic_experiment.py
 # prepare; ELASTIC_ARGS adds arguments), bench_repeat (the bench again, into bench_repeat/, for
 # benchmarks/compare_bench.py), micro (the pytest-benchmark microbenchmarks of benchmarks/; quick unless
 # MICRO_QUICK=0), ddp (benchmarks/ddp_check.py on DDP_GPUS=2 GPUs, its own limit DDP_TIMEOUT s), sweep and
