@@ -2,7 +2,8 @@
 each launch leaves against torch in fp32 on the same inputs, for the default tiles, the tuned cache's and
 one-knob variants. Five calls each expose run-to-run differences, stage by stage: gates and mu (router), token
 lists (grouping), activations and the shared expert's hidden activation (up), output (down); the first stage
-that differs is where a race lives.
+that differs is where a race lives. Every config runs with the atomic down projection ("down": "atomics"), the
+one with stages to check (the GEMM's output is cuBLAS's).
 
     python benchmarks/check_grouped.py --preset 1.2b --tokens 1024 4096
     TRITON_INTERPRET=1 python benchmarks/check_grouped.py --preset tiny --tokens 100 --device cpu
@@ -48,7 +49,7 @@ def check(x, w, cfg, label):
     g, mu, tokens, counts, act, hs, acc = runs[0]
     if act.dim() != 3:
         raise SystemExit("check_grouped.py checks the atomic down projection's stages ([N, T, de] activations); "
-                         "the deterministic mode (ffn.DOWN_GEMM, torch.use_deterministic_algorithms) is on")
+                         "ffn.DOWN_GEMM = 1 or torch.use_deterministic_algorithms forces the GEMM")
     out = [label, f"gates same set {bool(torch.equal(g > 0, g_ref > 0))} rel {rel_err(g, g_ref):.1e}",
            f"mu rel {rel_err(mu, x.float() @ mean.wbar):.1e}"]
     # Each expert's activations and down projection in torch, from the kernels' own gates and token lists.
@@ -95,7 +96,7 @@ def main():
         with torch.no_grad():
             for label, cfg in variants:
                 if cfg is not None:
-                    check(x, w, cfg, f"{args.preset} T={T} {label}")
+                    check(x, w, {**cfg, "down": "atomics"}, f"{args.preset} T={T} {label}")
 
 
 if __name__ == "__main__":
