@@ -109,8 +109,8 @@ def test_n1_and_wide_shared(triton_device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The two down projections of the prefill (ffn.DOWN_GEMM: the GEMM, the default, or the atomics) and
-# deterministic calls (torch.use_deterministic_algorithms)
+# The two down projections of the prefill (a config's "down", or ffn.DOWN_GEMM: the GEMM, the default, or the
+# atomics) and deterministic calls (torch.use_deterministic_algorithms)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T, active, knobs", [
     (65, 0.3, {}), (65, "none", {}), (65, "all", {}), (65, "one", {}), (65, 0.4, dict(max_active=3)),
@@ -153,6 +153,26 @@ def test_deterministic_calls_avoid_the_atomic_kernels(triton_device, monkeypatch
     check(x[:2], w)
     check(x[:70], w)
     assert atomic <= set(launched)   # the check can see them: calls outside the deterministic mode launch both
+
+
+@pytest.mark.parametrize("down", ["atomics", "gemm"])
+def test_a_tuned_configs_down_key_picks_the_down_projection(triton_device, monkeypatch, down):
+    """With ffn.DOWN_GEMM None (the default) a tuned cache's "down" decides: its kernel runs, or not, and y
+    matches the reference either way; DOWN_GEMM and the deterministic mode override it."""
+    launched = []
+    real = triton_ffn.launch
+    monkeypatch.setattr(triton_ffn, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    monkeypatch.setattr(triton_ffn, "config_for",   # a tuned cache's grouped entry
+                        lambda kind, *a, **k: dict(triton_ffn.grouped_config(70), down=down) if kind == "grouped"
+                        else None)
+    x, w = make_layer(70, 40, 13, 16, 24, device=triton_device, seed=12, active=0.3)
+    assert triton_ffn.DOWN_GEMM is None
+    check(x, w)
+    assert (triton_ffn._grouped_down_kernel in launched) == (down == "atomics")
+    launched.clear()
+    monkeypatch.setattr(triton_ffn, "DOWN_GEMM", 1 if down == "atomics" else 0)
+    check(x, w)
+    assert (triton_ffn._grouped_down_kernel in launched) == (down == "gemm")
 
 
 def test_down_gemm_stages_are_token_major(triton_device):
