@@ -38,10 +38,20 @@ def floors(preset: str, T: int, active: float, mm_flops: float, copy_bps: float,
     layer = rest / mm_flops * us + down[best]
     train = 3 * (rest + down_active) / mm_flops * us - 2 * down_active / mm_flops * us + 2 * down[best]
     dense = 6 * T * d * c.d_ff      # the dense twin's forward: three GEMMs of width d_ff
-    return dict(preset=preset, T=T, active_ratio=active, rest_us=rest / mm_flops * us, down_us=down,
-                best_down=best, layer_floor_us=layer, train_floor_us=train,
+    return dict(preset=preset, T=T, active_ratio=active, rest_us=rest / mm_flops * us,
+                **{f"down_{k}_us": v for k, v in down.items()}, best_down=best, layer_floor_us=layer, train_floor_us=train,
                 active_floor_us=(rest + down_active) / mm_flops * us, dense_floor_us=dense / mm_flops * us,
                 train_dense_floor_us=3 * dense / mm_flops * us)
+
+
+# The printed table: (header, row key, width, format).
+COLUMNS = [("preset", "preset", 6, ""), ("T", "T", 5, "d"), ("gemm", "down_gemm_us", 7, ".1f"),
+           ("pairs", "down_pairs_us", 7, ".1f"), ("atomics", "down_atomics_us", 7, ".1f"),
+           ("layer floor", "layer_floor_us", 11, ".1f"), ("dense", "dense_twin_us", 7, ".1f"),
+           ("cap", "layer_cap", 5, ".2f"), ("eq", "layer_cap_same_efficiency", 5, ".2f"),
+           ("triton", "triton_us", 7, ".1f"), ("train floor", "train_floor_us", 11, ".1f"),
+           ("dense", "train_dense_twin_us", 7, ".1f"), ("cap", "train_cap", 5, ".2f"),
+           ("eq", "train_cap_same_efficiency", 5, ".2f"), ("triton", "train_triton_us", 7, ".1f")]
 
 
 def main():
@@ -72,17 +82,10 @@ def main():
     out = dict(source=args.bench, environment=b.get("environment"), bf16_matmul_flops=mm, copy_bandwidth_Bps=bw,
                rows=rows)
     print("µs; cap = dense twin measured / DECO floor, eq = both at their floors (the same efficiency)")
-    print(f"{'preset':6} {'T':>5} {'gemm':>7} {'pairs':>7} {'atomics':>7} {'layer floor':>11} {'dense':>7} "
-          f"{'cap':>5} {'eq':>5} {'triton':>7} {'train floor':>11} {'dense':>7} {'cap':>5} {'eq':>5} {'triton':>7}")
+    print(" ".join(format(name, f">{width}") for name, _, width, _ in COLUMNS))
     for f in rows:
-        dn = f["down_us"]
-        line = (f"{f['preset']:6} {f['T']:5d} {dn['gemm']:7.1f} {dn['pairs']:7.1f} {dn['atomics']:7.1f} "
-                f"{f['layer_floor_us']:11.1f} {f['dense_twin_us']:7.1f} {f['layer_cap']:4.2f}x "
-                f"{f['layer_cap_same_efficiency']:4.2f}x {f['triton_us']:7.1f}")
-        if "train_cap" in f:
-            line += (f" {f['train_floor_us']:11.1f} {f['train_dense_twin_us']:7.1f} {f['train_cap']:4.2f}x "
-                     f"{f['train_cap_same_efficiency']:4.2f}x {f['train_triton_us']:7.1f}")
-        print(line)
+        print(" ".join(format(f[key] if key in f else "-", f">{width}" + ("" if key not in f else spec))
+                       for _, key, width, spec in COLUMNS))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)

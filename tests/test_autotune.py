@@ -531,12 +531,18 @@ def test_the_grouped_tune_searches_both_down_projections(monkeypatch):
     assert launches_mod.as_measured("small_batch", legacy) == legacy
 
 
+def probe_ab_down_gemm() -> dict:
+    """(preset, T, "gemm" | "atomics") -> µs of the whole prefill layer under CUDA graphs on the H100, default
+    tiles (benchmarks/results/h100/probe_ab_down_gemm.json)."""
+    with open(os.path.join(REPO, "benchmarks/results/h100/probe_ab_down_gemm.json")) as f:
+        return {(r["preset"], r["T"], r["variant"]): r["us"] for r in json.load(f)["rows"]}
+
+
 def test_the_model_ranks_the_down_projections_as_measured_on_the_h100():
     """benchmarks/results/h100/probe_ab_down_gemm.json: the whole prefill layer under CUDA graphs with each down
     projection (default tiles), 0.1b and 1.2b at 128-4096 tokens; the GEMM won everywhere. The model picks the
     faster one at every size and predicts the GEMM's time within 25%."""
-    rows = json.load(open(os.path.join(REPO, "benchmarks/results/h100/probe_ab_down_gemm.json")))["rows"]
-    measured = {(r["preset"], r["T"], r["variant"]): r["us"] for r in rows}
+    measured = probe_ab_down_gemm()
     geoms = {"0.1b": (768, 42, 64, 128), "1.2b": (1792, 102, 64, 128)}
     cases = sorted({(p, T) for p, T, _ in measured})
     assert len(cases) == 8
@@ -553,8 +559,7 @@ def test_the_orin_prefill_choice_survives_the_atomics_measured_cost():
     (probe_ab_down_gemm.json): the atomics' fitted efficiency ranks tiles, not levels. Lowered until that figure
     is within 10% of the measurement, the model still picks the atomics for Orin's large prefills, so the
     modelled Orin caches' choice does not rest on that optimism."""
-    rows = json.load(open(os.path.join(REPO, "benchmarks/results/h100/probe_ab_down_gemm.json")))["rows"]
-    measured = next(r["us"] for r in rows if (r["preset"], r["T"], r["variant"]) == ("1.2b", 4096, "atomics"))
+    measured = probe_ab_down_gemm()["1.2b", 4096, "atomics"]
     geom, T = (1792, 102, 64, 128), 4096
 
     def layer(profile, down, constants):
