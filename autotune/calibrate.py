@@ -101,7 +101,8 @@ def load_entries(cache_path: str, compiled: bool = False, profile=None) -> tuple
     cache's device description; each entry carries `profile` (default: devices.profile_for the cache's device).
     With compiled, the Works carry the compiled resource usage of each candidate's kernels for the device's
     arch (validate.usage_cache: compiled once, then read from its file)."""
-    from .launches import as_measured, record
+    from .launches import record
+    from .space import as_measured
     from .validate import parse_key, usage_cache
 
     data = load(cache_path, check_versions=False)

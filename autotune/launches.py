@@ -104,12 +104,6 @@ def meta_layer(T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16, d
     return e(T, d), w
 
 
-def as_measured(path: str, cfg: dict) -> dict:
-    """`cfg` as a cache entry's timing ran it: grouped configs without a "down" key predate it (2026-12-05) and
-    were all measured with the atomic down kernel (at run time they take the GEMM, ffn.down_gemm)."""
-    return {**cfg, "down": "atomics"} if path == "grouped" and "down" not in cfg else cfg
-
-
 def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype=torch.bfloat16) -> list[Launch]:
     """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg` (the
     grouped path with cfg's down projection, ffn.down_gemm; the GEMM's torch ops, its zero fill and cuBLAS

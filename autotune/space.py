@@ -34,7 +34,7 @@ GROUPED_ATOMICS = dict(down=["atomics"], router_block_t=[16, 32, 64], block_m=[3
                        up_warps=[4, 8], up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8],
                        down_stages=[2, 3, 4])
 GROUPED_GEMM = dict({k: v for k, v in GROUPED_ATOMICS.items() if k not in GROUPED_DOWN_KEYS}, down=["gemm"])
-# Keys a cached config may lack: grouped entries from before the "down" key run with the GEMM.
+# Keys a cached config may lack: grouped entries from before the "down" key run with the GEMM (as_measured).
 OPTIONAL_KEYS = ("down",)
 
 
@@ -69,6 +69,12 @@ def missing_keys(path: str, cfg: dict, T: int, dtype) -> set:
     """The keys the current kernels of cfg's regime read that `cfg` lacks: a cached config without them was
     tuned for an earlier kernel (e.g. before split_k existed), so its other values are not a tuned choice."""
     return set(default_config(path, T, dtype, cfg.get("use_dot"))) - set(cfg) - set(OPTIONAL_KEYS)
+
+
+def as_measured(path: str, cfg: dict) -> dict:
+    """`cfg` as a cache entry's timing ran it: grouped configs without a "down" key predate it (2026-12-05) and
+    were all measured with the atomic down kernel (at run time they take the GEMM, ffn.down_gemm)."""
+    return {**cfg, "down": "atomics"} if path == "grouped" and "down" not in cfg else cfg
 
 
 def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, elem_bytes: int) -> dict:

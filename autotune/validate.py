@@ -71,7 +71,8 @@ def validate(cache_path: str, profile=None, tolerance: float = 0.10, held_out: b
     this cache alone) and counted on this cache's entries (all_caches: on all of them). With compiled, every
     measured candidate's kernels are compiled for the device's arch (cached, see usage_cache) and the model
     takes their registers, shared memory and spills instead of its estimates."""
-    from .launches import as_measured, record
+    from .launches import record
+    from .space import as_measured
 
     data = load(cache_path, check_versions=False)
     profile = profile or devices.profile_for(data["device"])

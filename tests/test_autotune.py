@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from deco_kernels.autotune import buckets, cache, devices, lookup, model, runner, space
-from deco_kernels.autotune import launches as launches_mod
 from deco_kernels.autotune.launches import meta_layer, record
 
 H100 = devices.PROFILES["h100-sxm"]
@@ -526,9 +525,9 @@ def test_the_grouped_tune_searches_both_down_projections(monkeypatch):
 
     legacy = {k: v for k, v in base.items() if k != "down"}
     assert not space.missing_keys("grouped", legacy, 512, torch.bfloat16)
-    assert launches_mod.as_measured("grouped", legacy)["down"] == "atomics"
-    assert launches_mod.as_measured("grouped", base) == base
-    assert launches_mod.as_measured("small_batch", legacy) == legacy
+    assert space.as_measured("grouped", legacy)["down"] == "atomics"
+    assert space.as_measured("grouped", base) == base
+    assert space.as_measured("small_batch", legacy) == legacy
 
 
 def probe_ab_down_gemm() -> dict:
