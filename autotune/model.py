@@ -18,7 +18,10 @@ estimate of its registers and shared memory. Its time on a profile is
               program, which other resident programs cannot shorten, plus a launch's tail (round trips and syncs
               once, not per wave: the excess of a longer kind of program, an epilogue after the last arrival);
     math    = its programs' tensor-core FLOPs at TC_EFFICIENCY x peak plus CUDA-core FLOPs at FMA_EFFICIENCY x
-              peak (both shared by its resident programs);
+              peak (both shared by its resident programs); the CUDA-core rate scales down with fewer than
+              ISSUE_WARPS resident warps, whose dependent FMAs and shuffles then leave issue slots empty (the
+              H100's decode down kernel, one program per SM: 8 warps beat 4 by 6-10% on average in 87 measured
+              pairs at 0.2b-1.2b);
     feed    = its programs' bytes over what the SM keeps in flight (Little's law: resident programs' bytes in
               flight over the latency);
   (OVERLAP = 0: every term hides behind the largest, as in a roofline; 1: none overlaps).
@@ -80,19 +83,21 @@ leave-one-geometry-out results, a geometry leaving on every device at once). `py
 deco_kernels.autotune.calibrate --ship` refits them, writes them below, regenerates the validation tables and
 the modelled Orin caches, and rewrites this paragraph:
 
-Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 51 entries
-with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 15 of its 16;
+Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 72 entries
+with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 36 of its 36;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
-best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 14/15 (worst 1.126), held out 12/15
-(worst 1.240); NVIDIA H200 32/36 (worst 1.170), held out 30/36 (worst 1.169).
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 32/36 (worst 1.324), held out 27/36
+(worst 1.324); NVIDIA H200 32/36 (worst 1.292), held out 30/36 (worst 1.261).
 
-The H100 cache's 12 small-batch tensor-core entries were measured on the kernels before split K and are gone;
-the split-K kernels are fitted on the H200 cache's small-batch entries (2-64 tokens). Their misses at 3-16
-tokens (picks 13-20% slower than the best, at BLOCK_D=256) were the reserved shared memory (see Shared memory):
-with it they pass in-sample; held out, 0.2b at 5-8 tokens (1.14) and 1.2b at 3-4 (1.10) still miss (the fold
-without that geometry fits other constants; 0.2b at 3-4 passes since the fit breaks ties by the soft regret).
-Left: decode at T=1, where every candidate runs one wave and the model cannot tell them apart (4 up warps beat 2
-by 3 µs at ROWS=4, which no term here explains). Earlier fits: the H100-only
+Since the H100 tune of 2026-12-05 (every bucket of the four presets, the prefill entries with both down
+projections) both caches hold the split-K small-batch kernels and the fit sees the atomics' level: the
+atomics' efficiency fell from 2.0 to 0.70 (the model's 1.2b T=4096 atomic layer moved from 310 to 446 µs
+against 401.7 measured), and the H200's held-out count from 30 to 25 until the CUDA-core issue rate
+(ISSUE_WARPS, not fitted; 16 gave 25, 32 gave 25) brought it back to 30 and the H100's from 25 to 27.
+Left, in-sample: the 0.1b and 0.2b small batches of 17-64 tokens (4-7 measured candidates: 32-row expert
+blocks in groups of 2 beat 64-row ones by 1.24-1.32x, which the model ranks the other way) and decode (T=1)
+at 0.5b and 1.2b, where most candidates run one wave and the model ranks within a few % (on the H200, 4 up
+warps beat 2 by 3 µs at ROWS=4 before any term modelled the issue rate). Earlier fits: the H100-only
 fit had left the H200 at 10/12 in-sample: its grouped kernels charged 8 warps on a 32-row tile nothing (now
 every warp beyond one per 16 rows of BLOCK_M multiplies the K loop's waits), and its high REG_BASE halved the
 residency of 8-warp grouped programs, which the 401-candidate H200 entries show costs nothing. With every
@@ -125,17 +130,18 @@ ACTIVE_RATIO = 0.2
 DRAM_EFFICIENCY = 0.89      # measured: H100 copy bandwidth 2.97 TB/s of 3.35 TB/s
 REG_LIMIT = 255             # 32-bit registers a thread may hold
 SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 32 lanes per clock, FMAs 128)
+ISSUE_WARPS = 8             # resident warps an SM needs to issue CUDA-core work at its full rate (2 per scheduler)
 
 
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
-    tc_efficiency: float = 0.595
-    fma_efficiency: float = 0.35
-    atomic_efficiency: float = 2.0
-    sync_cycles: float = 236.0
-    overlap: float = 0.21
-    reg_base: float = 95.2
+    tc_efficiency: float = 0.4915
+    fma_efficiency: float = 0.2125
+    atomic_efficiency: float = 0.7021
+    sync_cycles: float = 200.0
+    overlap: float = 0.0
+    reg_base: float = 94.4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -484,6 +490,7 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
              + w.tail_rounds * lat + w.tail_syncs * k.sync_cycles / clk)
     tc_rate = profile.tc_flops_per_clk_sm * k.tc_efficiency * clk
     fma_rate = profile.fma_flops_per_clk_sm * k.fma_efficiency * clk
+    fma_rate *= min(1.0, resident * w.warps / ISSUE_WARPS)
     if w.tensor_cores:
         math_t = per_sm * (w.flops / tc_rate + w.fma_flops / fma_rate)
     else:

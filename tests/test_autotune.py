@@ -554,10 +554,11 @@ def test_the_model_ranks_the_down_projections_as_measured_on_the_h100():
 
 
 def test_the_orin_prefill_choice_survives_the_atomics_measured_cost():
-    """The shipped constants put the H100's 1.2b T=4096 atomic layer at ~310 µs against 401.7 measured
-    (probe_ab_down_gemm.json): the atomics' fitted efficiency ranks tiles, not levels. Lowered until that figure
-    is within 10% of the measurement, the model still picks the atomics for Orin's large prefills, so the
-    modelled Orin caches' choice does not rest on that optimism."""
+    """The H100 cache holds measured atomics and GEMM candidates at every prefill bucket, and the shipped fit
+    puts the H100's 1.2b T=4096 atomic layer within 15% of the 401.7 µs measured (probe_ab_down_gemm.json;
+    above it: the fit is pessimistic about the atomics there). With the atomics' efficiency set so that this
+    figure is within 5% of the measurement, and with the shipped one, the model still picks the atomics for
+    Orin's large prefills by at least 15%, so the modelled Orin caches' choice rests on neither extreme."""
     measured = probe_ab_down_gemm()["1.2b", 4096, "atomics"]
     geom, T = (1792, 102, 64, 128), 4096
 
@@ -565,11 +566,11 @@ def test_the_orin_prefill_choice_survives_the_atomics_measured_cost():
         cfg = dict(space.default_config("grouped", T, torch.bfloat16), down=down)
         return model.predict("grouped", cfg, T, *geom, torch.bfloat16, profile, constants=constants)
 
-    pessimistic = model.with_constants(atomic_efficiency=1.2)
-    assert layer(H100, "atomics", model.CONSTANTS) < 0.9 * measured          # the premise
-    assert abs(layer(H100, "atomics", pessimistic) / measured - 1) < 0.10
-    for constants in (model.CONSTANTS, pessimistic):
-        assert layer(ORIN, "atomics", constants) < 0.8 * layer(ORIN, "gemm", constants)
+    matched = model.with_constants(atomic_efficiency=0.8)
+    assert abs(layer(H100, "atomics", model.CONSTANTS) / measured - 1) < 0.15
+    assert abs(layer(H100, "atomics", matched) / measured - 1) < 0.05
+    for constants in (model.CONSTANTS, matched):
+        assert layer(ORIN, "atomics", constants) < 0.85 * layer(ORIN, "gemm", constants)
 
 
 def test_validation_compares_the_model_pick_with_the_measured_best(tmp_path):
