@@ -19,7 +19,7 @@ import torch
 from deco_kernels.autotune import devices, lookup, runner
 from deco_kernels.autotune.space import as_measured
 from deco_kernels.autotune.validate import parse_key
-from deco_kernels.benchmark import write_result
+from deco_kernels.benchmark import kernel_times, write_result
 
 ROLES = ("best", "pick", "held_out_pick")
 
@@ -30,8 +30,9 @@ def configs_of(entry: dict, row: dict) -> dict:
     return {"best": best, "pick": row["pick"], "held_out_pick": row.get("held_out_pick") or row["pick"]}
 
 
-def recheck(cache_path: str, rounds: int, keys=None, on_row=None) -> list[dict]:
-    """The re-measured entries, the tune's misses (in-sample, then held out) first; on_row(rows) after each."""
+def recheck(cache_path: str, rounds: int, keys=None, on_row=None, kernels: bool = False) -> list[dict]:
+    """The re-measured entries, the tune's misses (in-sample, then held out) first; on_row(rows) after each.
+    kernels: also each config's per-kernel µs (torch.profiler, eager), to see which launch a miss comes from."""
     with open(cache_path) as f:
         cache = json.load(f)
     table = os.path.join(os.path.dirname(cache_path), "validation", os.path.basename(cache_path))
@@ -64,6 +65,9 @@ def recheck(cache_path: str, rounds: int, keys=None, on_row=None) -> list[dict]:
             c = json.dumps(cfgs[role], sort_keys=True)
             res[role] = dict(config=cfgs[role], us=median[c], spread_us=[min(times[c]), max(times[c])],
                              ratio=median[c] / best_us)
+            if kernels:
+                with torch.no_grad():
+                    res[role]["kernels_us"] = kernel_times(lambda: bench.run(as_measured(path, cfgs[role])), 20)
         out.append(res)
         print(f"{key:55s} best {best_us:7.1f}  pick {res['pick']['ratio']:.3f} (tune {row['ratio']:.3f})  "
               f"held out {res['held_out_pick']['ratio']:.3f} (tune {res['tune_ratio']['held_out_pick']:.3f})",
@@ -81,6 +85,7 @@ def main():
                    "cache of this GPU)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--keys", nargs="*", help="only entries whose key contains one of these")
+    p.add_argument("--kernels", action="store_true", help="also each config's per-kernel µs (torch.profiler)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.rounds < 1:
@@ -90,7 +95,7 @@ def main():
         if args.out:
             write_result(args.out, cache=os.path.basename(args.cache), rounds=args.rounds, rows=rows)
 
-    rows = recheck(args.cache, args.rounds, args.keys, on_row=save)
+    rows = recheck(args.cache, args.rounds, args.keys, on_row=save, kernels=args.kernels)
     for role in ("pick", "held_out_pick"):
         ok = sum(r[role]["ratio"] <= 1.10 for r in rows)
         print(f"{role}: {ok}/{len(rows)} re-measured entries within 10% of the best")
