@@ -36,9 +36,6 @@ FMA_SLAB = 16384
 ROUTER_SPLIT_BLOCKS = 132
 # Software-pipelining stages of the router's K loop (router_stages gives 1 at 64-token blocks).
 ROUTER_STAGES = 3
-# The union down kernel loads the next expert's partial h tiles while it uses this one's (small_batch.py); False
-# for timing one against the other (benchmarks/probe_ab.py --variant off PREFETCH_H=0).
-PREFETCH_H = True
 # Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
 USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 # K step of the router from ROUTER_LONG_T tokens on (64 below). H200, the router alone under a CUDA graph
@@ -254,8 +251,7 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     launch(_union_down_kernel, grid, h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
            _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s, float(threshold), NORM_EPS,
            GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, SPLIT_K=split, GROUP=group,
-           BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype), BLOCK_S=16, SPLIT_P2=pow2(split),
-           PREFETCH_H=PREFETCH_H, num_stages=cfg["down_stages"], **meta)
+           BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype), BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
 
 
 def grouped_config(T: int) -> dict:

@@ -384,32 +384,15 @@ def _group_gates(r_ptr, mu_ptr, bias_ptr, g_ptr, e0, pid_d, T, N, bias, threshol
 
 
 @triton.jit
-def _group_h_parts(h_ptr, e0, i, gi, active, ts64, tmask, T, NDE, DE: tl.constexpr, SPLIT_K: tl.constexpr,
-                   SPLIT_P2: tl.constexpr):
-    """The SPLIT_K partial h tiles [SPLIT_P2, BLOCK_T, DE] (fp32, zero beyond SPLIT_K; SPLIT_P2 the next power of
-    two) of the group's expert i, loaded only when some token activates it (else, and for i past the group,
-    zeros)."""
-    dk = tl.arange(0, DE)
-    live = dk * 0 + tl.sum(tl.where(gi == i, active, 0), axis=0) > 0   # [DE], all equal
-    ks = (e0 + i).to(tl.int64) * DE + dk
-    sp = tl.arange(0, SPLIT_P2)
-    rows = sp.to(tl.int64)[:, None] * tl.cast(T, tl.int64) + ts64[None, :]           # [SPLIT_P2, BLOCK_T]
-    mask = ((sp < SPLIT_K)[:, None] & tmask[None, :])[:, :, None] & live[None, None, :]
-    return tl.load(h_ptr + rows[:, :, None] * NDE + ks[None, None, :], mask=mask, other=0.0)
-
-
-@triton.jit
 def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr, gamma_ptr, wd_ptr, wsd_ptr,
                        acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt, bias, threshold, eps,
                        DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
                        SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       SPLIT_P2: tl.constexpr, PREFETCH_H: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (feature block, j): j = 0 the shared expert, j >= 1 the routed experts (j-1)*GROUP .. j*GROUP-1.
     h [SPLIT_K, T, N*DE] and hs [SPLIT_K, T, 2*DS] are the up kernel's partial sums; without GATES_GIVEN
     r [SPLIT_K, T, N] and mu [SPLIT_K, T] its partial logits and mu, with it mu [T] and g come from the router
-    kernel (r unused). PREFETCH_H: the next expert's partial h tiles are loaded while this one's are used (one
-    [SPLIT_K, T, DE] block carried through the loop), instead of at the start of each step."""
+    kernel (r unused)."""
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
     ts = tl.arange(0, BLOCK_T)
@@ -437,20 +420,17 @@ def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr,
         # A plain loop: the w_down address depends only on i, so Triton pipelines its loads; an expert no token
         # activates is masked off (its loads are not issued, its activations are zero).
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        dk = tl.arange(0, DE)
-        if PREFETCH_H:
-            h_next = _group_h_parts(h_ptr, e0, 0, gi, active, ts64, tmask, T, NDE, DE, SPLIT_K, SPLIT_P2)
         for i in range(GROUP):
+            dk = tl.arange(0, DE)
             live = dk * 0 + tl.sum(tl.where(gi == i, active, 0), axis=0) > 0   # [DE], all equal
             ks = (e0 + i).to(tl.int64) * DE + dk
             w = tl.load(wd_ptr + cols64[:, None] * NDE + ks[None, :], mask=cmask[:, None] & live[None, :],
                         other=0.0)
-            if PREFETCH_H:
-                h = tl.sum(h_next, axis=0)
-                # The next expert's loads go out now; nothing reads them before the next step.
-                h_next = _group_h_parts(h_ptr, e0, i + 1, gi, active, ts64, tmask, T, NDE, DE, SPLIT_K, SPLIT_P2)
-            else:
-                h = tl.sum(_group_h_parts(h_ptr, e0, i, gi, active, ts64, tmask, T, NDE, DE, SPLIT_K, SPLIT_P2), axis=0)
+            hmask = tmask[:, None] & live[None, :]
+            h = tl.zeros([BLOCK_T, DE], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                h += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + ks[None, :], mask=hmask,
+                             other=0.0)
             gs_i = tl.sum(tl.where(gi[None, :] == i, gs, 0.0), axis=1)
             a = norm_silu_gate(h, mu, gamma, gs_i, eps, DE)
             acc += tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PREC)
