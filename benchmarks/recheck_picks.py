@@ -22,6 +22,7 @@ from deco_kernels.autotune.validate import parse_key
 from deco_kernels.benchmark import kernel_times, write_result
 
 ROLES = ("best", "pick", "held_out_pick")
+TOLERANCE = 0.10     # as the validation table's: a pick within 10% of the best passes
 
 
 def configs_of(entry: dict, row: dict) -> dict:
@@ -30,20 +31,33 @@ def configs_of(entry: dict, row: dict) -> dict:
     return {"best": best, "pick": row["pick"], "held_out_pick": row.get("held_out_pick") or row["pick"]}
 
 
-def recheck(cache_path: str, rounds: int, keys=None, on_row=None, kernels: bool = False) -> list[dict]:
-    """The re-measured entries, the tune's misses (in-sample, then held out) first; on_row(rows) after each.
-    kernels: also each config's per-kernel µs (torch.profiler, eager), to see which launch a miss comes from."""
+def misses_first(item) -> tuple:
+    """Sort key of (key, validation row): in-sample misses, then held-out misses, then the rest, by key."""
+    key, row = item
+    return (row["ratio"] <= 1 + TOLERANCE, row.get("held_out_ratio", row["ratio"]) <= 1 + TOLERANCE, key)
+
+
+def remeasure(bench, path: str, configs: list[str], rounds: int) -> dict:
+    """{config (JSON): [µs of each round]}: every config once per round, interleaved, so drift hits all alike."""
+    times = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c in configs:
+            times[c].append(bench.measure(as_measured(path, json.loads(c))))
+    return times
+
+
+def recheck(cache_path: str, rounds: int, keys=None, on_row=None, kernels: bool = False,
+            make_bench=runner.LayerBench) -> list[dict]:
+    """The re-measured entries, the tune's misses first (misses_first); on_row(rows) after each. kernels: also
+    each config's per-kernel µs (torch.profiler, eager), to see which launch a miss comes from. make_bench(path,
+    T, d, n, de, ds, dtype): the layer on this GPU (a fake in the CPU tests)."""
     with open(cache_path) as f:
         cache = json.load(f)
     table = os.path.join(os.path.dirname(cache_path), "validation", os.path.basename(cache_path))
     with open(table) as f:
         rows = {r["key"]: r for r in json.load(f)["rows"] if "pick" in r}
     out = []
-    def order(item):
-        row = item[1]
-        return (row["ratio"] <= 1.10, row.get("held_out_ratio", row["ratio"]) <= 1.10, item[0])
-
-    for key, row in sorted(rows.items(), key=order):
+    for key, row in sorted(rows.items(), key=misses_first):
         if keys and not any(k in key for k in keys):
             continue
         entry = cache["entries"][key]
@@ -52,11 +66,8 @@ def recheck(cache_path: str, rounds: int, keys=None, on_row=None, kernels: bool 
         if len(distinct) == 1:
             continue                                   # the model picked the best: nothing to re-measure
         path, d, n, de, ds, dtype, _ = parse_key(key)
-        bench = runner.LayerBench(path, entry["T"], d, n, de, ds, dtype)
-        times = {c: [] for c in distinct}
-        for _ in range(rounds):
-            for c in distinct:
-                times[c].append(bench.measure(as_measured(path, json.loads(c))))
+        bench = make_bench(path, entry["T"], d, n, de, ds, dtype)
+        times = remeasure(bench, path, distinct, rounds)
         median = {c: statistics.median(v) for c, v in times.items()}
         best_us = median[json.dumps(cfgs["best"], sort_keys=True)]
         res = dict(key=key, T=entry["T"], rounds=rounds,
@@ -73,7 +84,8 @@ def recheck(cache_path: str, rounds: int, keys=None, on_row=None, kernels: bool 
               f"held out {res['held_out_pick']['ratio']:.3f} (tune {res['tune_ratio']['held_out_pick']:.3f})",
               flush=True)
         del bench
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if on_row:
             on_row(out)
     return out
@@ -91,14 +103,15 @@ def main():
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     args.cache = args.cache or os.path.join(lookup.SHIPPED_DIR, devices.describe_device()["fingerprint"] + ".json")
+
     def save(rows):     # after every entry: a run cut by a time limit keeps what it measured
         if args.out:
             write_result(args.out, cache=os.path.basename(args.cache), rounds=args.rounds, rows=rows)
 
     rows = recheck(args.cache, args.rounds, args.keys, on_row=save, kernels=args.kernels)
     for role in ("pick", "held_out_pick"):
-        ok = sum(r[role]["ratio"] <= 1.10 for r in rows)
-        print(f"{role}: {ok}/{len(rows)} re-measured entries within 10% of the best")
+        ok = sum(r[role]["ratio"] <= 1 + TOLERANCE for r in rows)
+        print(f"{role}: {ok}/{len(rows)} re-measured entries within {TOLERANCE:.0%} of the best")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,16 @@ SMALL = DecoConfig(vocab_size=97, num_layers=3, d_model=64, num_heads=2, head_di
                    expert_dim=16, shared_dim=32)
 
 
-def _readme_table():
-    spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
+def _script(name: str):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _readme_table():
+    return _script("readme_table")
 
 
 def cpu_timer(fn, graph):
@@ -340,10 +345,7 @@ def test_readme_table_graph_columns():
 
 
 def _compare_bench():
-    spec = importlib.util.spec_from_file_location("compare_bench", REPO / "benchmarks" / "compare_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("compare_bench")
 
 
 def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
@@ -433,3 +435,44 @@ def test_an_output_off_the_reference_is_flagged_in_the_row_and_the_readme(monkey
     result["rows"][0]["rel_err"] = {"triton": 0.025}
     text = rt.table(result)
     assert "**Wrong outputs in this run**" in text and "triton at 0.1b T=" in text and "rel_err 0.025 > 0.01" in text
+
+
+def test_recheck_picks_remeasures_the_misses_first_and_skips_agreeing_entries(tmp_path):
+    """benchmarks/recheck_picks.py on a fake layer: an entry whose picks are its best is skipped; the others
+    are re-timed interleaved, the tune's misses first, each role's median over the rounds against the best's."""
+    rp = _script("recheck_picks")
+    a, b, c = (dict(rows=r) for r in (8, 16, 32))
+    geom = "small_batch/d64_n4_de16_ds8_bf16"
+    cache = {"entries": {
+        f"{geom}/t1": dict(T=1, candidates=[dict(config=a, us=10.0), dict(config=b, us=12.0)]),
+        f"{geom}/t2": dict(T=2, candidates=[dict(config=a, us=10.0), dict(config=c, us=15.0)]),
+        f"{geom}/t3-4": dict(T=4, candidates=[dict(config=a, us=10.0), dict(config=b, us=11.0)]),
+    }}
+    table = {"rows": [
+        dict(key=f"{geom}/t1", ratio=1.2, pick=b, held_out_ratio=1.2, held_out_pick=b),        # a miss
+        dict(key=f"{geom}/t2", ratio=1.0, pick=a, held_out_ratio=1.5, held_out_pick=c),        # a held-out miss
+        dict(key=f"{geom}/t3-4", ratio=1.0, pick=a, held_out_ratio=1.0, held_out_pick=a),      # agrees: skipped
+    ]}
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "dev.json").write_text(json.dumps(cache))
+    (tmp_path / "validation" / "dev.json").write_text(json.dumps(table))
+    timed = []
+
+    class FakeBench:
+        def __init__(self, path, T, d, n, de, ds, dtype):
+            assert (path, d, n, de, ds, dtype) == ("small_batch", 64, 4, 16, 8, torch.bfloat16)
+            self.T = T
+
+        def measure(self, cfg):
+            timed.append((self.T, cfg["rows"]))
+            return {8: 10.0, 16: 13.0, 32: 20.0}[cfg["rows"]] + len(timed) * 1e-3
+
+    seen = []
+    rows = rp.recheck(str(tmp_path / "dev.json"), rounds=3, make_bench=FakeBench, on_row=lambda r: seen.append(len(r)))
+    assert [r["key"] for r in rows] == [f"{geom}/t1", f"{geom}/t2"] and seen == [1, 2]
+    assert timed[:2] == [(1, 8), (1, 16)] and len(timed) == 2 * 3 + 2 * 3        # interleaved, two configs each
+    t1, t2 = rows
+    assert t1["pick"]["ratio"] == pytest.approx(1.3, rel=1e-3) and t1["best"]["ratio"] == 1.0
+    assert t2["pick"]["ratio"] == 1.0 and t2["held_out_pick"]["ratio"] == pytest.approx(2.0, rel=1e-3)
+    assert t2["tune_ratio"] == dict(pick=1.0, held_out_pick=1.5)
+    assert all(r[role]["spread_us"][0] <= r[role]["us"] <= r[role]["spread_us"][1] for r in rows for role in rp.ROLES)
