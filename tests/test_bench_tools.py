@@ -34,10 +34,6 @@ def _script(name: str):
     return module
 
 
-def _readme_table():
-    return _script("readme_table")
-
-
 def cpu_timer(fn, graph):
     """Wall-clock µs of one call after a warm-up call (the CPU stand-in for GpuTimer)."""
     fn()
@@ -275,7 +271,7 @@ def test_cli_plot_only_redraws_from_the_json(tmp_path, capsys):
 
 
 def test_readme_table_from_a_synthetic_json():
-    rt = _readme_table()
+    rt = _script("readme_table")
     text = rt.table(synthetic_result())
     assert text.startswith("Measured on Fake GPU X1 (sm_90), torch 2.0, triton 3.0, 2030-01-02; bfloat16")
     # 0.1b, T=8: dense 20 * 8^0.25 = 33.6, triton 10 * 8^0.3 = 18.7, speed-up 33.6 / 18.7 = 1.80x
@@ -287,7 +283,7 @@ def test_readme_table_from_a_synthetic_json():
 
 
 def test_readme_table_gpu_busy_columns_only_when_measured():
-    rt = _readme_table()
+    rt = _script("readme_table")
     result = synthetic_result()
     us, gpu = dict(dense_twin=1000.0, triton=2800.0), dict(dense_twin=1000.0, triton=1250.0)
     result["train"] = dict(tokens=4096, rows=[dict(preset="1.2b", T=4096, us=us, peak_bytes={}, speedup_vs_dense={
@@ -318,7 +314,7 @@ def test_readme_table_gpu_busy_columns_only_when_measured():
 
 
 def test_readme_table_graph_training_column_only_when_measured():
-    rt = _readme_table()
+    rt = _script("readme_table")
     result = synthetic_result()
     assert "train tok/s graph" not in rt.model_table(result)
     result["model"]["rows"][0]["deco"]["train_graph_tokens_per_s"] = 60000.0
@@ -332,7 +328,7 @@ def test_readme_table_graph_training_column_only_when_measured():
 
 
 def test_readme_table_graph_columns():
-    rt = _readme_table()
+    rt = _script("readme_table")
     result = synthetic_result()
     for r in result["rows"]:
         if not r["graph"]:
@@ -344,12 +340,8 @@ def test_readme_table_graph_columns():
     assert "| 0.1b | 8 | 33.6 | 700.0 | 18.7 | 1.80x | 0.05 | 33.6 | 18.7 | 1.80x |" in text  # graph rows repeat
 
 
-def _compare_bench():
-    return _script("compare_bench")
-
-
 def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
-    cb = _compare_bench()
+    cb = _script("compare_bench")
     a = synthetic_result()
     b = json.loads(json.dumps(a))
     b["environment"]["date"] = "2030-01-03T00:00:00"
@@ -379,7 +371,7 @@ def test_compare_bench_pairs_every_figure_and_flags_changes(tmp_path, capsys):
 
 
 def test_readme_table_write_replaces_only_the_block(tmp_path):
-    rt = _readme_table()
+    rt = _script("readme_table")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{rt.BEGIN}\nold\n{rt.END}\noutro\n")
     rt.write(str(readme), "new table")
@@ -390,7 +382,7 @@ def test_readme_table_write_replaces_only_the_block(tmp_path):
 
 
 def test_readme_block_is_generated_from_a_committed_json():
-    rt = _readme_table()
+    rt = _script("readme_table")
     readme = (REPO / "README.md").read_text()
     block = re.search(re.escape(rt.BEGIN) + r"\n(.*?)\n" + re.escape(rt.END), readme, re.S).group(1)
     candidates = sorted((REPO / "benchmarks" / "results").glob("*/bench.json"))
@@ -429,7 +421,7 @@ def test_an_output_off_the_reference_is_flagged_in_the_row_and_the_readme(monkey
     row = bench.layer_case(SMALL, "small", x[:8], w, dense, cpu_timer, 1e9, 1e12, ["triton"])
     assert "triton" in row["us"] and row["rel_err"]["triton"] == pytest.approx(1e-3, rel=1e-3)
     assert row["errors"]["triton"] == "output off the reference: rel_err 0.001 > 1e-05"
-    rt = _readme_table()
+    rt = _script("readme_table")
     result = synthetic_result()
     assert "Wrong outputs" not in rt.table(result)
     result["rows"][0]["rel_err"] = {"triton": 0.025}
@@ -448,10 +440,14 @@ def test_recheck_picks_remeasures_the_misses_first_and_skips_agreeing_entries(tm
         f"{geom}/t2": dict(T=2, candidates=[dict(config=a, us=10.0), dict(config=c, us=15.0)]),
         f"{geom}/t3-4": dict(T=4, candidates=[dict(config=a, us=10.0), dict(config=b, us=11.0)]),
     }}
-    table = {"rows": [
-        dict(key=f"{geom}/t1", ratio=1.2, pick=b, held_out_ratio=1.2, held_out_pick=b),        # a miss
-        dict(key=f"{geom}/t2", ratio=1.0, pick=a, held_out_ratio=1.5, held_out_pick=c),        # a held-out miss
-        dict(key=f"{geom}/t3-4", ratio=1.0, pick=a, held_out_ratio=1.0, held_out_pick=a),      # agrees: skipped
+    def row(t, ratio, pick, held_out_ratio, held_out_pick):
+        return dict(key=f"{geom}/{t}", ratio=ratio, passed=ratio <= 1.1, pick=pick, held_out_ratio=held_out_ratio,
+                    held_out_passed=held_out_ratio <= 1.1, held_out_pick=held_out_pick)
+
+    table = {"summary": dict(tolerance=0.1), "rows": [
+        row("t1", 1.2, b, 1.2, b),          # a miss
+        row("t2", 1.0, a, 1.5, c),          # a held-out miss
+        row("t3-4", 1.0, a, 1.0, a),        # agrees: skipped
     ]}
     (tmp_path / "validation").mkdir()
     (tmp_path / "dev.json").write_text(json.dumps(cache))
@@ -475,4 +471,5 @@ def test_recheck_picks_remeasures_the_misses_first_and_skips_agreeing_entries(tm
     assert t1["pick"]["ratio"] == pytest.approx(1.3, rel=1e-3) and t1["best"]["ratio"] == 1.0
     assert t2["pick"]["ratio"] == 1.0 and t2["held_out_pick"]["ratio"] == pytest.approx(2.0, rel=1e-3)
     assert t2["tune_ratio"] == dict(pick=1.0, held_out_pick=1.5)
+    assert not t1["pick"]["passed"] and t2["pick"]["passed"] and not t2["held_out_pick"]["passed"]
     assert all(r[role]["spread_us"][0] <= r[role]["us"] <= r[role]["spread_us"][1] for r in rows for role in rp.ROLES)
