@@ -242,6 +242,11 @@ def _split_k_up(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     # The tail: the shared expert's programs (launched first) run a second K loop; the mu programs' loop is not
     # pipelined (plain loads, no dot: one round trip per step).
     tail_rounds = max(loop_rounds, router * (steps - loop_rounds))
+    # With PRESUM the last arriver of each expert row block (arrival, then its read of every chunk's partial)
+    # sums the partials into chunk 0's tile: two more rounds at the end and those bytes read once more.
+    presum = bool(c.get("PRESUM")) and split > 1
+    tail_rounds += 2 * presum
+    presum_bytes = presum * live * n * de * T * (split + 1) * 4
     stage = (bt + rows + 16 * router) * bk * eb
     return Work(ln.name, P, byts, flops, 2 + loop_rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
                 syncs=loop_syncs, inflight=inflight, smem=pipe * stage,
@@ -250,7 +255,7 @@ def _split_k_up(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
                 tile_regs=0.3 * eb * (rows + bt) * bk / (32 * warps),
                 tail_rounds=tail_rounds, tail_syncs=loop_syncs,
                 dram=((live * n * de + 2 * ds + router * n) * d + T * d) * eb + router * d * 4
-                + split * T * (live * n * de + 2 * ds + router * (n + 1)) * 4)
+                + split * T * (live * n * de + 2 * ds + router * (n + 1)) * 4 + presum_bytes)
 
 
 def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float) -> Work:
@@ -264,17 +269,18 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     # worth per step (the H200 sweeps: 1.5-2.4 µs more per loop step than with 2 stages at 8 tokens).
     pipe = max(stages - 1, 0.5)
     bd, bt, group, split, bs = c["BLOCK_D"], c["BLOCK_T"], c["GROUP"], c["SPLIT_K"], c["BLOCK_S"]
+    hsplit = c.get("H_SPLIT", split)       # partial h tiles an expert step reads (1 when the up kernel summed them)
     given = bool(c["GATES_GIVEN"])
     nd, ngroups = ln.grid[0], ln.grid[1] - 1
     per = n / ngroups                     # experts of a group program (the last group may be short)
     live = f * per                        # ... that some token activates (only their loads are issued)
     hit = 1.0 - (1.0 - f) ** per          # chance that a group program adds anything
     steps_s = math.ceil(ds / bs)          # the shared program's loop over its hidden columns
-    stage_g = bd * de * eb + split * bt * de * 4       # one expert: its w_down block and split partial h tiles
+    stage_g = bd * de * eb + hsplit * bt * de * 4      # one expert: its w_down block and partial h tiles
     stage_s = bd * bs * eb + 2 * split * bt * bs * 4
     gates = (1 if given else split) * T * 4 * (group + 1)   # partial logits and mu (the router's g and mu)
-    grp = (nd * ngroups, gates + group * eb + de * eb + live * (bd * de * eb + split * T * de * 4) + 4,
-           pipe * stage_g, live * 2 * bt * bd * de, live * (split + 12) * bt * de, hit * T * bd * 4)
+    grp = (nd * ngroups, gates + group * eb + de * eb + live * (bd * de * eb + hsplit * T * de * 4) + 4,
+           pipe * stage_g, live * 2 * bt * bd * de, live * (hsplit + 12) * bt * de, hit * T * bd * 4)
     shr = (nd, steps_s * (bd * bs * eb + 2 * split * T * bs * 4) + 4, pipe * stage_s, 2 * bt * bd * steps_s * bs,
            (2 * split + 6) * bt * steps_s * bs, T * bd * 4)
     P, byts, inflight, flops, fma, atomics = _average([grp, shr])
@@ -288,7 +294,7 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     rounds_s, syncs_s = 2 + math.ceil(steps_s / pipe), (2 * steps_s + 3) * along
     # The fp32 accumulator (twice: its copy in the atomics' layout), the w_down block's fragments and the split
     # partial h tiles (weights fitted to Triton 3.9's sm_90 register counts).
-    tile = 2 * bt * bd + 0.25 * eb * bd * max(de, bs) + 0.25 * split * bt * max(de, 2 * bs)
+    tile = 2 * bt * bd + 0.25 * eb * bd * max(de, bs) + 0.25 * bt * max(hsplit * de, split * 2 * bs)
     # Shared memory: the pipelined stages and the activation tile staged for the dot, or (more, without
     # stages) the scratch through which the accumulator changes layout for the atomics, at most 8192 and at
     # least 8 values a thread (as compiled for sm_87; sm_90 takes half of it at 17-32 rows), and on sm_90 one
@@ -302,7 +308,7 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
                 # Every feature block re-reads its experts' partial tiles: on the H200 each further K-chunk cost
                 # about those bytes at the DRAM rate (sweep_tiles results), so they count as DRAM bytes.
                 dram=(f * n * de + ds) * d * eb + T * d * eb
-                + nd * split * T * (f * n * de + 2 * ds + (0 if given else n + 1)) * 4)
+                + nd * T * (hsplit * f * n * de + split * (2 * ds + (0 if given else n + 1))) * 4)
 
 
 def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: dict | None = None) -> list[Work]:

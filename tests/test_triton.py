@@ -220,9 +220,11 @@ def test_small_batch_tile_configs(triton_device, monkeypatch, T, cfg):
 # last group holds one), d = 40 in 3 K-chunks of 16 columns (the last one half full), de = 16, ds = 24.
 @pytest.mark.parametrize("T", [5, 8, 17, 64])
 @pytest.mark.parametrize("active", [0.3, "none", "all", "one"])
-def test_split_k_expert_groups(triton_device, monkeypatch, T, active):
+@pytest.mark.parametrize("presum", [True, False], ids=["presum-h", "split-h"])
+def test_split_k_expert_groups(triton_device, monkeypatch, T, active, presum):
     monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")
     monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: dot_cfg(rows=16))
+    monkeypatch.setattr(triton_ffn, "PRESUM_H", presum)
     x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T, active=active, hot_expert=12)
     g_ref = check(x, w)
     check(x, w)  # again: the scratch accumulator and arrival counters were left at zero

@@ -36,6 +36,11 @@ FMA_SLAB = 16384
 ROUTER_SPLIT_BLOCKS = 132
 # Software-pipelining stages of the router's K loop (router_stages gives 1 at 64-token blocks).
 ROUTER_STAGES = 3
+# Small batches with split K: the up kernel's last arriver of each expert row block sums the partial h tiles
+# (small_batch._presum_h), so every feature block of the down kernel reads one tile per expert instead of
+# SPLIT_K. NOT MEASURED on a GPU yet (branch presum-h): benchmarks/probe_ab.py --variant on PRESUM_H=1
+# --variant off PRESUM_H=0.
+PRESUM_H = True
 # Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
 USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 # K step of the router from ROUTER_LONG_T tokens on (64 below). H200, the router alone under a CUDA graph
@@ -232,12 +237,14 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     bias_ptr = bias_v if bias_v is not None else g
     pdl = not use_dot and pdl_launch(dev)   # the decode kernels only (see small_batch.py)
     programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
+    presum = PRESUM_H and split > 1
     launch(
         _up_kernel, (programs,), x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], mean.wbar, bias_ptr, g, h,
-        hs, r, mu, T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
+        hs, r, mu, _zeroed(dev, torch.int32, n * (de // rows)), T, n, d, ds, x.stride(0), k_chunk, bias_s,
+        float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
-        BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, num_warps=cfg["up_warps"],
+        BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, PRESUM=presum, num_warps=cfg["up_warps"],
         num_stages=cfg.get("up_stages", 1))
     weights = (w["router_scale"], w["gamma"], w["w_down"], w["ws_down"])
     meta = dict(DE=de, BLOCK_T=block_t, BLOCK_D=cfg["block_d"], num_warps=cfg["down_warps"])
@@ -251,7 +258,8 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     launch(_union_down_kernel, grid, h, hs, r, mu, bias_ptr, g, *weights, _zeroed(dev, f32, T * d),
            _zeroed(dev, torch.int32, grid[0]), y, T, n, d, ds, y.stride(0), bias_s, float(threshold), NORM_EPS,
            GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, SPLIT_K=split, GROUP=group,
-           BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype), BLOCK_S=16, num_stages=cfg["down_stages"], **meta)
+           BLOCK_G=max(2, pow2(group)), PREC=_precision(x.dtype), BLOCK_S=16, H_SPLIT=1 if presum else split,
+           num_stages=cfg["down_stages"], **meta)
 
 
 def grouped_config(T: int) -> dict:

@@ -236,17 +236,35 @@ def _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e64, T, D, stride_xt, BLOCK_T:
 
 
 @triton.jit
+def _presum_h(h_ptr, count_ptr, ts64, tmask, cols, T, NDE, SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr,
+              ROWS: tl.constexpr):
+    """Arrive at an expert row block's counter after storing this chunk's partial h; the last of its SPLIT_K
+    programs sums the partials in chunk order (the result does not depend on who arrives last) into chunk 0's
+    tile and re-zeroes the counter (CUDA graphs replay it)."""
+    tl.debug_barrier()   # every thread's partial is stored before the arrival releases it
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1:
+        tot = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            tot += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + cols[None, :],
+                           mask=tmask[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(h_ptr + ts64[:, None] * NDE + cols[None, :], tot, mask=tmask[:, None])
+        tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
 def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_ptr, h_ptr, hs_ptr, r_ptr, mu_ptr,
-               T, N, D, DS, stride_xt, k_chunk, bias, threshold,
+               count_ptr, T, N, D, DS, stride_xt, k_chunk, bias, threshold,
                DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr, USE_DOT: tl.constexpr,
                SPLIT_K: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, PDL: tl.constexpr):
+               BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, PDL: tl.constexpr, PRESUM: tl.constexpr):
     """Programs, in launch order: the shared expert's (row block, K-chunk) programs, then (tensor cores without
     GATES_GIVEN) one mu program per K-chunk, then the (expert, row block, K-chunk) programs. Chunk s covers the
     columns s*k_chunk .. (s+1)*k_chunk of d; every output is a partial sum indexed by s (h [SPLIT_K, T, N*DE],
     hs [SPLIT_K, T, 2*DS], r [SPLIT_K, T, N], mu [SPLIT_K, T]). Decode (USE_DOT off) has SPLIT_K = 1 and,
     without GATES_GIVEN, writes the gates g and mu [T] itself. With PDL (decode) every program lets the decode
-    down kernel launch at once (it waits for this grid before reading anything this one writes)."""
+    down kernel launch at once (it waits for this grid before reading anything this one writes). With PRESUM
+    (SPLIT_K > 1) the last of an expert row block's SPLIT_K programs to arrive (count_ptr, one int32 per row
+    block, left at zero) sums its partial h tiles in chunk order into chunk 0's, so the down kernel reads one."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -279,6 +297,8 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
                 h = _rows_times_x(x_ptr, wup_ptr, row0, NDE, k_lo, k_hi, T, D, stride_xt, USE_DOT, PREC, BLOCK_T,
                                   ROWS, BLOCK_K)
                 tl.store(h_out, h, mask=tmask[:, None])
+                if PRESUM:
+                    _presum_h(h_ptr, count_ptr + q, ts64, tmask, cols, T, NDE, SPLIT_K, BLOCK_T, ROWS)
         elif USE_DOT:
             # The gates need the whole K sum: partial logits ride along in the pipelined K loop, the down
             # kernel sums them. Every slab is read.
@@ -287,6 +307,8 @@ def _up_kernel(x_ptr, wr_ptr, wup_ptr, wsg_ptr, wsu_ptr, wbar_ptr, bias_ptr, g_p
             tl.store(h_out, h, mask=tmask[:, None])
             if q % RB == 0:
                 tl.store(r_ptr + part64 * N + e, r, mask=tmask)
+            if PRESUM:
+                _presum_h(h_ptr, count_ptr + q, ts64, tmask, cols, T, NDE, SPLIT_K, BLOCK_T, ROWS)
         else:
             # Decode: the logit first (one round of loads), so inactive experts read none of their slab.
             r, mu = _router_logit_and_mu(x_ptr, wr_ptr, wbar_ptr, e.to(tl.int64), T, D, stride_xt, BLOCK_T,
@@ -388,7 +410,7 @@ def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr,
                        acc_ptr, counter_ptr, y_ptr, T, N, D, DS, stride_yt, bias, threshold, eps,
                        DE: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_BIAS_VEC: tl.constexpr,
                        SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, H_SPLIT: tl.constexpr):
     """Program (feature block, j): j = 0 the shared expert, j >= 1 the routed experts (j-1)*GROUP .. j*GROUP-1.
     h [SPLIT_K, T, N*DE] and hs [SPLIT_K, T, 2*DS] are the up kernel's partial sums; without GATES_GIVEN
     r [SPLIT_K, T, N] and mu [SPLIT_K, T] its partial logits and mu, with it mu [T] and g come from the router
@@ -428,7 +450,7 @@ def _union_down_kernel(h_ptr, hs_ptr, r_ptr, mu_ptr, bias_ptr, g_ptr, scale_ptr,
                         other=0.0)
             hmask = tmask[:, None] & live[None, :]
             h = tl.zeros([BLOCK_T, DE], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in tl.static_range(H_SPLIT):    # 1 where the up kernel summed the partials (PRESUM)
                 h += tl.load(h_ptr + (s * tl.cast(T, tl.int64) + ts64)[:, None] * NDE + ks[None, :], mask=hmask,
                              other=0.0)
             gs_i = tl.sum(tl.where(gi[None, :] == i, gs, 0.0), axis=1)
