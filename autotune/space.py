@@ -2,8 +2,8 @@
 
 Regimes (kept in step with ffn.small_batch_config): small_batch multiplies in registers by default for T <= 4
 (use_dot False: rows, up_warps, block_d, slots, down_warps) and on tensor cores for 5 <= T <= 64 (use_dot True:
-rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages); from 2 to 8 tokens the
-tune measures both regimes; grouped is the prefill path, with its two down projections as regimes too ("down":
+rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages, presum); from 2 to 8
+tokens the tune measures both regimes; grouped is the prefill path, with its two down projections as regimes too ("down":
 "gemm", the default, searches the router and up tiles; "atomics" also the atomic down kernel's). Keys are
 treated generically: a config is a dict, the launcher reads what it knows (and fills the small-batch keys a
 partial config lacks from its regime's defaults).
@@ -24,9 +24,9 @@ SMALL_FMA = dict(use_dot=[False], rows=[2, 4, 8, 16], up_warps=[2, 4, 8], block_
                  slots=[8, 16, 32], down_warps=[4, 8])
 SMALL_DOT = dict(use_dot=[True], rows=[16, 32, 64], block_k=[64, 128, 256], split_k=[1, 2, 3, 4, 6],
                  up_warps=[4, 8], up_stages=[2, 3, 4], block_d=[64, 128, 256], group=[2, 4, 8, 16],
-                 down_warps=[4, 8], down_stages=[1, 2, 3])
+                 down_warps=[4, 8], down_stages=[1, 2, 3], presum=[False, True])
 # Keys only the tensor-core regime reads: dropped from FMA candidates built on a tensor-core default.
-DOT_ONLY = ("block_k", "up_stages", "split_k", "group", "down_stages")
+DOT_ONLY = ("block_k", "up_stages", "split_k", "group", "down_stages", "presum")
 # The prefill's two down projections (ffn.down_gemm): with the GEMM the atomic kernel's tiles
 # (GROUPED_DOWN_KEYS) keep their defaults and are not searched.
 GROUPED_DOWN_KEYS = ("block_d", "down_warps", "down_stages")
@@ -34,8 +34,9 @@ GROUPED_ATOMICS = dict(down=["atomics"], router_block_t=[16, 32, 64], block_m=[3
                        up_warps=[4, 8], up_stages=[2, 3, 4], block_d=[32, 64, 128], down_warps=[4, 8],
                        down_stages=[2, 3, 4])
 GROUPED_GEMM = dict({k: v for k, v in GROUPED_ATOMICS.items() if k not in GROUPED_DOWN_KEYS}, down=["gemm"])
-# Keys a cached config may lack: grouped entries from before the "down" key run with the GEMM (as_measured).
-OPTIONAL_KEYS = ("down",)
+# Keys a cached config may lack: grouped entries from before the "down" key run with the GEMM (as_measured),
+# small-batch ones from before "presum" without it (its default).
+OPTIONAL_KEYS = ("down", "presum")
 
 
 def _pow2(x: int) -> int:
@@ -95,9 +96,10 @@ def estimate(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, ele
             # w_down block and the partial h tiles (counted for every stage: the compiled kernels on sm_90 hold
             # up to num_stages copies plus scratch).
             split, bd = cfg.get("split_k", 1), cfg["block_d"]
-            down_regs = (bt * bd + (bd + bt) * de * elem_bytes // 4 + split * bt * de) // (32 * cfg["down_warps"])
+            hsplit = 1 if cfg.get("presum") else split      # presum: the up kernel summed them
+            down_regs = (bt * bd + (bd + bt) * de * elem_bytes // 4 + hsplit * bt * de) // (32 * cfg["down_warps"])
             regs = max(regs, down_regs)
-            smem = max(smem, max(cfg.get("down_stages", 1), 1) * (bd * de * elem_bytes + split * bt * de * 4))
+            smem = max(smem, max(cfg.get("down_stages", 1), 1) * (bd * de * elem_bytes + hsplit * bt * de * 4))
         else:
             bk = min(_pow2(d), max(16, FMA_SLAB // rows))
             regs = rows * bk // (32 * cfg["up_warps"])
@@ -141,6 +143,8 @@ def candidates(path: str, T: int, d: int, n: int, de: int, ds: int, dtype, profi
         if not cfg.get("use_dot", True):
             for k in DOT_ONLY:
                 cfg.pop(k, None)
+        elif cfg.get("split_k", 1) == 1 and cfg.get("presum"):
+            cfg["presum"] = False     # nothing to sum: the same kernels as without
         f = _freeze(cfg)
         if f in seen or fits(path, cfg, T, d, n, de, ds, elem, profile) is not None:
             continue

@@ -294,6 +294,13 @@ def test_candidates_start_with_the_default_and_fit_the_device():
     big = dict(space.default_config("small_batch", 64, torch.bfloat16), up_stages=3, block_k=256, rows=64)
     assert space.fits("small_batch", big, 64, *GEOM, 2, H100) is None
     assert "shared memory" in space.fits("small_batch", big, 64, *GEOM, 2, ORIN)
+    # presum is searched where there are partials to sum (split_k > 1) and never duplicates a config without
+    dots = [c for c in space.candidates("small_batch", 16, *GEOM, torch.bfloat16, H100) if c["use_dot"]]
+    assert {c["presum"] for c in dots if c["split_k"] > 1} == {True, False}
+    assert not any(c["presum"] for c in dots if c["split_k"] == 1)
+    # a tensor-core entry cached before the key existed is still a tuned choice (run with presum off)
+    legacy = {k: v for k, v in space.default_config("small_batch", 16, torch.bfloat16).items() if k != "presum"}
+    assert not space.missing_keys("small_batch", legacy, 16, torch.bfloat16)
 
 
 def _work(**kw):
@@ -385,16 +392,17 @@ def test_split_k_works_follow_the_kernels(monkeypatch):
     # larger groups: fewer programs and atomic adds, longer loops
     _, (_, big) = works(group=4 * group)
     assert big.programs < down.programs and big.atomics * big.programs < total and big.rounds > down.rounds
-    # more K-chunks: more fp32 partials written by the up kernel; summed there (PRESUM_H), the down kernel's
-    # feature blocks read one h tile per expert whatever the split (only the small logits and shared partials
-    # grow with it) ...
+    # more K-chunks: more fp32 partials written by the up kernel; every one of the nd feature blocks re-reads
+    # its active experts' partial tiles ...
     _, (up1, down1) = works(split_k=1)
     assert up1.dram < up.dram and down1.dram < down.dram
-    assert (down.dram - down1.dram) < 0.5 * (up.dram - up1.dram)
-    # ... without it every one of the nd feature blocks re-reads its active experts' partial tiles
-    monkeypatch.setattr(triton_ffn, "PRESUM_H", False)
-    _, (up_s, down_s) = works()
-    assert 0.5 * nd < (down_s.dram - down1.dram) / (up_s.dram - up1.dram) <= nd
+    assert 0.5 * nd < (down.dram - down1.dram) / (up.dram - up1.dram) <= nd
+    # ... unless the up kernel sums them (presum): then the down kernel reads one h tile per expert whatever the
+    # split (only the small logits and shared partials grow with it), and the up kernel has a longer tail
+    _, (up_p, down_p) = works(presum=True)
+    assert up_p.dram > up.dram and up_p.tail_rounds > up.tail_rounds
+    assert (down_p.dram - down1.dram) < 0.5 * (up_p.dram - up1.dram)
+    assert works(split_k=1, presum=True)[1] == works(split_k=1)[1]     # nothing to sum with one chunk
     # the shared expert's second K loop and the last arriver's epilogue come once per launch, not per wave
     assert up.tail_rounds > 0 and down.tail_rounds >= 1
     k = model.with_constants(overlap=0.0)

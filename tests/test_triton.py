@@ -223,8 +223,7 @@ def test_small_batch_tile_configs(triton_device, monkeypatch, T, cfg):
 @pytest.mark.parametrize("presum", [True, False], ids=["presum-h", "split-h"])
 def test_split_k_expert_groups(triton_device, monkeypatch, T, active, presum):
     monkeypatch.setenv("DECO_KERNELS_AUTOTUNE", "0")
-    monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: dot_cfg(rows=16))
-    monkeypatch.setattr(triton_ffn, "PRESUM_H", presum)
+    monkeypatch.setattr(triton_ffn, "small_batch_config", lambda *_: dot_cfg(rows=16, presum=presum))
     x, w = make_layer(T, 40, 13, 16, 24, device=triton_device, seed=T, active=active, hot_expert=12)
     g_ref = check(x, w)
     check(x, w)  # again: the scratch accumulator and arrival counters were left at zero
@@ -309,7 +308,7 @@ def test_tensor_core_path_below_its_default_range(triton_device, monkeypatch, T)
 def test_small_batch_config_keys():
     """The defaults of each regime carry every key its launcher reads; T picks the regime unless told."""
     dot_keys = {"use_dot", "rows", "block_k", "split_k", "up_warps", "up_stages", "block_d", "group", "down_warps",
-                "down_stages"}
+                "down_stages", "presum"}
     fma_keys = {"use_dot", "rows", "up_warps", "block_d", "slots", "down_warps"}
     fma_max = triton_ffn.FMA_MAX_T
     for T in (fma_max + 1, 8, 16, 17, 64):

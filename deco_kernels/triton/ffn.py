@@ -36,11 +36,6 @@ FMA_SLAB = 16384
 ROUTER_SPLIT_BLOCKS = 132
 # Software-pipelining stages of the router's K loop (router_stages gives 1 at 64-token blocks).
 ROUTER_STAGES = 3
-# Small batches with split K: the up kernel's last arriver of each expert row block sums the partial h tiles
-# (small_batch._presum_h), so every feature block of the down kernel reads one tile per expert instead of
-# SPLIT_K. NOT MEASURED on a GPU yet (branch presum-h): benchmarks/probe_ab.py --variant on PRESUM_H=1
-# --variant off PRESUM_H=0.
-PRESUM_H = True
 # Programmatic dependent launch of the decode down kernel (see pdl_launch); DECO_KERNELS_PDL=0 turns it off.
 USE_PDL = os.environ.get("DECO_KERNELS_PDL", "1") != "0"
 # K step of the router from ROUTER_LONG_T tokens on (64 below). H200, the router alone under a CUDA graph
@@ -189,7 +184,10 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
     the decode down kernel); None picks by T, True / False give the defaults of that regime at T (used to fill
     the keys a cached config lacks). rows: up-projection rows per program; block_k: K step of the tensor-core
     up-projection; split_k: K-chunks of d, each its own up program; block_d: output features per down program;
-    group: experts per union down program; slots: active experts per round of the decode down kernel's loop."""
+    group: experts per union down program; slots: active experts per round of the decode down kernel's loop;
+    presum (split_k > 1): the up kernel sums the split partial h tiles, so the down kernel's feature blocks
+    read one per expert (H200: 0.1b T=64 26.2 µs against 30.3 without; 1 µs slower at 8-16 tokens,
+    results/h200/probe_ab_presum_h.json), off by default and a tuned choice."""
     if use_dot is None:
         use_dot = T > FMA_MAX_T
     if not use_dot:
@@ -202,9 +200,9 @@ def small_batch_config(T: int, dtype: torch.dtype = torch.bfloat16, use_dot: boo
     # with long K steps, wide feature blocks and groups of 8 (1.2b T=64: 46.3 µs against 70.0 with 2 chunks).
     if T <= 16:
         return dict(use_dot=True, rows=64, block_k=64, split_k=4, up_warps=4, up_stages=3,
-                    block_d=64 if wide else 128, group=4, down_warps=4, down_stages=3)
+                    block_d=64 if wide else 128, group=4, down_warps=4, down_stages=3, presum=False)
     return dict(use_dot=True, rows=64, block_k=64 if wide else 256, split_k=1, up_warps=4, up_stages=3,
-                block_d=32 if wide else 256, group=8, down_warps=8, down_stages=3)
+                block_d=32 if wide else 256, group=8, down_warps=8, down_stages=3, presum=False)
 
 
 def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=None):
@@ -237,11 +235,13 @@ def _small_batch(x, w, mean, bias_s, bias_v, threshold, max_active, g, y, cfg=No
     bias_ptr = bias_v if bias_v is not None else g
     pdl = not use_dot and pdl_launch(dev)   # the decode kernels only (see small_batch.py)
     programs = (cdiv(ds, rows) + n * (de // rows)) * split + (split if use_dot and not gates_given else 0)
-    presum = PRESUM_H and split > 1
+    # presum (tuned): the up kernel's last arriver per expert row block sums the split partial h tiles, one
+    # int32 arrival counter per row block.
+    presum = bool(cfg.get("presum")) and split > 1
+    counters = _zeroed(dev, torch.int32, n * (de // rows)) if presum else mu
     launch(
         _up_kernel, (programs,), x, w["w_router"], w["w_up"], w["ws_gate"], w["ws_up"], mean.wbar, bias_ptr, g, h,
-        hs, r, mu, _zeroed(dev, torch.int32, n * (de // rows)), T, n, d, ds, x.stride(0), k_chunk, bias_s,
-        float(threshold),
+        hs, r, mu, counters, T, n, d, ds, x.stride(0), k_chunk, bias_s, float(threshold),
         DE=de, GATES_GIVEN=gates_given, HAS_BIAS_VEC=bias_v is not None, USE_DOT=use_dot, SPLIT_K=split,
         PREC=_precision(x.dtype), BLOCK_T=block_t, ROWS=rows, BLOCK_K=block_k,
         BLOCK_KR=min(block_k, max(64, FMA_SLAB // block_t)), PDL=pdl, PRESUM=presum, num_warps=cfg["up_warps"],
