@@ -5,8 +5,9 @@ config per kernel path, layer geometry and token bucket, and write a tune cache.
     deco-kernels tune --preset all --modelled orin-agx-64gb,orin-nano-8gb --out autotune/caches
 
 Measured: each (geometry, bucket) gets an equal share of what is left of --budget; within it the default is
-timed first, then candidates in the order: cost model's best, a random one, the model's next, ... (the random
-ones keep the model-vs-measured validation honest). After the budget, no new candidate starts; everything
+timed first, then the config the output directory's cache already holds for that entry (the incumbent, so a
+re-tune never drops a pick it did not beat side by side), then candidates in the order: cost model's best, a
+random one, the model's next, ... (the random ones keep the model-vs-measured validation honest). After the budget, no new candidate starts; everything
 measured so far is in the cache (written after every entry). Modelled: no GPU needed; the model ranks the
 pruned space, the best few are compiled for the profile's architecture and rejected if they exceed its shared
 memory or spill, and the best survivor is written with "source": "modelled".
@@ -14,6 +15,7 @@ memory or spill, and the best survivor is written with "source": "modelled".
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -102,13 +104,14 @@ def tasks_of(args) -> list[dict]:
     return out
 
 
-def order_candidates(cands: list[dict], predicted: list[float | None], seed: int) -> list[dict]:
-    """Default first, then alternately the model's next best and a random remaining candidate."""
-    rest = list(range(1, len(cands)))
+def order_candidates(cands: list[dict], predicted: list[float | None], seed: int, pinned: int = 1) -> list[dict]:
+    """The first `pinned` (the default, the incumbent) in order, then alternately the model's next best and a
+    random remaining candidate."""
+    rest = list(range(pinned, len(cands)))
     by_model = sorted((i for i in rest if predicted[i] is not None), key=lambda i: predicted[i])
     shuffled = rest[:]
     random.Random(seed).shuffle(shuffled)
-    order, seen = [0], {0}
+    order, seen = list(range(pinned)), set(range(pinned))
     a, b = iter(by_model), iter(shuffled)
     while len(order) < len(cands):
         for it in (a, b):
@@ -120,6 +123,31 @@ def order_candidates(cands: list[dict], predicted: list[float | None], seed: int
         if len(order) < len(cands) and all(i in seen for i in rest):
             break
     return [cands[i] for i in order]
+
+
+def incumbents(out_dir: str, info: dict) -> dict:
+    """entry key -> config of the measured cache of this device in `out_dir` ({} if none, or stale)."""
+    path = os.path.join(out_dir, f"{info['fingerprint']}.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        data = cache.load(path)
+    except cache.CacheError as e:
+        print(f"deco-kernels tune: {path} not reused ({e})", file=sys.stderr)
+        return {}
+    return {k: e["config"] for k, e in data["entries"].items() if e.get("source", "measured") == "measured"}
+
+
+def with_incumbent(cands: list[dict], incumbent: dict | None, task: dict, dtype) -> tuple[list[dict], int]:
+    """`cands` with the incumbent second (moved there if the space holds it), and how many lead the order.
+    An incumbent tuned for an earlier kernel (space.missing_keys) is not seeded."""
+    if not incumbent or space.missing_keys(task["path"], incumbent, task["T"], dtype):
+        return cands, 1
+    frozen = space._freeze(incumbent)
+    if frozen == space._freeze(cands[0]):
+        return cands, 1
+    rest = [c for c in cands[1:] if space._freeze(c) != frozen]
+    return [cands[0], dict(incumbent)] + rest, 2
 
 
 def _predict(path, cfg, task, dtype, profile, usage=None):
@@ -166,6 +194,7 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
     start = time.monotonic()
     deadline = start + args.budget
     table, progress = [], Progress(len(tasks), f"tune {info['name']}")
+    held = incumbents(out_dir, info)
     try:
         for k, task in enumerate(tasks):
             now = time.monotonic()
@@ -174,10 +203,14 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
                 progress.step("budget spent")
                 continue
             share = now + (deadline - now) / (len(tasks) - k)
-            cands = space.candidates(task["path"], task["T"], *task["geom"], dtype, profile, seed=args.seed)
-            sample = cands[:1] + random.Random(args.seed).sample(cands[1:], min(MODEL_SAMPLE, len(cands) - 1))
+            key = buckets.entry_key(task["path"], *task["geom"], dtype, task["T"])
+            cands, pinned = with_incumbent(
+                space.candidates(task["path"], task["T"], *task["geom"], dtype, profile, seed=args.seed),
+                held.get(key), task, dtype)
+            sample = cands[:pinned] + random.Random(args.seed).sample(cands[pinned:],
+                                                                      min(MODEL_SAMPLE, len(cands) - pinned))
             pred = [_predict(task["path"], c, task, dtype, profile) for c in sample]
-            ordered = order_candidates(sample, pred, args.seed)
+            ordered = order_candidates(sample, pred, args.seed, pinned)
             model_of = {space._freeze(c): p for c, p in zip(sample, pred)}
             try:
                 bench = runner.LayerBench(task["path"], task["T"], *task["geom"], dtype=dtype, seed=args.seed)
@@ -188,7 +221,6 @@ def run_measured(args, tasks, dtype, out_dir) -> list[dict]:
                 break
             for row in res["candidates"]:
                 row["model_us"] = model_of.get(space._freeze(row["config"]))
-            key = buckets.entry_key(task["path"], *task["geom"], dtype, task["T"])
             cache.merge_entries(out_dir, info, {key: _entry(task, res, "measured", profile=profile.key)})
             table.append(dict(task, default_us=res["default_us"], us=res["us"],
                               measured=sum(r["us"] is not None for r in res["candidates"]),
@@ -315,8 +347,6 @@ def format_table(table: list[dict], modelled: bool) -> str:
 
 
 def _validate(cache_path: str, compiled: bool = False) -> None:
-    import os
-
     from . import validate
     report = validate.validate(cache_path, held_out=True, compiled=compiled)
     print(validate.format_table(report))
@@ -339,7 +369,6 @@ def main(args) -> int:
     print(format_table(table, modelled))
     print(f"cache written under {out_dir}")
     if args.validate and not modelled and torch.cuda.is_available():
-        import os
         info = devices.describe_device(torch.cuda.current_device())
         _validate(os.path.join(out_dir, f"{info['fingerprint']}.json"))
     return 0

@@ -303,6 +303,30 @@ def test_candidates_start_with_the_default_and_fit_the_device():
     assert not space.missing_keys("small_batch", legacy, 16, torch.bfloat16)
 
 
+def test_a_retune_measures_the_incumbent_right_after_the_default(tmp_path):
+    from deco_kernels.autotune import tune
+    task = dict(path="small_batch", T=16, geom=GEOM)
+    cands = space.candidates("small_batch", 16, *GEOM, torch.bfloat16, H100, limit=40)
+    held = dict(cands[7])
+    seeded, pinned = tune.with_incumbent(cands, held, task, torch.bfloat16)
+    assert pinned == 2 and seeded[:2] == [cands[0], held] and len(seeded) == len(cands)
+    order = tune.order_candidates(seeded, [None, None] + [1.0] * (len(seeded) - 2), seed=3, pinned=2)
+    assert order[:2] == [cands[0], held] and sorted(map(space._freeze, order)) == sorted(map(space._freeze, seeded))
+    # one outside the space (another tile) is added; the default or a config of an earlier kernel is not seeded
+    other = {**cands[0], "block_d": 8}
+    assert tune.with_incumbent(cands, other, task, torch.bfloat16) == ([cands[0], other] + cands[1:], 2)
+    assert tune.with_incumbent(cands, dict(cands[0]), task, torch.bfloat16) == (cands, 1)
+    old = {k: v for k, v in held.items() if k != "split_k"}
+    assert tune.with_incumbent(cands, old, task, torch.bfloat16) == (cands, 1)
+    # incumbents come from the measured cache of this device in the output directory
+    info = dict(name="GPU", capability="9.0", sms=132, memory_gb=80, fingerprint="gpu_sm90_132sm")
+    key = buckets.entry_key("small_batch", *GEOM, torch.bfloat16, 16)
+    assert tune.incumbents(str(tmp_path), info) == {}
+    cache.merge_entries(str(tmp_path), info, {key: dict(config=held, us=1.0, default_us=2.0, T=16,
+                                                          source="measured", candidates=[])})
+    assert tune.incumbents(str(tmp_path), info) == {key: held}
+
+
 def _work(**kw):
     base = dict(name="k", programs=200, bytes=1e5, flops=1e6, rounds=4, warps=4, ilp=2, tensor_cores=True,
                 smem=32768, regs=96)
