@@ -87,7 +87,7 @@ Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants 
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 36 of its 36;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
 best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 32/36 (worst 1.324), held out 27/36
-(worst 1.324); NVIDIA H200 32/36 (worst 1.292), held out 30/36 (worst 1.261).
+(worst 1.324); NVIDIA H200 28/36 (worst 1.288), held out 25/36 (worst 1.420).
 
 Since the H100 tune of 2026-12-05 (every bucket of the four presets, the prefill entries with both down
 projections) both caches hold the split-K small-batch kernels and the fit sees the atomics' level: the
@@ -141,7 +141,7 @@ class Constants:
     atomic_efficiency: float = 0.7021
     sync_cycles: float = 200.0
     overlap: float = 0.0
-    reg_base: float = 94.4
+    reg_base: float = 80.24
 
     def to_json(self) -> dict:
         return asdict(self)

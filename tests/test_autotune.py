@@ -669,12 +669,32 @@ def test_calibration_fit_never_worsens_the_objective():
     entries = _synthetic_entries(truth)
     assert calibrate.judge(entries, H100, truth)["passed"] == len(entries)      # the truth picks every best
     for start in (calibrate.START, model.with_constants(sync_cycles=20.0, overlap=0.9, reg_base=10.0)):
-        before = calibrate.judge(entries, H100, start)
-        k, after = calibrate.fit(entries, H100, start)
+        before = calibrate.judge(entries, H100, start, anchors=[])
+        k, after = calibrate.fit(entries, H100, start, anchors=[])
         assert (after["passed"], -after["mean_log_ratio"]) >= (before["passed"], -before["mean_log_ratio"])
-        assert after == calibrate.judge(entries, H100, k)
+        assert after == calibrate.judge(entries, H100, k, anchors=[])
         for name, (lo, hi) in calibrate.BOUNDS.items():
             assert lo <= getattr(k, name) <= hi
+    # with anchors the absolute measurements come first: the fit leaves no more of them off than its start
+    anchors = calibrate.default_anchors()
+    start = model.with_constants(atomic_efficiency=0.3)
+    before = calibrate.judge(entries, H100, start, anchors=anchors)
+    k, after = calibrate.fit(entries, H100, start, sweeps=1, anchors=anchors)
+    assert before["anchors_off"] and len(after["anchors_off"]) <= len(before["anchors_off"])
+    assert calibrate._score(after) <= calibrate._score(before)
+
+
+def test_the_shipped_fit_keeps_the_measured_prefill_layers_within_the_anchor_tolerance():
+    """The 16 whole-layer measurements of results/h100/probe_ab_down_gemm.json anchor the constants' scale: the
+    shipped ones predict each within 30%; a ranking-only refit of 2026-12-05 (atomic_efficiency 0.30) did not."""
+    from deco_kernels.autotune import calibrate
+
+    anchors = calibrate.default_anchors()
+    assert len(anchors) == 16 and {a.profile.key for a in anchors} == {"h100-sxm"}
+    assert {a.label for a in anchors} >= {"1.2b T=4096 atomics", "0.1b T=128 gemm"}
+    assert calibrate.anchors_off(anchors) == []
+    off = calibrate.anchors_off(anchors, model.with_constants(atomic_efficiency=0.30))
+    assert "1.2b T=4096 atomics" in dict(off) and dict(off)["1.2b T=4096 atomics"] > 1.3
 
 
 def test_soft_regret_moves_with_the_predictions_where_the_pick_does_not():
@@ -707,9 +727,14 @@ def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
     real_fit = calibrate.fit
 
     def spy(train, *a, **kw):
-        seen.append({e.geometry for e in train})
+        seen.append({e.geometry for e in train} | {x.geometry for x in kw["anchors"]})
         return real_fit(train, *a, sweeps=1, **{k: v for k, v in kw.items() if k != "sweeps"})
     monkeypatch.setattr(calibrate, "fit", spy)
+    # anchors of both geometries: each goes out with its geometry
+    anchors = [a for a in calibrate.default_anchors() if a.label.endswith("T=512 gemm")]
+    for a, g in zip(anchors, geoms):
+        monkeypatch.setattr(a, "geometry", g)
+    monkeypatch.setattr(calibrate, "_ANCHORS", anchors)
     ho = calibrate.held_out(entries, H100)
     assert [f["held_out"] for f in ho["folds"]] == geoms
     assert seen == [set(geoms) - {g} for g in geoms]                 # each fit saw every geometry but its own
