@@ -14,9 +14,14 @@ estimate of its registers and shared memory. Its time on a profile is
   programs on 132 SMs take two rounds; 42 programs on 132 SMs share the bandwidth 42 ways);
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
   (occupancy: warps, registers, shared memory). Its three terms are
-    chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock): the dependent part of a
-              program, which other resident programs cannot shorten, plus a launch's tail (round trips and syncs
-              once, not per wave: the excess of a longer kind of program, an epilogue after the last arrival);
+    chain   = waves x (round trips x memory latency + syncs x SYNC_CYCLES / clock + fill): the dependent part
+              of a program, which other resident programs cannot shorten, plus a launch's tail (round trips and
+              syncs once, not per wave: the excess of a longer kind of program, an epilogue after the last
+              arrival). fill: the resident programs' first pipeline stage (Work.first_load: the small-batch
+              tensor-core kernels) streams in at the SM's share of the bandwidth before any MMA runs; nothing
+              hides it, and a 256-wide K tile's is four 64-wide ones'. Without it the fit picked 256-wide K and
+              feature tiles at 3-16 tokens that measure 10-19% slower on the H200 (with it, held out: 58 of 72
+              entries against 52, 2026-12-05);
     math    = its programs' tensor-core FLOPs at TC_EFFICIENCY x peak plus CUDA-core FLOPs at FMA_EFFICIENCY x
               peak (both shared by its resident programs); the CUDA-core rate scales down with fewer than
               ISSUE_WARPS resident warps, whose dependent FMAs and shuffles then leave issue slots empty (the
@@ -86,8 +91,8 @@ the modelled Orin caches, and rewrites this paragraph:
 Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 72 entries
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 36 of its 36;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
-best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 32/36 (worst 1.324), held out 27/36
-(worst 1.324); NVIDIA H200 28/36 (worst 1.288), held out 25/36 (worst 1.420).
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 29/36 (worst 1.324), held out 28/36
+(worst 1.324); NVIDIA H200 32/36 (worst 1.156), held out 30/36 (worst 1.323).
 
 Since the H100 tune of 2026-12-05 (every bucket of the four presets, the prefill entries with both down
 projections) both caches hold the split-K small-batch kernels and the fit sees the atomics' level: the
@@ -136,12 +141,12 @@ ISSUE_WARPS = 8             # resident warps an SM needs to issue CUDA-core work
 @dataclass(frozen=True)
 class Constants:
     """The model's fitted global constants (see the module docstring)."""
-    tc_efficiency: float = 0.4915
-    fma_efficiency: float = 0.2125
-    atomic_efficiency: float = 0.7021
-    sync_cycles: float = 200.0
-    overlap: float = 0.0
-    reg_base: float = 80.24
+    tc_efficiency: float = 0.351
+    fma_efficiency: float = 0.1487
+    atomic_efficiency: float = 0.833
+    sync_cycles: float = 140.0
+    overlap: float = 0.15
+    reg_base: float = 78.4
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -181,6 +186,7 @@ class Work:
     tail_syncs: float = 0.0   # block-wide synchronisations likewise
     base_regs: bool = True    # False: tile_regs is the thread's whole count (the register-FMA kernels, no REG_BASE)
     library: bool = False     # a torch / cuBLAS launch: `flops` (whole launch) at LIBRARY_TC_EFFICIENCY, `dram`
+    first_load: float = 0.0   # bytes a program loads before its first MMA can start (the pipeline's first stage)
 
 
 def _elem(dtype) -> int:
@@ -253,7 +259,7 @@ def _split_k_up(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
                 wgmma_smem=stage if _wgmma(bt, warps) else 0, iters=steps,
                 # the K step's MMA operand fragments (fitted to Triton 3.9's sm_90 register counts)
                 tile_regs=0.3 * eb * (rows + bt) * bk / (32 * warps),
-                tail_rounds=tail_rounds, tail_syncs=loop_syncs,
+                tail_rounds=tail_rounds, tail_syncs=loop_syncs, first_load=stage * min(1.0, cols / bk),
                 dram=((live * n * de + 2 * ds + router * n) * d + T * d) * eb + router * d * 4
                 + split * T * (live * n * de + 2 * ds + router * (n + 1)) * 4 + presum_bytes)
 
@@ -303,7 +309,7 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     wgmma = (bd * de * eb if stages > 1 else max(0, bt * bd * 4 - smem)) if _wgmma(bt, warps) else 0
     return Work(ln.name, P, byts, flops, rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
                 syncs=syncs, atomics=atomics, inflight=inflight, tile_regs=tile / (32 * warps), smem=smem,
-                wgmma_smem=wgmma, iters=group,
+                wgmma_smem=wgmma, iters=group, first_load=stage_g,
                 tail_rounds=1 + max(0, rounds_s - rounds), tail_syncs=max(0.0, syncs_s - syncs),
                 # Every feature block re-reads its experts' partial tiles: on the H200 each further K-chunk cost
                 # about those bytes at the DRAM rate (sweep_tiles results), so they count as DRAM bytes.
@@ -492,7 +498,9 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     # the busiest SM's, at its share of the bandwidth among the SMs that run programs
     t_atomic = per_sm * min(sms, w.programs) * w.atomics / (bw * k.atomic_efficiency)
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
-    chain = (waves * (rounds * lat + w.syncs * k.sync_cycles / clk)
+    # The first stage of every resident program streams in before any MMA runs: at the SM's share of the bandwidth
+    fill = resident * w.first_load / (bw / min(sms, w.programs))
+    chain = (waves * (rounds * lat + w.syncs * k.sync_cycles / clk + fill)
              + w.tail_rounds * lat + w.tail_syncs * k.sync_cycles / clk)
     tc_rate = profile.tc_flops_per_clk_sm * k.tc_efficiency * clk
     fma_rate = profile.fma_flops_per_clk_sm * k.fma_efficiency * clk

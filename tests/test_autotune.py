@@ -499,17 +499,22 @@ def test_cost_model_more_sms_bandwidth_or_clock_is_never_slower():
         bw = prof.dram_gbps * 1e3 * model.DRAM_EFFICIENCY * model.CONSTANTS.atomic_efficiency
         return -(-w.programs // prof.sms) * min(prof.sms, w.programs) * w.atomics / bw
 
+    def fill_us(w, prof):         # the first stage's fill shares the bandwidth the same way (at most this much)
+        return model.kernel_us(w, prof) - model.kernel_us(dataclasses.replace(w, first_load=0.0), prof)
+
     for w in (_work(), _work(programs=7), _work(programs=4000, bytes=1e6), _work(tensor_cores=False, flops=1e8),
               _work(tail_rounds=3, tail_syncs=20), _work(programs=48, atomics=1e5),
               *_split_k_works(ORIN, limit=6)):
         for field, values in (("sms", [1, 6, 8, 9, 16, 100, 132, 200]), ("dram_gbps", [50, 204.8, 3350]),
                               ("clock_ghz", [0.6, 1.3, 1.9])):
             profs = [dataclasses.replace(ORIN, **{field: v}) for v in values]
-            lean = [model.kernel_us(dataclasses.replace(w, atomics=0.0), p) for p in profs]
+            lean = [model.kernel_us(dataclasses.replace(w, atomics=0.0, first_load=0.0), p) for p in profs]
             assert lean == sorted(lean, reverse=True), (field, lean)
             times = [model.kernel_us(w, p) for p in profs]
             for a in range(len(profs) - 1):
-                slack = max(0.0, atomics_us(w, profs[a + 1]) - atomics_us(w, profs[a])) if field == "sms" else 0.0
+                slack = 0.0
+                if field == "sms":
+                    slack = sum(max(0.0, f(w, profs[a + 1]) - f(w, profs[a])) for f in (atomics_us, fill_us))
                 assert times[a + 1] <= times[a] + slack + 1e-9, (field, times)
     # whole paths: the bigger Orin is never predicted slower than the smaller ones
     for T, path in ((1, "small_batch"), (8, "small_batch"), (16, "small_batch"), (64, "small_batch"),
@@ -604,7 +609,12 @@ def test_the_orin_prefill_choice_survives_the_atomics_measured_cost():
         cfg = dict(space.default_config("grouped", T, torch.bfloat16), down=down)
         return model.predict("grouped", cfg, T, *geom, torch.bfloat16, profile, constants=constants)
 
-    matched = model.with_constants(atomic_efficiency=0.8)
+    lo, hi = 0.05, 5.0        # the atomics' efficiency at which the model meets the measurement (bisection)
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if layer(H100, "atomics", model.with_constants(atomic_efficiency=mid)) < measured \
+            else (mid, hi)
+    matched = model.with_constants(atomic_efficiency=hi)
     assert abs(layer(H100, "atomics", model.CONSTANTS) / measured - 1) < 0.15
     assert abs(layer(H100, "atomics", matched) / measured - 1) < 0.05
     for constants in (model.CONSTANTS, matched):
@@ -709,7 +719,11 @@ def test_soft_regret_moves_with_the_predictions_where_the_pick_does_not():
     assert regrets[3] == pytest.approx(math.log(1.2) / 2, rel=1e-3)      # a tie: half of each
     entries = _synthetic_entries(model.CONSTANTS)
     res = calibrate.judge(entries, H100, model.CONSTANTS)
-    assert res["soft_regret"] == pytest.approx(0.0, abs=0.05)   # the truth itself: fast candidates ranked first
+    # the truth itself picks every best and ranks the fast candidates first (not exactly zero: candidates within
+    # 10% of its pick share the weight); far-off constants rank slow ones ahead
+    assert res["passed"] == len(entries) and res["soft_regret"] < 0.1
+    for wrong in (dict(fma_efficiency=0.02), dict(sync_cycles=10.0)):
+        assert calibrate.judge(entries, H100, model.with_constants(**wrong))["soft_regret"] > res["soft_regret"]
 
 
 def test_held_out_split_never_leaks_the_held_out_geometry(monkeypatch):
