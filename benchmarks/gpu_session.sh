@@ -44,7 +44,8 @@ run_step() {
              && (cd benchmarks && python3 check_grouped.py --preset 1.2b --tokens 512 4096 \
                  && python3 check_grouped.py --preset 0.1b --tokens 4096) ;;
     host) python3 benchmarks/host_overhead.py && python3 benchmarks/host_overhead.py --train ;;
-    tests) python3 -m pytest -q $TIMEOUT_FLAG ${TEST_ARGS:--m gpu} ${TESTS:-tests} ;;
+    # eval: TEST_ARGS may quote, e.g. TEST_ARGS='-m gpu -k "cuda_graph or small_batch"'
+    tests) eval python3 -m pytest -q "$TIMEOUT_FLAG" "${TEST_ARGS:--m gpu}" "${TESTS:-tests}" ;;
     sanitizer) (cd benchmarks && compute-sanitizer --tool memcheck python3 sanitize_triton.py \
                   && compute-sanitizer --tool memcheck python3 sanitize_triton.py --train) ;;
     # The tune writes into a copy of the shipped caches under $RES after every entry, so a step cut by its
