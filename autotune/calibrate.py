@@ -8,8 +8,8 @@ the entries of every measured cache at once, each entry modelled on its own devi
 The judged quantity is the one validate.py reports: for each entry with at least two measured candidates, is
 the model's pick (lowest predicted µs among the measured candidates) within `tolerance` of the measured best?
 The fit first keeps the anchors (ANCHOR_FILE: whole-layer timings) within ANCHOR_TOLERANCE of their
-measurements, then maximises the number of such entries, ties broken by the mean log of pick / best, then by the soft
-regret (soft_regret: each entry's candidates weighted by a softmin of their predictions, the mean log of
+measurements, then maximises the number of such entries, ties broken by the mean log of pick / best, then by the
+soft regret (soft_regret: each entry's candidates weighted by a softmin of their predictions, the mean log of
 measured / best under those weights), by coordinate search over a log grid of each constant around the current
 values (a few sweeps; deterministic). The first two change only where some entry's pick changes, so the search
 stood still wherever no single step moved a pick (most of the space); the soft regret changes with every
@@ -90,17 +90,15 @@ class Anchor:
     label: str               # "1.2b T=4096 atomics"
     geometry: str            # as Entry.geometry
     us: float                # measured
-    works: list
+    works: list              # model.Work per launch, recorded once
     profile: devices.DeviceProfile
-    path: str
     T: int
     shape: tuple             # d, n, de, ds
     dtype: object
 
     def predict(self, constants=None) -> float:
-        return (self.profile.graph_start_us + sum(model.kernel_us(w, self.profile, constants) for w in self.works)
-                + model.shared_expert_us(self.path, self.T, self.shape[0], self.shape[3], self.dtype, self.profile,
-                                         constants))
+        d, _, _, ds = self.shape
+        return model.path_us(self.works, "grouped", self.T, d, ds, self.dtype, self.profile, constants)
 
 
 _ANCHORS: list | None = None
@@ -127,11 +125,7 @@ def load_anchors(path: str) -> list[Anchor]:
 
     with open(path) as f:
         data = json.load(f)
-    env = data["environment"]
-    cap = tuple(int(v) for v in str(env["capability"]).split("."))
-    profile = devices.profile_for(dict(name=env["gpu"], capability=cap, sms=env["sms"],
-                                       memory_gb=env["memory_bytes"] / 2**30,
-                                       fingerprint=devices.fingerprint_of(env["gpu"], cap, env["sms"])))
+    profile = devices.profile_of_environment(data["environment"])
     dtype, out = torch.bfloat16, []
     for r in data["rows"]:
         c = DecoConfig.preset(r["preset"])
@@ -140,7 +134,7 @@ def load_anchors(path: str) -> list[Anchor]:
         works = model.works_of(record("grouped", cfg, r["T"], *shape, dtype), r["T"], *shape, dtype)
         out.append(Anchor(f"{r['preset']} T={r['T']} {r['variant']}",
                           entry_key("grouped", *shape, dtype, r["T"]).split("/")[1], r["us"], works, profile,
-                          "grouped", r["T"], shape, dtype))
+                          r["T"], shape, dtype))
     return out
 
 

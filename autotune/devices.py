@@ -101,6 +101,15 @@ def describe_device(device=None) -> dict:
                 fingerprint=fingerprint_of(props.name, cap, props.multi_processor_count))
 
 
+def profile_of_environment(env: dict) -> DeviceProfile:
+    """The profile of the GPU a benchmark result's "environment" names ("gpu", "capability" as "9.0", "sms",
+    "memory_bytes")."""
+    cap = tuple(int(v) for v in str(env["capability"]).split("."))
+    return profile_for(dict(name=env["gpu"], capability=cap, sms=env["sms"],
+                            memory_gb=env.get("memory_bytes", 0) / 2**30,
+                            fingerprint=fingerprint_of(env["gpu"], cap, env["sms"])))
+
+
 def profile_for(device_info: dict) -> DeviceProfile:
     """The profile matching a described device (fingerprint first, then closest memory); for an unknown GPU a
     profile built from its own properties and Hopper-like per-SM rates (good enough to rank candidates)."""

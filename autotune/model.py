@@ -538,7 +538,12 @@ def predict(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtyp
     from .launches import record
 
     launches = launches if launches is not None else record(path, cfg, T, d, n, de, ds, dtype)
-    works = works_of(launches, T, d, n, de, ds, dtype, usage)
+    return path_us(works_of(launches, T, d, n, de, ds, dtype, usage), path, T, d, ds, dtype, profile, constants)
+
+
+def path_us(works: list[Work], path: str, T: int, d: int, ds: int, dtype, profile,
+            constants: Constants | None = None) -> float:
+    """Predicted µs of a whole launcher from its Works (predict without recording them again)."""
     return (profile.graph_start_us + sum(kernel_us(w, profile, constants) for w in works)
             + shared_expert_us(path, T, d, ds, dtype, profile, constants))
 

@@ -3,8 +3,8 @@
 Regimes (kept in step with ffn.small_batch_config): small_batch multiplies in registers by default for T <= 4
 (use_dot False: rows, up_warps, block_d, slots, down_warps) and on tensor cores for 5 <= T <= 64 (use_dot True:
 rows, block_k, split_k, up_warps, up_stages, block_d, group, down_warps, down_stages, presum); from 2 to 8
-tokens the tune measures both regimes; grouped is the prefill path, with its two down projections as regimes too ("down":
-"gemm", the default, searches the router and up tiles; "atomics" also the atomic down kernel's). Keys are
+tokens the tune measures both regimes; grouped is the prefill path, with its two down projections as regimes
+too ("down": "gemm", the default, searches the router and up tiles; "atomics" also the atomic down kernel's). Keys are
 treated generically: a config is a dict, the launcher reads what it knows (and fills the small-batch keys a
 partial config lacks from its regime's defaults).
 

@@ -7,10 +7,11 @@ config per kernel path, layer geometry and token bucket, and write a tune cache.
 Measured: each (geometry, bucket) gets an equal share of what is left of --budget; within it the default is
 timed first, then the config the output directory's cache already holds for that entry (the incumbent, so a
 re-tune never drops a pick it did not beat side by side), then candidates in the order: cost model's best, a
-random one, the model's next, ... (the random ones keep the model-vs-measured validation honest). After the budget, no new candidate starts; everything
-measured so far is in the cache (written after every entry). Modelled: no GPU needed; the model ranks the
-pruned space, the best few are compiled for the profile's architecture and rejected if they exceed its shared
-memory or spill, and the best survivor is written with "source": "modelled".
+random one, the model's next, ... (the random ones keep the model-vs-measured validation honest). After the
+budget, no new candidate starts; everything measured so far is in the cache (written after every entry).
+Modelled: no GPU needed; the model ranks the pruned space, the best few are compiled for the profile's
+architecture and rejected if they exceed its shared memory or spill, and the best survivor is written with
+"source": "modelled".
 """
 from __future__ import annotations
 

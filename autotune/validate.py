@@ -142,11 +142,7 @@ def sweep_report(sweep_path: str) -> list[dict]:
 
     with open(sweep_path) as f:
         data = json.load(f)
-    env = data["environment"]
-    cap = tuple(int(v) for v in str(env["capability"]).split("."))
-    profile = devices.profile_for(dict(name=env["gpu"], capability=cap, sms=env["sms"],
-                                       memory_gb=env.get("memory_bytes", 0) / 2**30,
-                                       fingerprint=devices.fingerprint_of(env["gpu"], cap, env["sms"])))
+    profile = devices.profile_of_environment(data["environment"])
     c = DecoConfig.preset(data["preset"])
     geom = (c.d_model, c.num_experts, c.expert_dim, c.shared_dim)
     out = []
