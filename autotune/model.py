@@ -9,7 +9,8 @@ estimate of its registers and shared memory. Its time on a profile is
 
 - DRAM: the launch's unique bytes over the achievable bandwidth (DRAM_EFFICIENCY x peak);
 - atomics: the fp32 atomic-add bytes of the busiest SM's programs over its share (1 / the SMs that run
-  programs) of ATOMIC_EFFICIENCY x that bandwidth (read-modify-write at the L2, where the accumulator stays;
+  programs) of ATOMIC_EFFICIENCY x the L2's rate (ATOMIC_BYTES_PER_SM_CLOCK per SM and clock, not the DRAM's:
+  read-modify-write at the L2, where the accumulator stays;
   each SM sends its own reductions, so a last partial wave of programs paces them as it does the math: 133
   programs on 132 SMs take two rounds; 42 programs on 132 SMs share the bandwidth 42 ways);
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
@@ -91,8 +92,8 @@ the modelled Orin caches, and rewrites this paragraph:
 Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 72 entries
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 36 of its 36;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
-best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 30/36 (worst 1.237), held out 28/36
-(worst 1.320); NVIDIA H200 33/36 (worst 1.156), held out 29/36 (worst 1.323).
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 30/36 (worst 1.237), held out 27/36
+(worst 1.321); NVIDIA H200 34/36 (worst 1.126), held out 29/36 (worst 1.354).
 
 Since the H100 tune of 2026-12-05 (every bucket of the four presets, the prefill entries with both down
 projections) both caches hold the split-K small-batch kernels and the fit sees the atomics' level: the
@@ -113,16 +114,17 @@ out, so the shipped constants and the default validation use the estimates:
     TC_EFFICIENCY     fraction of the tensor-core peak a Triton tile reaches
     FMA_EFFICIENCY    fraction of the CUDA-core FMA peak the register kernels reach (converts, masks; the
                       reductions' shuffles are counted as work, SHUFFLE_COST each)
-    ATOMIC_EFFICIENCY fraction of the achievable DRAM bandwidth that fp32 atomic adds reach at the L2
+    ATOMIC_EFFICIENCY fraction of ATOMIC_BYTES_PER_SM_CLOCK x SMs x clock that fp32 atomic adds reach at the L2
     SYNC_CYCLES       SM cycles of one block-wide synchronisation (barrier, cross-warp reduction, pipeline wait)
     OVERLAP           share of the four non-dominant terms that does not hide behind the dominant one
     REG_BASE          registers per thread besides the register tiles (addresses, masks, loop state)
 
 DRAM_EFFICIENCY is measured, not fitted: 2.97 TB/s copy bandwidth of 3.35 TB/s peak on the H100.
 Every term grows with bytes, FLOPs, round trips and programs and shrinks with bandwidth and clock, so more
-bytes are never predicted faster (tests/test_autotune.py checks both). Every term but the atomics' shrinks with
-SMs; the atomics' wave quantisation can add at most what its own term grows when SMs are added (8 -> 9 SMs for
-48 programs: 6 rounds of 9 SMs' adds instead of 6 of 8), and the tests check that bound.
+bytes are never predicted faster (tests/test_autotune.py checks both). Every term but the first stage's fill
+shrinks with SMs (the atomics too, since their rate is the L2's, which grows with the SMs: 48 programs take 6
+rounds of adds on 8 SMs and 6 on 9, each round faster); the fill shares the DRAM bandwidth among the SMs that run
+programs, so its wave quantisation can add at most what its own term grows, and the tests check that bound.
 """
 from __future__ import annotations
 
@@ -135,6 +137,17 @@ ACTIVE_RATIO = 0.2
 DRAM_EFFICIENCY = 0.89      # measured: H100 copy bandwidth 2.97 TB/s of 3.35 TB/s
 REG_LIMIT = 255             # 32-bit registers a thread may hold
 SHUFFLE_COST = 4            # FMA issue slots per warp shuffle (an SM shuffles 32 lanes per clock, FMAs 128)
+# 8-byte loads a thread keeps in flight in the split router's last-arriver sum. The H200's router alone
+# (results/h200/probe_router_warps.json; 32-token blocks, 7 chunks at 1.2b T=512: 17.5 µs at 4 warps, 13.2 at 8)
+# suggests 8; with 8 the H100's 0.1b T=128 atomic layer leaves the anchors' 30% and the refit drops to 61 of 72
+# entries, so 16 (64 of 72; tests/test_autotune.py checks the router ordering it gives).
+TAIL_LOADS = 16
+# fp32 atomic adds run at the L2 (read-modify-write beside the data), whose rate follows the SMs and their clock,
+# not the DRAM: the H200 has the H100's L2 and clock and 1.43x its DRAM bandwidth, yet its measured atomic
+# prefill layers are only 5-10% faster (tune caches, 2026-12-05), like its GEMM ones. A scale, not a measured
+# rate: ATOMIC_EFFICIENCY (fitted) is relative to it; 12 B x 132 SMs x 1.83 GHz is 2.9 TB/s, the H100's achievable
+# DRAM rate that scaled the atomics before.
+ATOMIC_BYTES_PER_SM_CLOCK = 12.0
 ISSUE_WARPS = 8             # resident warps an SM needs to issue CUDA-core work at its full rate (2 per scheduler)
 
 
@@ -143,7 +156,7 @@ class Constants:
     """The model's fitted global constants (see the module docstring)."""
     tc_efficiency: float = 0.4142
     fma_efficiency: float = 0.1487
-    atomic_efficiency: float = 0.833
+    atomic_efficiency: float = 0.9829
     sync_cycles: float = 140.0
     overlap: float = 0.15
     reg_base: float = 78.4
@@ -385,12 +398,16 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
             kc = min(c.get("k_chunk", d), d)
             iters = math.ceil(kc / bk)
             part = 2 * bt * (bn + 1) * 4 if split > 1 else 0
+            # The last arriver of a split block reads every chunk's partial [BLOCK_T, BLOCK_N + 1] fp32 tile in the
+            # accumulator's layout (8-byte pairs per thread, the chunks unrolled): TAIL_LOADS of them in flight
+            # per thread, one round trip per such batch.
+            tail_reads = math.ceil(split * bt * (bn + 1) * 4 / (threads * 8 * TAIL_LOADS)) if split > 1 else 0
             byts = bt * kc * eb + n * kc * eb + kc * 4 + bt * n * 8 + part
             out.append(Work(name, P, byts, 2 * bt * bn * kc, 2 + math.ceil(iters / pipe), warps, tensor_cores=True,
                             grid=P, fma_flops=2 * bt * kc, syncs=2 * iters + 4, inflight=pipe * (bt + bn) * bk * eb,
                             tile_regs=(bt * bn + 1.5 * bt * bk) / threads, smem=pipe * (bt + bn) * bk * eb,
                             wgmma_smem=(bt + bn) * bk * eb if _wgmma(bt, warps) else 0, iters=iters,
-                            tail_rounds=2 if split > 1 else 0, tail_syncs=1 if split > 1 else 0,
+                            tail_rounds=1 + tail_reads if split > 1 else 0, tail_syncs=1 if split > 1 else 0,
                             dram=T * d * eb + n * d * eb + T * n * 8 + (split * T * (bn + 1) * 8 if split > 1 else 0)))
         elif name == "_group_kernel":
             iters = math.ceil(T / c["BLOCK"])
@@ -496,7 +513,8 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     dram = w.dram if w.dram is not None else w.programs * w.bytes
     t_dram = max(dram, 0.0) / bw
     # the busiest SM's, at its share of the bandwidth among the SMs that run programs
-    t_atomic = per_sm * min(sms, w.programs) * w.atomics / (bw * k.atomic_efficiency)
+    atomic_bw = ATOMIC_BYTES_PER_SM_CLOCK * sms * profile.clock_ghz * 1e3 * k.atomic_efficiency
+    t_atomic = per_sm * min(sms, w.programs) * w.atomics / atomic_bw
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
     # The first stage of every resident program streams in before any MMA runs: at the SM's share of the bandwidth
     fill = resident * w.first_load / (bw / min(sms, w.programs))
