@@ -55,6 +55,11 @@ ROUTER_LONG_BLOCK_K = 128
 # 325 -> 324. The GEMM's FLOPs do not shrink with the active ratio, so far sparser layers, or GPUs with less
 # compute per byte (the cost model's Jetson Orin caches), may prefer the atomics.
 DOWN_GEMM = None
+# The GEMM down projection's zero-filled token-major activations ([T, N*de], 53 MB at 1.2b T=4096) filled on a
+# side stream while the router and the grouping run (token_major_beside), instead of before them on the layer's
+# stream. 0 until measured on a GPU: benchmarks/probe_ab.py --variant serial ZERO_FILL_BESIDE=0 --variant beside
+# ZERO_FILL_BESIDE=1.
+ZERO_FILL_BESIDE = 0
 
 
 def cdiv(a: int, b: int) -> int:
@@ -78,6 +83,34 @@ def _token_major(T: int, n: int, de: int, like: torch.Tensor) -> torch.Tensor:
     expert) cells (grouped.token_major_cells), the rest stays 0, and one GEMM by the expert weights sums every
     expert (the down projection of the prefill and of training: DOWN_GEMM)."""
     return _empty(T, n * de, device=like.device, dtype=like.dtype).zero_()
+
+
+def token_major_beside(T: int, n: int, de: int, like: torch.Tensor):
+    """(act, join): _token_major's buffer, allocated on the current stream, and join(), which the current stream
+    must call before anything reads act. With ZERO_FILL_BESIDE on a CUDA device the zero fill runs on a side
+    stream forked from the current one, so the launches between this call and join() overlap it (captured by a
+    CUDA graph as a parallel branch); the buffer is freed on the allocating stream after the join, so the caching
+    allocator needs no record_stream. Otherwise the fill runs here and join() does nothing."""
+    if not (ZERO_FILL_BESIDE and like.is_cuda):
+        return _token_major(T, n, de, like), lambda: None
+    act = _empty(T, n * de, device=like.device, dtype=like.dtype)
+    here, side = torch.cuda.current_stream(like.device), _side_stream(like.device)
+    side.wait_stream(here)        # act's allocation (and everything before) precedes the fill
+    with torch.cuda.stream(side):
+        act.zero_()
+    return act, lambda: here.wait_stream(side)
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per device (a capture forks it from the capturing stream and joins it back)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    stream = _side_streams.get(key)
+    if stream is None:
+        stream = _side_streams[key] = torch.cuda.Stream(device=key)
+    return stream
 
 
 _scratch: dict = {}
@@ -314,13 +347,14 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
+    gemm = down_gemm(cfg)
+    if gemm:   # its zero fill may overlap the router and the grouping (ZERO_FILL_BESIDE)
+        act, join = token_major_beside(T, n, de, x)
+    else:
+        act, join = _empty(n, T, de, device=dev, dtype=x.dtype), lambda: None
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
-    gemm = down_gemm(cfg)
-    if gemm:
-        act = _token_major(T, n, de, x)
-    else:
-        act = _empty(n, T, de, device=dev, dtype=x.dtype)
+    join()
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)
