@@ -57,9 +57,9 @@ ROUTER_LONG_BLOCK_K = 128
 DOWN_GEMM = None
 # The GEMM down projection's zero-filled token-major activations ([T, N*de], 53 MB at 1.2b T=4096) filled on a
 # side stream while the router and the grouping run (token_major_beside), instead of before them on the layer's
-# stream. 0 until measured on a GPU: benchmarks/probe_ab.py --variant serial ZERO_FILL_BESIDE=0 --variant beside
-# ZERO_FILL_BESIDE=1.
-ZERO_FILL_BESIDE = 0
+# stream. Off until measured on a GPU (gpu_session.sh step zero_fill: benchmarks/probe_ab.py with
+# ZERO_FILL_BESIDE=0 and =1); DECO_KERNELS_ZERO_FILL_BESIDE=1 turns it on, e.g. to run the GPU tests with it.
+ZERO_FILL_BESIDE = int(os.environ.get("DECO_KERNELS_ZERO_FILL_BESIDE", "0") or 0)
 
 
 def cdiv(a: int, b: int) -> int:
