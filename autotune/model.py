@@ -10,7 +10,9 @@ estimate of its registers and shared memory. Its time on a profile is
 - DRAM: the launch's unique bytes over the achievable bandwidth (DRAM_EFFICIENCY x peak);
 - atomics: the fp32 atomic-add bytes of the busiest SM's programs over its share (1 / the SMs that run
   programs) of ATOMIC_EFFICIENCY x the L2's rate (ATOMIC_BYTES_PER_SM_CLOCK per SM and clock, not the DRAM's:
-  read-modify-write at the L2, where the accumulator stays;
+  read-modify-write at the L2, where the accumulator stays; where it does not fit the L2, as the prefill's
+  [T, d] fp32 accumulator on a 4 MB Jetson Orin L2 from ~1k tokens, at most half the DRAM rate, a read and a
+  write per add;
   each SM sends its own reductions, so a last partial wave of programs paces them as it does the math: 133
   programs on 132 SMs take two rounds; 42 programs on 132 SMs share the bandwidth 42 ways);
 - busiest SM: it runs ceil(programs / SMs) programs (wave quantisation), `resident` of them at once
@@ -200,6 +202,7 @@ class Work:
     base_regs: bool = True    # False: tile_regs is the thread's whole count (the register-FMA kernels, no REG_BASE)
     library: bool = False     # a torch / cuBLAS launch: `flops` (whole launch) at LIBRARY_TC_EFFICIENCY, `dram`
     first_load: float = 0.0   # bytes a program loads before its first MMA can start (the pipeline's first stage)
+    atomic_target: float = 0.0   # bytes of the buffer the atomics add into (beyond the L2 they go through DRAM)
 
 
 def _elem(dtype) -> int:
@@ -321,7 +324,8 @@ def _group_down(ln, T: int, d: int, n: int, de: int, ds: int, eb: int, f: float)
     smem = max((stages - 1) * max(stage_g, stage_s) + bt * de * eb, 4 * max(min(bt * bd, 8192), 8 * 32 * warps))
     wgmma = (bd * de * eb if stages > 1 else max(0, bt * bd * 4 - smem)) if _wgmma(bt, warps) else 0
     return Work(ln.name, P, byts, flops, rounds, warps, tensor_cores=True, grid=ln.programs, fma_flops=fma,
-                syncs=syncs, atomics=atomics, inflight=inflight, tile_regs=tile / (32 * warps), smem=smem,
+                syncs=syncs, atomics=atomics, atomic_target=T * d * 4, inflight=inflight,
+                tile_regs=tile / (32 * warps), smem=smem,
                 wgmma_smem=wgmma, iters=group, first_load=stage_g,
                 tail_rounds=1 + max(0, rounds_s - rounds), tail_syncs=max(0.0, syncs_s - syncs),
                 # Every feature block re-reads its experts' partial tiles: on the H200 each further K-chunk cost
@@ -454,6 +458,7 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
             along_n = max(1.0, warps * 16 / bm)
             out.append(Work(name, tiles, byts, flops, rounds, warps, tensor_cores=True, grid=P, fma_flops=fma,
                             syncs=(2 * iters + 2) * along_n, atomics=atomics, inflight=inflight, tile_regs=tile,
+                            atomic_target=T * d * 4 if atomics else 0.0,
                             smem=smem, wgmma_smem=stage if _wgmma(bm, warps) else 0, iters=iters, dram=dram))
         else:
             tensors = [v for v in c.values() if isinstance(v, torch.Tensor)]
@@ -514,6 +519,8 @@ def kernel_us(w: Work, profile, constants: Constants | None = None) -> float:
     t_dram = max(dram, 0.0) / bw
     # the busiest SM's, at its share of the bandwidth among the SMs that run programs
     atomic_bw = ATOMIC_BYTES_PER_SM_CLOCK * sms * profile.clock_ghz * 1e3 * k.atomic_efficiency
+    if w.atomic_target > profile.l2_bytes > 0:   # the accumulator spills the L2: each add reads and writes DRAM
+        atomic_bw = min(atomic_bw, bw / 2)
     t_atomic = per_sm * min(sms, w.programs) * w.atomics / atomic_bw
     clk = profile.clock_ghz * 1e3                                         # cycles per µs
     # The first stage of every resident program streams in before any MMA runs: at the SM's share of the bandwidth
