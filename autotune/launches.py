@@ -108,14 +108,34 @@ def record(path: str, cfg: dict, T: int, d: int, n: int, de: int, ds: int, dtype
     """The kernel launches of ffn's `path` launcher ("small_batch" or "grouped") for T tokens and `cfg` (the
     grouped path with cfg's down projection, ffn.down_gemm; the GEMM's torch ops, its zero fill and cuBLAS
     call, are not Triton launches and are not recorded)."""
-    from deco_kernels.triton import ffn, means
+    from deco_kernels.triton import ffn
 
     x, w = meta_layer(T, d, n, de, ds, dtype)
     g = torch.empty(T, n, device="meta", dtype=torch.float32)
     y = torch.empty(T, d, device="meta", dtype=dtype)
-    mean = means.ExpertMean(torch.empty(d, device="meta", dtype=torch.float32),
-                            torch.empty(3, d, device="meta", dtype=torch.bfloat16))
     launcher = {"small_batch": ffn._small_batch, "grouped": ffn._grouped}[path]
     with recording(ffn) as launches, torch.no_grad():
-        launcher(x, w, mean, 0.0, None, 0.0, None, g, y, dict(cfg))
+        launcher(x, w, _meta_mean(d), 0.0, None, 0.0, None, g, y, dict(cfg))
     return launches
+
+
+def record_router(T: int, d: int, n: int, block_t: int, stages: int, warps: int, block_k: int,
+                  dtype=torch.bfloat16) -> list[Launch]:
+    """The prefill router's launch alone (ffn._router) at the given geometry, as benchmarks/probe_router.py times
+    it."""
+    from deco_kernels.triton import ffn
+
+    x, w = meta_layer(T, d, n, 16, 16, dtype)
+    g, mu, gt = (torch.empty(*s, device="meta", dtype=torch.float32) for s in ((T, n), (T,), (n, T)))
+    with recording(ffn) as launches, torch.no_grad():
+        ffn._router(x, w["w_router"], _meta_mean(d), 0.0, None, 0.0, None, g, mu, gt, block_t, stages, warps,
+                    block_k)
+    return launches
+
+
+def _meta_mean(d: int):
+    """w_up's means.ExpertMean (fp32 wbar, its three bf16 parts) on the meta device."""
+    from deco_kernels.triton import means
+
+    return means.ExpertMean(torch.empty(d, device="meta", dtype=torch.float32),
+                            torch.empty(3, d, device="meta", dtype=torch.bfloat16))

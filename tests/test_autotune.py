@@ -486,8 +486,7 @@ def test_the_model_ranks_the_split_routers_as_measured_on_the_h200():
     1.2b at 64 within 5%, measured 1.10-1.14x). Before it charged that read (two round trips for any split) it
     ordered 1 of the 8."""
     from deco_kernels import DecoConfig
-    from deco_kernels.autotune.launches import recording
-    from deco_kernels.triton import means
+    from deco_kernels.autotune.launches import record_router
 
     with open(os.path.join(REPO, "benchmarks/results/h200/probe_router_warps.json")) as f:
         probe = json.load(f)
@@ -496,12 +495,7 @@ def test_the_model_ranks_the_split_routers_as_measured_on_the_h200():
     def predicted(r):
         c = DecoConfig.preset(r["preset"])
         T, d, n = r["T"], c.d_model, c.num_experts
-        x = torch.empty(T, d, device="meta", dtype=torch.bfloat16)
-        mean = means.ExpertMean(torch.empty(d, device="meta"), torch.empty(3, d, device="meta", dtype=torch.bfloat16))
-        g, mu, gt = (torch.empty(*s, device="meta") for s in ((T, n), (T,), (n, T)))
-        with recording(triton_ffn) as launches:
-            triton_ffn._router(x, torch.empty(n, d, device="meta", dtype=torch.bfloat16), mean, 0.0, None, 0.0,
-                               None, g, mu, gt, r["router_block_t"], r["stages"], r["warps"], r["block_k"])
+        launches = record_router(T, d, n, r["router_block_t"], r["stages"], r["warps"], r["block_k"])
         return sum(model.kernel_us(w, prof) for w in model.works_of(launches, T, d, n, 64, 128, torch.bfloat16))
 
     rows = {(r["preset"], r["block_k"], r["warps"], r["router_block_t"]): r for r in probe["rows"] if r["T"] == 512}

@@ -106,7 +106,8 @@ _side_streams: dict = {}
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     """One side stream per device (a capture forks it from the capturing stream and joins it back)."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    index = torch.device(device).index
+    key = torch.cuda.current_device() if index is None else index
     stream = _side_streams.get(key)
     if stream is None:
         stream = _side_streams[key] = torch.cuda.Stream(device=key)
