@@ -94,8 +94,8 @@ the modelled Orin caches, and rewrites this paragraph:
 Current fit (`python -m deco_kernels.autotune.calibrate --ship`): the constants below are the fit on the 72 entries
 with at least two measured candidates (nvidia-h100-80gb-hbm3_sm90_132sm.json: 36 of its 36;
 nvidia-h200_sm90_132sm.json: 36 of its 36), with the estimated registers. Model picks within 10% of the measured
-best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 30/36 (worst 1.237), held out 27/36
-(worst 1.321); NVIDIA H200 34/36 (worst 1.126), held out 29/36 (worst 1.354).
+best, in-sample and held out (leave-one-geometry-out): NVIDIA H100 80GB HBM3 31/36 (worst 1.202), held out 29/36
+(worst 1.320); NVIDIA H200 34/36 (worst 1.126), held out 30/36 (worst 1.354).
 
 Since the H100 tune of 2026-12-05 (every bucket of the four presets, the prefill entries with both down
 projections) both caches hold the split-K small-batch kernels and the fit sees the atomics' level: the

@@ -19,8 +19,7 @@
 # (the prefill router launch alone over its geometry, benchmarks/probe_router.py) and decode (the small-batch
 # paths with and without programmatic dependent launch, benchmarks/probe_decode_paths.py) and recheck (the cost
 # model's picks re-measured against the tune's best on the shipped cache of this GPU, benchmarks/recheck_picks.py;
-# RECHECK_ROUNDS rounds) and zero_fill (the GEMM operand's zero fill beside the router or before it,
-# benchmarks/probe_ab.py); the last thirteen are not in the default list.
+# RECHECK_ROUNDS rounds); the last twelve are not in the default list.
 # Per-step limits in seconds: LIMIT_<step> (defaults below); TESTS picks test paths, TEST_ARGS replaces "-m gpu"
 # (e.g. TEST_ARGS=-x also runs the interpreter tests, on the GPU); TUNE_BUDGET (s) the tune's
 # budget, TUNE_ARGS more tune arguments (e.g. --kernels small_batch); SWEEP="1.2b:8,64 0.1b:8" and PROFILE="1.2b:1,8" pick presets and token counts.
@@ -36,7 +35,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 declare -A LIMIT=([check]=270 [host]=60 [tests]=400 [sanitizer]=240 [tune]=420 [bench]=300 [parity]=90 [elastic]=300
                   [bench_repeat]=300 [micro]=200 [ddp]=240 [sweep]=300 [profile]=120
                   [layer_profile]=150 [host_profile]=240 [train_sweep]=300 [train_graph]=300 [router]=240 [decode]=200
-                  [recheck]=300 [zero_fill]=200)
+                  [recheck]=300)
 TIMEOUT_FLAG=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)
 
 run_step() {
@@ -71,9 +70,6 @@ run_step() {
               --out "$RES/probe_decode_paths.json" ;;
     router) (cd benchmarks && python3 probe_router.py --preset 1.2b 0.1b --tokens 512 4096 --block-k 64 128 \
                --stages 1 3 --out "$RES/probe_router.json") ;;
-    zero_fill) python3 benchmarks/probe_ab.py --presets 1.2b 0.1b --tokens 512 2048 4096 \
-                 --variant serial ZERO_FILL_BESIDE=0 --variant beside ZERO_FILL_BESIDE=1 \
-                 --out "$RES/probe_ab_zero_fill_beside.json" ;;
     recheck) python3 benchmarks/recheck_picks.py --rounds "${RECHECK_ROUNDS:-3}" --out "$RES/recheck_picks.json" ;;
     train_sweep) python3 benchmarks/sweep_train_tiles.py --preset 1.2b 0.1b --out "$RES/sweep_train_tiles.json" ;;
     train_graph) python3 benchmarks/probe_train_graph.py --presets 1.2b 0.1b --tokens 4096 \

@@ -55,11 +55,6 @@ ROUTER_LONG_BLOCK_K = 128
 # 325 -> 324. The GEMM's FLOPs do not shrink with the active ratio, so far sparser layers, or GPUs with less
 # compute per byte (the cost model's Jetson Orin caches), may prefer the atomics.
 DOWN_GEMM = None
-# The GEMM down projection's zero-filled token-major activations ([T, N*de], 53 MB at 1.2b T=4096) filled on a
-# side stream while the router and the grouping run (token_major_beside), instead of before them on the layer's
-# stream. Off until measured on a GPU (gpu_session.sh step zero_fill: benchmarks/probe_ab.py with
-# ZERO_FILL_BESIDE=0 and =1); DECO_KERNELS_ZERO_FILL_BESIDE=1 turns it on, e.g. to run the GPU tests with it.
-ZERO_FILL_BESIDE = int(os.environ.get("DECO_KERNELS_ZERO_FILL_BESIDE", "0") or 0)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -81,37 +76,10 @@ def _empty(*shape, device, dtype):
 def _token_major(T: int, n: int, de: int, like: torch.Tensor) -> torch.Tensor:
     """A zero-filled token-major activation [T, N*de] in like's dtype: the kernels write the active (token,
     expert) cells (grouped.token_major_cells), the rest stays 0, and one GEMM by the expert weights sums every
-    expert (the down projection of the prefill and of training: DOWN_GEMM)."""
+    expert (the down projection of the prefill and of training: DOWN_GEMM). Filling it on a side stream beside the
+    router and the grouping was slower on the H100, 1.2b and 0.1b at T=512-4096 under CUDA graphs
+    (results/h100/probe_ab_zero_fill_beside.json: T=512 79.1 -> 82.6 µs and 37.2 -> 41.2, within 1% at 2048-4096)."""
     return _empty(T, n * de, device=like.device, dtype=like.dtype).zero_()
-
-
-def token_major_beside(T: int, n: int, de: int, like: torch.Tensor):
-    """(act, join): _token_major's buffer, allocated on the current stream, and join(), which the current stream
-    must call before anything reads act. With ZERO_FILL_BESIDE on a CUDA device the zero fill runs on a side
-    stream forked from the current one, so the launches between this call and join() overlap it (captured by a
-    CUDA graph as a parallel branch); the buffer is freed on the allocating stream after the join, so the caching
-    allocator needs no record_stream. Otherwise the fill runs here and join() does nothing."""
-    if not (ZERO_FILL_BESIDE and like.is_cuda):
-        return _token_major(T, n, de, like), lambda: None
-    act = _empty(T, n * de, device=like.device, dtype=like.dtype)
-    here, side = torch.cuda.current_stream(like.device), _side_stream(like.device)
-    side.wait_stream(here)        # act's allocation (and everything before) precedes the fill
-    with torch.cuda.stream(side):
-        act.zero_()
-    return act, lambda: here.wait_stream(side)
-
-
-_side_streams: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per device (a capture forks it from the capturing stream and joins it back)."""
-    index = torch.device(device).index
-    key = torch.cuda.current_device() if index is None else index
-    stream = _side_streams.get(key)
-    if stream is None:
-        stream = _side_streams[key] = torch.cuda.Stream(device=key)
-    return stream
 
 
 _scratch: dict = {}
@@ -349,13 +317,9 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
     gemm = down_gemm(cfg)
-    if gemm:   # its zero fill may overlap the router and the grouping (ZERO_FILL_BESIDE)
-        act, join = token_major_beside(T, n, de, x)
-    else:
-        act, join = _empty(n, T, de, device=dev, dtype=x.dtype), lambda: None
+    act = _token_major(T, n, de, x) if gemm else _empty(n, T, de, device=dev, dtype=x.dtype)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
-    join()
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)

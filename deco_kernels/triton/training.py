@@ -391,8 +391,7 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     # Never cached (weights may be refilled in place, as FSDP does): one launch per step, the split included.
     mean = means.expert_mean(w_up)
     gemm = ffn.down_gemm()
-    # The activations token-major (zero where a gate is off), their fill beside the router (ZERO_FILL_BESIDE).
-    a, join = ffn.token_major_beside(T, n, de, x) if gemm else (None, lambda: None)
+    a = ffn._token_major(T, n, de, x) if gemm else None   # the activations token-major, zero where a gate is off
     if T == 0:
         offsets.zero_()
         tokens = ffn._empty(n, 0, device=dev, dtype=torch.int32)
@@ -403,7 +402,6 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
         g.copy_(gates)
         torch.mv(x.float(), mean.wbar, out=mu)
         tokens, _ = ffn._group_gates(g.t().contiguous(), offsets)
-    join()
     rows, h_rows = pair_rows(T, n, max_active if gates is None else 0, static, offsets)
     h = ffn._empty(h_rows, de, device=dev, dtype=f32)
     up, prec = TILES["up"], ffn._precision(x.dtype)
