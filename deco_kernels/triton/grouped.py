@@ -9,7 +9,7 @@ only the first count[e] rows of expert e are written and read, so time follows t
 2. `_grouped_up_kernel`, one program per (expert, block of BLOCK_M of its tokens): gathers the tokens' rows of x,
    multiplies by the expert's [DE, d] slab of w_up on tensor cores, and applies NormSiLU (mu = x.wbar from the
    router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype. The
-   grid's last cdiv(ds, DE) rows of programs are the shared expert's: one per (block of DE of its hidden
+   grid's first programs are the shared expert's: one per (block of DE of its hidden
    columns, block of BLOCK_M tokens), over every token, writing silu(gate) * up [T, ds] in x's dtype (the
    launcher's cuBLAS GEMM by ws_down then seeds the fp32 output). Before, that hidden activation took five
    torch launches (two GEMMs, silu, mul and their dependency gaps).
@@ -131,9 +131,22 @@ def _grouped_up_kernel(x_ptr, wup_ptr, wsg_ptr, wsu_ptr, tok_ptr, count_ptr, g_p
                        DE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                        TOKEN_MAJOR: tl.constexpr):
     """Activations into a [N, T, DE] (expert e's i-th token at row e*T + i), or with TOKEN_MAJOR into a
-    [T, N*DE] (token t's expert e at columns e*DE..; the cells of inactive pairs are left as they are)."""
-    e = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
+    [T, N*DE] (token t's expert e at columns e*DE..; the cells of inactive pairs are left as they are).
+    A 1-D grid: first the shared expert's cdiv(DS, DE) * cdiv(T, BLOCK_M) programs (twice a routed tile's work
+    each), then the routed (expert, token block) programs, token block by token block, so the programs with
+    work come before those of experts with fewer tokens, which exit at once. With the shared expert's programs
+    last (a 2-D grid before), they ran after all routed work on a few SMs: H100, CUDA graphs
+    (results/h100/probe_ab_up_shared_first.json), 1.2b T=512 78.8 -> 73.7 µs, T=2048 169.8 -> 157.6, T=4096
+    289.4 -> 267.5; 0.1b 37.5 -> 37.2, 58.6 -> 58.0, 87.4 -> 84.8."""
+    pid = tl.program_id(0)
+    cols = tl.cdiv(DS, DE)
+    n_shared = cols * tl.cdiv(T, BLOCK_M)
+    if pid < n_shared:
+        e = N + pid % cols
+        m0 = (pid // cols) * BLOCK_M
+    else:
+        e = (pid - n_shared) % N
+        m0 = ((pid - n_shared) // N) * BLOCK_M
     if e >= N:  # the shared expert's hidden columns (e - N)*DE .. over the tokens m0 ..
         if m0 < T:
             _shared_hidden_tile(x_ptr, stride_xt, m0, T, wsg_ptr, wsu_ptr, e - N, DS, D, hs_ptr, DE, PREC, BLOCK_M,
