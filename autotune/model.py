@@ -435,9 +435,10 @@ def works_of(launches, T: int, d: int, n: int, de: int, ds: int, dtype, usage: d
                 stage = (bm + de) * bk * eb
                 atomics = 0.0
                 dram = T * d * eb + n * de * d * eb + count * n * (de * eb + 8)
-                # Not charged: the shared expert's programs (the grid's rows past N since 2026-12-05, two full
-                # tiles' work each). The measured caches predate them; charging them against those measurements
-                # dropped the fit (H100 14 -> 13 of 15 in-sample, 12 -> 9 held out; H200 32 and 31 -> 30 of 36).
+                # Not charged: the shared expert's programs (in this kernel since 2026-12-05, the grid's first
+                # programs since 2026-12-06, two full tiles' work each). Most measured caches predate them;
+                # charging them against those measurements dropped the fit (H100 14 -> 13 of 15 in-sample,
+                # 12 -> 9 held out; H200 32 and 31 -> 30 of 36).
             else:
                 bd = c["BLOCK_D"]
                 iters = math.ceil(d / bd)
