@@ -324,9 +324,9 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)
     # The shared expert's programs (cdiv(ds, de) per token block), then the routed experts' (grouped.py). Its
-    # hidden activation in this kernel, H200, whole layer under CUDA graphs, against five torch launches (results/h200/probe_ab_shared_in_up.json): 1.2b
-    # T=128 72.0 -> 64.0 µs, T=512 91.5 -> 83.9; 0.1b T=128 43.5 -> 34.2, T=512 47.5 -> 37.9; at T=4096 within
-    # +-4% (1.2b 344.4 -> 348.9, 0.1b 99.6 -> 95.6).
+    # hidden activation in this kernel against five torch launches, H200, whole layer under CUDA graphs
+    # (results/h200/probe_ab_shared_in_up.json): 1.2b T=128 72.0 -> 64.0 µs, T=512 91.5 -> 83.9; 0.1b T=128
+    # 43.5 -> 34.2, T=512 47.5 -> 37.9; at T=4096 within +-4% (1.2b 344.4 -> 348.9, 0.1b 99.6 -> 95.6).
     launch(_grouped_up_kernel, ((n + cdiv(ds, de)) * tiles,), x, w["w_up"], w["ws_gate"], w["ws_up"], tokens,
            counts, g, mu, w["router_scale"], w["gamma"], act, hs, T, n, d, ds, x.stride(0), NORM_EPS, DE=de,
            PREC=prec, BLOCK_M=block_m, BLOCK_K=cfg["block_k"], TOKEN_MAJOR=gemm, num_warps=cfg["up_warps"],

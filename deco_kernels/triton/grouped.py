@@ -9,14 +9,15 @@ only the first count[e] rows of expert e are written and read, so time follows t
 2. `_grouped_up_kernel`, one program per (expert, block of BLOCK_M of its tokens): gathers the tokens' rows of x,
    multiplies by the expert's [DE, d] slab of w_up on tensor cores, and applies NormSiLU (mu = x.wbar from the
    router) and the scaled gate in the epilogue; writes a [BLOCK_M, DE] tile of activations in x's dtype. The
-   grid's first programs are the shared expert's: one per (block of DE of its hidden
-   columns, block of BLOCK_M tokens), over every token, writing silu(gate) * up [T, ds] in x's dtype (the
-   launcher's cuBLAS GEMM by ws_down then seeds the fp32 output). Before, that hidden activation took five
-   torch launches (two GEMMs, silu, mul and their dependency gaps).
-3. `_grouped_down_kernel`, same grid: multiplies the activation tile by the expert's block of w_down, block of
-   BLOCK_D output features at a time, and adds the result into the fp32 output at the tokens' rows with
-   atomics (each output element receives one add per active expert of its token: the order of those adds is
-   not fixed, so results can differ between runs in the last bits of fp32; tests bound that).
+   grid's first programs are the shared expert's: one per (block of DE of its hidden columns, block of BLOCK_M
+   tokens), over every token, writing silu(gate) * up [T, ds] in x's dtype (the launcher's cuBLAS GEMM by
+   ws_down then seeds the output). Before, that hidden activation took five torch launches (two GEMMs, silu,
+   mul and their dependency gaps).
+3. `_grouped_down_kernel`, one program per (expert, block of BLOCK_M of its tokens): multiplies the
+   activation tile by the expert's block of w_down, block of BLOCK_D output features at a time, and adds the
+   result into the fp32 output at the tokens' rows with atomics (each output element receives one add per
+   active expert of its token: the order of those adds is not fixed, so results can differ between runs in
+   the last bits of fp32; tests bound that).
    That is the path with a config's down "atomics" (or ffn.DOWN_GEMM = 0). By default (ffn.down_gemm(cfg):
    grouped_config's down "gemm") the up kernel writes the activations
    token-major into a zero-filled [T, N*de] (TOKEN_MAJOR) and ONE cuBLAS GEMM by w_down adds them all, the
