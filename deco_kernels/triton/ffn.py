@@ -316,10 +316,10 @@ def grouped_stages(x, w, mean, bias_s, bias_v, threshold, max_active, g, cfg=Non
     prec = _precision(x.dtype)
     dev = x.device
     mu = _empty(T, device=dev, dtype=torch.float32)
-    gemm = down_gemm(cfg)
-    act = _token_major(T, n, de, x) if gemm else _empty(n, T, de, device=dev, dtype=x.dtype)
     tokens, counts = _group_by_expert(x, w["w_router"], mean, bias_s, bias_v, threshold, max_active, g, mu,
                                       cfg["router_block_t"])
+    gemm = down_gemm(cfg)
+    act = _token_major(T, n, de, x) if gemm else _empty(n, T, de, device=dev, dtype=x.dtype)
     hs = _empty(T, ds, device=dev, dtype=x.dtype)   # the shared expert's hidden activation
     block_m = cfg["block_m"]
     tiles = cdiv(T, block_m)

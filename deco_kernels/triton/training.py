@@ -390,8 +390,6 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     offsets = ffn._empty(n + 1, device=dev, dtype=torch.int32)   # written by _group_kernel's last program
     # Never cached (weights may be refilled in place, as FSDP does): one launch per step, the split included.
     mean = means.expert_mean(w_up)
-    gemm = ffn.down_gemm()
-    a = ffn._token_major(T, n, de, x) if gemm else None   # the activations token-major, zero where a gate is off
     if T == 0:
         offsets.zero_()
         tokens = ffn._empty(n, 0, device=dev, dtype=torch.int32)
@@ -406,7 +404,9 @@ def _forward(x, w_router, router_scale, w_up, gamma, w_down, shared, bias, bias_
     h = ffn._empty(h_rows, de, device=dev, dtype=f32)
     up, prec = TILES["up"], ffn._precision(x.dtype)
     args = (x, w_up, tokens, offsets, g, mu, router_scale, gamma, h, h_rows)
-    if gemm:   # y = shared + a W_down^T in one GEMM
+    if ffn.down_gemm():
+        # The activations token-major (zero where a gate is off) and y = shared + a W_down^T in one GEMM.
+        a = ffn._token_major(T, n, de, x)
         if T > 0:
             launch(_train_up_kernel, _pair_grid(n, T, up), *args, a, shared, 0, 0, shared, T, n, d, x.stride(0),
                    NORM_EPS, DE=de, PREC=prec, TOKEN_MAJOR=True, **up)
