@@ -1,0 +1,123 @@
+"""Where the prefill up kernel's time goes: the kernel itself against scratch kernels on the same grid and the
+same grouping that keep parts of its work. Routed programs only (the shared expert's programs are left out
+of every variant but one, the real kernel's included: its grid is given 0 shared columns by ds = 0).
+
+Variants, each timed alone under a CUDA graph, interleaved over rounds:
+- kernel: grouped._grouped_up_kernel on the tuned (or default) config, token-major output;
+- kernel_with_shared: the same with the shared expert's programs (the layer's launch);
+- shared_gemm_cublas: the shared expert's gate and up columns as one cuBLAS GEMM, x @ [ws_gate; ws_up]^T
+  (no silu): what the shared programs would cost outside the kernel, launch aside;
+- loads: the same loads (gathered rows of x, the expert's w_up tiles, BLOCK_K columns a step, the same
+  pipelining) summed on CUDA cores instead of multiplied, one fp32 per program stored;
+- dot: the same loads and tl.dot, the accumulator summed and stored (no NormSiLU, no [BLOCK_M, de] store);
+- dot_contiguous: as dot with the token rows m0.. of x instead of the expert's gathered tokens (what a
+  dense GEMM's operand looks like to the loads).
+If `loads` takes most of `kernel`, the gathered operand traffic bounds this design, not the tensor cores.
+
+    python benchmarks/probe_up_operand.py --presets 1.2b 0.1b --tokens 512 4096 --out probe_up_operand.json
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from deco_kernels.autotune import config_for
+from deco_kernels.benchmark import GpuTimer, preset_inputs, write_result
+from deco_kernels.reference.ops import NORM_EPS
+from deco_kernels.triton import ffn, means
+from deco_kernels.triton.grouped import _grouped_up_kernel, _tile_tokens
+
+MODES = {"loads": 0, "dot": 1, "dot_contiguous": 2}
+
+
+@triton.jit
+def _up_operand_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, out_ptr, T, N, D, stride_xt, MODE: tl.constexpr,
+                       DE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    e = pid % N
+    m0 = (pid // N) * BLOCK_M
+    count = tl.load(count_ptr + e)
+    if m0 < count:
+        e64 = e.to(tl.int64)
+        ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
+        if MODE == 2:
+            toks = ms.to(tl.int64)
+        rows = e64 * DE + tl.arange(0, DE)
+        acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            b = tl.load(x_ptr + toks[:, None] * stride_xt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0)
+            w = tl.load(wup_ptr + rows[:, None] * D + ks[None, :], mask=kmask[None, :], other=0.0)
+            if MODE == 0:
+                acc += tl.sum(b.to(tl.float32), axis=1)[:, None] + tl.sum(w.to(tl.float32), axis=1)[None, :]
+            else:
+                acc += tl.dot(b, tl.trans(w))
+        tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["1.2b", "0.1b"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args()
+    timer = GpuTimer(rep_ms=100)
+    rows = []
+    for preset, cfg, T, x, w, _ in preset_inputs(args.presets, args.tokens):
+        d, n, de = cfg.d_model, cfg.num_experts, cfg.expert_dim
+        tile = config_for("grouped", x.device, T, x.dtype, d, n, de, cfg.shared_dim) or ffn.grouped_config(T)
+        mean = means.cached_expert_mean(w["w_up"])
+        g = torch.empty(T, n, device=x.device, dtype=torch.float32)
+        mu = torch.empty(T, device=x.device, dtype=torch.float32)
+        tokens, counts = ffn._group_by_expert(x, w["w_router"], mean, 0.0, None, 0.0, None, g, mu,
+                                              tile["router_block_t"])
+        bm, bk = tile["block_m"], tile["block_k"]
+        grid = (n * ffn.cdiv(T, bm),)
+        meta = dict(num_warps=tile["up_warps"], num_stages=tile["up_stages"])
+        act = torch.zeros(T, n * de, device=x.device, dtype=x.dtype)
+        out = torch.empty(grid[0], device=x.device, dtype=torch.float32)
+
+        ds = cfg.shared_dim
+        hs = torch.empty(T, ds, device=x.device, dtype=x.dtype)
+        ws_gu = torch.cat([w["ws_gate"], w["ws_up"]])
+
+        def up_kernel(shared_cols):
+            grid_s = ((n + ffn.cdiv(shared_cols, de)) * ffn.cdiv(T, bm),)
+            return lambda: _grouped_up_kernel[grid_s](
+                x, w["w_up"], w["ws_gate"], w["ws_up"], tokens, counts, g, mu, w["router_scale"], w["gamma"], act,
+                hs, T, n, d, shared_cols, x.stride(0), NORM_EPS, DE=de, PREC="tf32", BLOCK_M=bm, BLOCK_K=bk,
+                TOKEN_MAJOR=True, **meta)
+
+        def scratch(mode):
+            return lambda: _up_operand_kernel[grid](x, w["w_up"], tokens, counts, out, T, n, d, x.stride(0),
+                                                    MODE=mode, DE=de, BLOCK_M=bm, BLOCK_K=bk, **meta)
+        fns = {"kernel": up_kernel(0), **{name: scratch(mode) for name, mode in MODES.items()},
+               "kernel_with_shared": up_kernel(ds), "shared_gemm_cublas": lambda: torch.matmul(x, ws_gu.t())}
+        times = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                times[name].append(timer(fn, True))
+        pairs = int(counts.sum())
+        row = dict(preset=preset, T=T, pairs=pairs, config=tile,
+                   us={k: sorted(v)[len(v) // 2] for k, v in times.items()}, us_rounds=times,
+                   gathered_bytes=pairs * d * x.element_size(),
+                   weight_bytes=int(sum(ffn.cdiv(int(c), bm) for c in counts.tolist())) * de * d * x.element_size(),
+                   flops=2 * pairs * de * d)
+        row["tflops"] = {k: row["flops"] / (u * 1e-6) / 1e12 for k, u in row["us"].items()}
+        row["operand_tb_per_s"] = {k: (row["gathered_bytes"] + row["weight_bytes"]) / (u * 1e-6) / 1e12
+                                   for k, u in row["us"].items()}
+        rows.append(row)
+        print(f"{preset} T={T:5d} pairs {pairs}: " + ", ".join(f"{k} {u:.1f} µs" for k, u in row["us"].items())
+              + f"; operand bytes {(row['gathered_bytes'] + row['weight_bytes']) / 1e6:.0f} MB")
+    if args.out:
+        write_result(args.out, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
