@@ -24,9 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from deco_kernels import reference as ref
 from deco_kernels.autotune import config_for
 from deco_kernels.benchmark import GpuTimer, preset_inputs, write_result
 from deco_kernels.reference.ops import NORM_EPS
+from deco_kernels.testing import rel_err
 from deco_kernels.triton import ffn, means
 from deco_kernels.triton.grouped import _grouped_up_kernel, _tile_tokens
 
@@ -97,6 +99,14 @@ def main():
         def scratch(mode):
             return lambda: _up_operand_kernel[grid](x, w["w_up"], tokens, counts, out, T, n, d, x.stride(0),
                                                     MODE=mode, DE=de, BLOCK_M=bm, BLOCK_K=bk, **meta)
+        # Checked before timed: the layer's launch against torch on the kernel's own gates and mu (act is
+        # token-major, zero where a gate is off: so is the reference).
+        up_kernel(ds)()
+        wf = {k: v.float() for k, v in w.items()}
+        u = (x.float() @ wf["w_up"].t()).view(T, n, de)
+        act_ref = ref.norm_silu(u, wf["gamma"], mu[:, None, None]) * (g * wf["router_scale"])[:, :, None]
+        hs_ref = torch.nn.functional.silu(x.float() @ wf["ws_gate"].t()) * (x.float() @ wf["ws_up"].t())
+        errors = dict(act=rel_err(act.float(), act_ref.view(T, n * de)), hs=rel_err(hs.float(), hs_ref))
         fns = {"kernel": up_kernel(0), **{name: scratch(mode) for name, mode in MODES.items()},
                "kernel_with_shared": up_kernel(ds), "shared_gemm_cublas": lambda: torch.matmul(x, ws_gu.t())}
         times = {name: [] for name in fns}
@@ -104,7 +114,7 @@ def main():
             for name, fn in fns.items():
                 times[name].append(timer(fn, True))
         pairs = int(counts.sum())
-        row = dict(preset=preset, T=T, pairs=pairs, config=tile,
+        row = dict(preset=preset, T=T, pairs=pairs, config=tile, rel_err=errors,
                    us={k: sorted(v)[len(v) // 2] for k, v in times.items()}, us_rounds=times,
                    gathered_bytes=pairs * d * x.element_size(),
                    weight_bytes=int(sum(ffn.cdiv(int(c), bm) for c in counts.tolist())) * de * d * x.element_size(),
@@ -114,7 +124,7 @@ def main():
                                    for k, u in row["us"].items()}
         rows.append(row)
         print(f"{preset} T={T:5d} pairs {pairs}: " + ", ".join(f"{k} {u:.1f} µs" for k, u in row["us"].items())
-              + f"; operand bytes {(row['gathered_bytes'] + row['weight_bytes']) / 1e6:.0f} MB")
+              + f"; operand bytes {(row['gathered_bytes'] + row['weight_bytes']) / 1e6:.0f} MB; rel_err {errors}")
     if args.out:
         write_result(args.out, rows=rows)
 
