@@ -12,7 +12,8 @@ Variants, each timed alone under a CUDA graph, interleaved over rounds:
 - dot: the same loads and tl.dot, the accumulator summed and stored (no NormSiLU, no [BLOCK_M, de] store);
 - dot_contiguous: as dot with the token rows m0.. of x instead of the expert's gathered tokens (what a
   dense GEMM's operand looks like to the loads).
-If `loads` takes most of `kernel`, the gathered operand traffic bounds this design, not the tensor cores.
+kernel - dot is the epilogue's share, dot - dot_contiguous the gather's. `loads` is no floor: its CUDA-core sums
+cost more than the tensor-core products at 1.2b (H100, 2026-12-06: 147 µs against the kernel's 76 at T=4096).
 
     python benchmarks/probe_up_operand.py --presets 1.2b 0.1b --tokens 512 4096 --out probe_up_operand.json
 """
@@ -84,7 +85,6 @@ def main():
         meta = dict(num_warps=tile["up_warps"], num_stages=tile["up_stages"])
         act = torch.zeros(T, n * de, device=x.device, dtype=x.dtype)
         out = torch.empty(grid[0], device=x.device, dtype=torch.float32)
-
         ds = cfg.shared_dim
         hs = torch.empty(T, ds, device=x.device, dtype=x.dtype)
         ws_gu = torch.cat([w["ws_gate"], w["ws_up"]])
