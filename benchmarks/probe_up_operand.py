@@ -7,13 +7,13 @@ Variants, each timed alone under a CUDA graph, interleaved over rounds:
 - kernel_with_shared: the same with the shared expert's programs (the layer's launch);
 - shared_gemm_cublas: the shared expert's gate and up columns as one cuBLAS GEMM, x @ [ws_gate; ws_up]^T
   (no silu): what the shared programs would cost outside the kernel, launch aside;
-- loads: the same loads (gathered rows of x, the expert's w_up tiles, BLOCK_K columns a step, the same
-  pipelining) summed on CUDA cores instead of multiplied, one fp32 per program stored;
-- dot: the same loads and tl.dot, the accumulator summed and stored (no NormSiLU, no [BLOCK_M, de] store);
+- dot: the same product (grouped._expert_matmul), the accumulator summed and stored (no NormSiLU, no
+  [BLOCK_M, de] store);
 - dot_contiguous: as dot with the token rows m0.. of x instead of the expert's gathered tokens (what a
   dense GEMM's operand looks like to the loads).
-kernel - dot is the epilogue's share, dot - dot_contiguous the gather's. `loads` is no floor: its CUDA-core sums
-cost more than the tensor-core products at 1.2b (H100, 2026-12-06: 147 µs against the kernel's 76 at T=4096).
+kernel - dot is the epilogue's share, dot - dot_contiguous the gather's. (Commit 3f29b9a's version also summed
+the loaded tiles on CUDA cores instead of multiplying them: slower than the kernel itself, 147 against 76 µs at
+1.2b T=4096 on the H100, so no floor; dropped.)
 
     python benchmarks/probe_up_operand.py --presets 1.2b 0.1b --tokens 512 4096 --out probe_up_operand.json
 """
@@ -31,14 +31,14 @@ from deco_kernels.benchmark import GpuTimer, preset_inputs, write_result
 from deco_kernels.reference.ops import NORM_EPS
 from deco_kernels.testing import rel_err
 from deco_kernels.triton import ffn, means
-from deco_kernels.triton.grouped import _grouped_up_kernel, _tile_tokens
-
-MODES = {"loads": 0, "dot": 1, "dot_contiguous": 2}
+from deco_kernels.triton.grouped import _expert_matmul, _grouped_up_kernel, _tile_tokens
 
 
 @triton.jit
-def _up_operand_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, out_ptr, T, N, D, stride_xt, MODE: tl.constexpr,
+def _up_product_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, out_ptr, T, N, D, stride_xt, CONTIGUOUS: tl.constexpr,
                        DE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The up kernel's routed programs without the epilogue: the same product (grouped._expert_matmul), summed
+    to one fp32 per program; with CONTIGUOUS over the token rows m0.. instead of the expert's tokens."""
     pid = tl.program_id(0)
     e = pid % N
     m0 = (pid // N) * BLOCK_M
@@ -46,20 +46,10 @@ def _up_operand_kernel(x_ptr, wup_ptr, tok_ptr, count_ptr, out_ptr, T, N, D, str
     if m0 < count:
         e64 = e.to(tl.int64)
         ms, mmask, toks = _tile_tokens(tok_ptr, e64, m0, count, T, BLOCK_M)
-        if MODE == 2:
+        if CONTIGUOUS:
             toks = ms.to(tl.int64)
-        rows = e64 * DE + tl.arange(0, DE)
-        acc = tl.zeros([BLOCK_M, DE], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            b = tl.load(x_ptr + toks[:, None] * stride_xt + ks[None, :], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0)
-            w = tl.load(wup_ptr + rows[:, None] * D + ks[None, :], mask=kmask[None, :], other=0.0)
-            if MODE == 0:
-                acc += tl.sum(b.to(tl.float32), axis=1)[:, None] + tl.sum(w.to(tl.float32), axis=1)[None, :]
-            else:
-                acc += tl.dot(b, tl.trans(w))
+        acc = _expert_matmul(x_ptr, stride_xt, toks, mmask, wup_ptr, e64, D, 1, D, 0, DE, "tf32", BLOCK_M, BLOCK_K,
+                             False)
         tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
@@ -96,9 +86,9 @@ def main():
                 hs, T, n, d, shared_cols, x.stride(0), NORM_EPS, DE=de, PREC="tf32", BLOCK_M=bm, BLOCK_K=bk,
                 TOKEN_MAJOR=True, **meta)
 
-        def scratch(mode):
-            return lambda: _up_operand_kernel[grid](x, w["w_up"], tokens, counts, out, T, n, d, x.stride(0),
-                                                    MODE=mode, DE=de, BLOCK_M=bm, BLOCK_K=bk, **meta)
+        def product(contiguous):
+            return lambda: _up_product_kernel[grid](x, w["w_up"], tokens, counts, out, T, n, d, x.stride(0),
+                                                    CONTIGUOUS=contiguous, DE=de, BLOCK_M=bm, BLOCK_K=bk, **meta)
         # Checked before timed: the layer's launch against torch on the kernel's own gates and mu (act is
         # token-major, zero where a gate is off: so is the reference).
         up_kernel(ds)()
@@ -107,7 +97,7 @@ def main():
         act_ref = ref.norm_silu(u, wf["gamma"], mu[:, None, None]) * (g * wf["router_scale"])[:, :, None]
         hs_ref = torch.nn.functional.silu(x.float() @ wf["ws_gate"].t()) * (x.float() @ wf["ws_up"].t())
         errors = dict(act=rel_err(act.float(), act_ref.view(T, n * de)), hs=rel_err(hs.float(), hs_ref))
-        fns = {"kernel": up_kernel(0), **{name: scratch(mode) for name, mode in MODES.items()},
+        fns = {"kernel": up_kernel(0), "dot": product(False), "dot_contiguous": product(True),
                "kernel_with_shared": up_kernel(ds), "shared_gemm_cublas": lambda: torch.matmul(x, ws_gu.t())}
         times = {name: [] for name in fns}
         for _ in range(args.rounds):

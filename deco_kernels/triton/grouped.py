@@ -142,17 +142,12 @@ def _grouped_up_kernel(x_ptr, wup_ptr, wsg_ptr, wsu_ptr, tok_ptr, count_ptr, g_p
     pid = tl.program_id(0)
     cols = tl.cdiv(DS, DE)
     n_shared = cols * tl.cdiv(T, BLOCK_M)
-    if pid < n_shared:
-        e = N + pid % cols
-        m0 = (pid // cols) * BLOCK_M
+    if pid < n_shared:  # the shared expert's hidden columns (pid % cols)*DE .. over a block of tokens
+        _shared_hidden_tile(x_ptr, stride_xt, (pid // cols) * BLOCK_M, T, wsg_ptr, wsu_ptr, pid % cols, DS, D, hs_ptr,
+                            DE, PREC, BLOCK_M, BLOCK_K)
     else:
         e = (pid - n_shared) % N
         m0 = ((pid - n_shared) // N) * BLOCK_M
-    if e >= N:  # the shared expert's hidden columns (e - N)*DE .. over the tokens m0 ..
-        if m0 < T:
-            _shared_hidden_tile(x_ptr, stride_xt, m0, T, wsg_ptr, wsu_ptr, e - N, DS, D, hs_ptr, DE, PREC, BLOCK_M,
-                                BLOCK_K)
-    else:
         count = tl.load(count_ptr + e)
         if m0 < count:
             e64 = e.to(tl.int64)
